@@ -1,0 +1,293 @@
+//! Who is calling and which project pays: credential, route and `OpenAI-Project` -> project.
+
+use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::error::ProxyError;
+use crate::state::{Key, ProjectIdx, Route, Snapshot};
+
+/// The caller's key as sent: `Authorization: Bearer KEY` or `x-api-key: KEY`.
+/// Returns its SHA-256; the key itself goes no further.
+///
+/// # Errors
+/// 401 `invalid_api_key` when neither header carries a key.
+pub fn credential_hash(headers: &HeaderMap) -> Result<[u8; 32], ProxyError> {
+    let from_authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+    let key = from_authorization
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        })
+        .filter(|k| !k.is_empty())
+        .ok_or(ProxyError::InvalidApiKey(
+            "no API key: send your mantlegate key as `Authorization: Bearer KEY` (the OpenAI SDKs' api_key) or `x-api-key: KEY`",
+        ))?;
+    Ok(Sha256::digest(key.as_bytes()).into())
+}
+
+/// The key for a credential hash.
+///
+/// # Errors
+/// 401 `invalid_api_key` when no configured key has that hash.
+pub fn authenticate<'s>(snap: &'s Snapshot, hash: &[u8; 32]) -> Result<&'s Key, ProxyError> {
+    snap.key(hash).ok_or(ProxyError::InvalidApiKey(
+        "the API key is not known to mantlegate: check the key, or ask your platform team for one",
+    ))
+}
+
+/// Decides the project of a call (rules in README "Attribution"):
+/// 1. a client-sent project must be one the call may use (the route's, else one of the key's);
+/// 2. without one: the route's project, else the key's first project;
+/// 3. still none: the configured fallback, or 400 `project_required`.
+///
+/// # Errors
+/// 403 `project_forbidden` or 400 `project_required`.
+pub fn resolve(
+    snap: &Snapshot,
+    key: &Key,
+    route: Option<&Route>,
+    requested: Option<&str>,
+) -> Result<ProjectIdx, ProxyError> {
+    let key_may_use = |p: ProjectIdx| key.projects.is_empty() || key.projects.contains(&p);
+    if let Some(handle) = requested {
+        let allowed = match snap.project_by_handle(handle) {
+            Some(p) => match route {
+                Some(r) => p == r.project && key_may_use(p),
+                None => key.projects.contains(&p),
+            },
+            None => false,
+        };
+        return if allowed {
+            snap.project_by_handle(handle).ok_or(ProxyError::Internal)
+        } else {
+            Err(forbidden(snap, key, route, handle))
+        };
+    }
+    if let Some(r) = route {
+        return if key_may_use(r.project) {
+            Ok(r.project)
+        } else {
+            Err(ProxyError::ProjectForbidden(format!(
+                "key `{}` may not use project `{}` of route `{}`; it may use: {}",
+                key.name,
+                snap.projects[r.project].name,
+                r.prefix,
+                allowed_list(snap, key),
+            )))
+        };
+    }
+    if let Some(&first) = key.projects.first() {
+        return Ok(first);
+    }
+    snap.fallback_project.ok_or_else(|| {
+        ProxyError::ProjectRequired(format!(
+            "this call has no project: key `{}` has no project of its own and no route applies. Send the `OpenAI-Project` header (the SDKs' project=), call through a route, or ask your platform team to assign the key a project",
+            key.name
+        ))
+    })
+}
+
+fn forbidden(snap: &Snapshot, key: &Key, route: Option<&Route>, handle: &str) -> ProxyError {
+    let may_use = match route {
+        Some(r) => format!(
+            "through route `{}` only project `{}` ({})",
+            r.prefix, snap.projects[r.project].name, snap.projects[r.project].id
+        ),
+        None => allowed_list(snap, key),
+    };
+    // Echo the requested handle only when it is a plain identifier, so a header cannot inject
+    // arbitrary text into an error message.
+    let shown = if handle.len() <= 128
+        && handle
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-. ".contains(&b))
+    {
+        handle
+    } else {
+        "(unprintable)"
+    };
+    ProxyError::ProjectForbidden(format!(
+        "key `{}` may not use project `{shown}` (OpenAI-Project header); it may use: {may_use}",
+        key.name
+    ))
+}
+
+fn allowed_list(snap: &Snapshot, key: &Key) -> String {
+    if key.projects.is_empty() {
+        return "no project of its own".to_owned();
+    }
+    key.projects
+        .iter()
+        .map(|&p| format!("`{}` ({})", snap.projects[p].name, snap.projects[p].id))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn sha(key: &str) -> String {
+        hex::encode(Sha256::digest(key.as_bytes()))
+    }
+
+    fn snapshot(on_missing: &str) -> Snapshot {
+        let text = format!(
+            r#"
+            [upstream]
+            base_url = "https://bedrock-mantle.us-east-1.api.aws"
+            [attribution]
+            on_missing = "{on_missing}"
+            default_project = "Shared"
+            [[projects]]
+            name = "Chatbot"
+            id = "proj_chat"
+            [[projects]]
+            name = "Search"
+            id = "proj_search"
+            [[projects]]
+            name = "Shared"
+            id = "proj_shared"
+            [[keys]]
+            name = "chatbot"
+            sha256 = "{}"
+            projects = ["Chatbot"]
+            [[keys]]
+            name = "multi"
+            sha256 = "{}"
+            projects = ["Search", "Chatbot"]
+            [[keys]]
+            name = "bare"
+            sha256 = "{}"
+            projects = []
+            [[routes]]
+            prefix = "/search"
+            project = "Search"
+            [[routes]]
+            prefix = "/search/internal"
+            project = "Shared"
+            "#,
+            sha("k-chat"),
+            sha("k-multi"),
+            sha("k-bare"),
+        );
+        let config = Config::from_toml(&text).expect("valid");
+        Snapshot::build(&config, Some("upstream")).expect("builds")
+    }
+
+    fn key<'a>(snap: &'a Snapshot, plain: &str) -> &'a Key {
+        authenticate(snap, &Sha256::digest(plain.as_bytes()).into()).expect("known key")
+    }
+
+    fn name(snap: &Snapshot, r: Result<ProjectIdx, ProxyError>) -> Result<String, &'static str> {
+        r.map(|p| snap.projects[p].name.to_string())
+            .map_err(|e| e.code())
+    }
+
+    #[test]
+    fn credential_from_either_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            credential_hash(&h).map_err(|e| e.code()),
+            Err("invalid_api_key")
+        );
+        h.insert("x-api-key", "k-chat".parse().expect("value"));
+        let from_x = credential_hash(&h).expect("x-api-key");
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "bearer k-chat".parse().expect("value"));
+        assert_eq!(credential_hash(&h).expect("bearer"), from_x);
+        h.insert("authorization", "Basic abc".parse().expect("value"));
+        assert!(credential_hash(&h).is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_401() {
+        let s = snapshot("reject");
+        let err = authenticate(&s, &[0; 32]).map(|_| ()).map_err(|e| e.code());
+        assert_eq!(err, Err("invalid_api_key"));
+    }
+
+    #[test]
+    fn header_must_be_one_of_the_keys_projects() {
+        let s = snapshot("reject");
+        let k = key(&s, "k-multi");
+        assert_eq!(name(&s, resolve(&s, k, None, Some("proj_chat"))), Ok("Chatbot".into()));
+        assert_eq!(name(&s, resolve(&s, k, None, Some("Chatbot"))), Ok("Chatbot".into()));
+        assert_eq!(
+            name(&s, resolve(&s, k, None, Some("proj_shared"))),
+            Err("project_forbidden")
+        );
+        assert_eq!(
+            name(&s, resolve(&s, k, None, Some("proj_nope"))),
+            Err("project_forbidden")
+        );
+        let bare = key(&s, "k-bare");
+        assert_eq!(
+            name(&s, resolve(&s, bare, None, Some("proj_chat"))),
+            Err("project_forbidden")
+        );
+    }
+
+    #[test]
+    fn forbidden_message_names_the_key_and_what_it_may_use() {
+        let s = snapshot("reject");
+        let k = key(&s, "k-chat");
+        let err = resolve(&s, k, None, Some("proj_search")).expect_err("forbidden");
+        let msg = err.to_string();
+        assert!(msg.contains("`chatbot`"), "{msg}");
+        assert!(msg.contains("proj_chat"), "{msg}");
+    }
+
+    #[test]
+    fn route_project_wins_and_is_checked_against_the_key() {
+        let s = snapshot("reject");
+        let route = s.route_for("/search/v1/chat/completions");
+        assert_eq!(route.map(|r| &*r.prefix), Some("/search"));
+        let nested = s.route_for("/search/internal/v1/responses");
+        assert_eq!(nested.map(|r| &*r.prefix), Some("/search/internal"));
+        assert!(s.route_for("/searchx/v1/responses").is_none());
+
+        let multi = key(&s, "k-multi");
+        assert_eq!(name(&s, resolve(&s, multi, route, None)), Ok("Search".into()));
+        let bare = key(&s, "k-bare");
+        assert_eq!(name(&s, resolve(&s, bare, route, None)), Ok("Search".into()));
+        let chat = key(&s, "k-chat");
+        assert_eq!(name(&s, resolve(&s, chat, route, None)), Err("project_forbidden"));
+        // Through a route, the header may only name the route's project.
+        assert_eq!(
+            name(&s, resolve(&s, multi, route, Some("proj_chat"))),
+            Err("project_forbidden")
+        );
+        assert_eq!(
+            name(&s, resolve(&s, multi, route, Some("proj_search"))),
+            Ok("Search".into())
+        );
+    }
+
+    #[test]
+    fn key_default_then_fallback_then_reject() {
+        let s = snapshot("reject");
+        assert_eq!(
+            name(&s, resolve(&s, key(&s, "k-multi"), None, None)),
+            Ok("Search".into())
+        );
+        assert_eq!(
+            name(&s, resolve(&s, key(&s, "k-bare"), None, None)),
+            Err("project_required")
+        );
+        let s = snapshot("default");
+        assert_eq!(
+            name(&s, resolve(&s, key(&s, "k-bare"), None, None)),
+            Ok("Shared".into())
+        );
+    }
+}

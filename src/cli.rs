@@ -1,0 +1,324 @@
+//! Command line: serve, check, keys, demo, simulate.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::config::{Config, ConfigError};
+use crate::state::{AppState, Snapshot};
+
+/// The attribution-enforcing reverse proxy for Amazon Bedrock (bedrock-mantle).
+#[derive(Debug, Parser)]
+#[command(name = "mantlegate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Listen address, overriding `server.listen` (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate a configuration: print a summary, or every problem and exit non-zero.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage caller keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// The proxy on 127.0.0.1:8080 in front of a built-in simulated bedrock-mantle.
+    Demo {
+        /// Listen address of the proxy.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Only the simulated bedrock-mantle (for trying configurations and for tests).
+    Simulate {
+        /// Listen address (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Delay between streamed events, in milliseconds.
+        #[arg(long, default_value_t = 30)]
+        event_delay_ms: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Print a fresh random key and the `[[keys]]` block (with its SHA-256) for the config.
+    New {
+        /// Name of the key in logs and reports.
+        #[arg(long, default_value = "new-key")]
+        name: String,
+        /// Project the key may use (repeat; the first is its default).
+        #[arg(long = "project")]
+        projects: Vec<String>,
+    },
+}
+
+/// Parses arguments and runs the command.
+#[must_use]
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Serve { config, listen } => runtime().and_then(|rt| rt.block_on(serve(&config, listen))),
+        Command::Check { config } => return check(&config),
+        Command::Keys {
+            command: KeysCommand::New { name, projects },
+        } => {
+            keys_new(&name, &projects);
+            Ok(())
+        }
+        Command::Demo { listen } => runtime().and_then(|rt| rt.block_on(demo(listen))),
+        Command::Simulate {
+            listen,
+            event_delay_ms,
+        } => runtime().and_then(|rt| rt.block_on(simulate(listen, event_delay_ms))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// JSON lines on stdout; level from `MANTLEGATE_LOG` (default `info`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MANTLEGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .init();
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn serve(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let upstream_key = std::env::var(&config.upstream.api_key_env)
+        .ok()
+        .filter(|k| !k.is_empty());
+    if upstream_key.is_none() {
+        tracing::error!(
+            env = %config.upstream.api_key_env,
+            "no upstream API key in the environment: calls will fail with upstream_key_missing and /readyz reports not ready"
+        );
+    }
+    let addr = match listen {
+        Some(a) => a,
+        None => config.server.listen.parse()?,
+    };
+    let snapshot = Snapshot::build(&config, upstream_key.as_deref())?;
+    run(addr, snapshot, &config).await
+}
+
+async fn run(addr: SocketAddr, snapshot: Snapshot, config: &Config) -> anyhow::Result<()> {
+    tracing::info!(
+        projects = snapshot.projects.len(),
+        keys = snapshot.key_count,
+        routes = snapshot.routes.len(),
+        upstream = %snapshot.upstream.base,
+        "config loaded"
+    );
+    let state = AppState::new(snapshot, config.upstream.connect_timeout)?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "listening");
+    crate::serve(listener, state, shutdown_signal(), config.server.drain_timeout).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: OK: {} project(s), {} key(s), {} route(s)",
+                path.display(),
+                config.projects.len(),
+                config.keys.len(),
+                config.routes.len()
+            );
+            for p in &config.projects {
+                let tags = p
+                    .tags
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                println!(
+                    "  project {} ({}) {tags}",
+                    p.name,
+                    p.id.as_deref().unwrap_or("no id")
+                );
+            }
+            for k in &config.keys {
+                println!("  key {} -> [{}]", k.name, k.projects.join(", "));
+            }
+            for r in &config.routes {
+                println!("  route {}/v1 -> {}", r.prefix, r.project);
+            }
+            if std::env::var_os(&config.upstream.api_key_env).is_none() {
+                println!(
+                    "  note: {} is not set in this environment; serve needs it",
+                    config.upstream.api_key_env
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(ConfigError::Invalid(problems)) => {
+            eprintln!("{}: {} problem(s):", path.display(), problems.len());
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keys_new(name: &str, projects: &[String]) {
+    let key = crate::keys::mint();
+    println!("# The key (shown once: hand it to the app, keep it in a secret store):");
+    println!("{key}");
+    println!();
+    println!("# Paste into the config (only the SHA-256 is stored):");
+    print!("{}", crate::keys::config_block(name, &key, projects));
+}
+
+/// The demo's configuration; `{upstream}` is replaced by the simulator's address.
+const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+/// Keys of the demo config (they are in the SHA-256 form in `config/demo.toml`).
+const DEMO_KEYS: [(&str, &str); 3] = [
+    ("chatbot-backend", "mg-demo-chatbot-key"),
+    ("search-team", "mg-demo-search-key"),
+    ("intern-laptop", "mg-demo-unassigned-key"),
+];
+
+async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
+    let sim = TcpListener::bind("127.0.0.1:0").await?;
+    let sim_addr = sim.local_addr()?;
+    let sim_router = crate::demo::router(crate::demo::SimOptions::default());
+    tokio::spawn(async move { axum::serve(sim, sim_router).await });
+
+    let text = DEMO_CONFIG.replace("{upstream}", &format!("http://{sim_addr}"));
+    let config = Config::from_toml(&text).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    let snapshot = Snapshot::build(&config, Some("demo-upstream-key"))?;
+    let base = format!("http://{listen}");
+    println!("mantlegate demo: proxy on {base}, simulated bedrock-mantle on http://{sim_addr}\n");
+    println!("Projects:");
+    for p in &config.projects {
+        let tags = p
+            .tags
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!("  {:<22} {:<22} {tags}", p.name, p.id.as_deref().unwrap_or(""));
+    }
+    println!("Keys:");
+    for (name, key) in DEMO_KEYS {
+        let projects = config
+            .keys
+            .iter()
+            .find(|k| k.name == name)
+            .map(|k| k.projects.join(", "))
+            .unwrap_or_default();
+        println!("  {name:<16} {key:<26} projects: [{projects}]");
+    }
+    println!("Routes:");
+    for r in &config.routes {
+        println!("  {base}{}/v1 -> {}", r.prefix, r.project);
+    }
+    println!(
+        r#"
+Try it (attributed to CustomerChatbot-Prod by the key):
+  curl -s {base}/v1/chat/completions -H 'Authorization: Bearer mg-demo-chatbot-key' -H 'Content-Type: application/json' -d '{{"model":"openai.gpt-oss-120b","messages":[{{"role":"user","content":"Hello"}}]}}' -D - 
+
+A key with no project is refused (400 project_required):
+  curl -s {base}/v1/chat/completions -H 'Authorization: Bearer mg-demo-unassigned-key' -H 'Content-Type: application/json' -d '{{"model":"openai.gpt-oss-120b","messages":[{{"role":"user","content":"Hello"}}]}}'
+
+Python (pip install openai):
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}/v1", api_key="mg-demo-search-key", project="proj_demosearch")
+  for event in client.responses.create(model="openai.gpt-oss-120b", input="Hello", stream=True):
+      print(event.type)
+
+Access log lines (JSON, one per call) follow below. Ctrl-C stops the demo.
+"#
+    );
+    run(listen, snapshot, &config).await
+}
+
+async fn simulate(listen: SocketAddr, event_delay_ms: u64) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let router = crate::demo::router(crate::demo::SimOptions {
+        event_delay: Duration::from_millis(event_delay_ms),
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}

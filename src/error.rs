@@ -1,0 +1,179 @@
+//! One error type for the request path, rendered as OpenAI's `{"error":{...}}` body.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Serialize;
+
+/// Everything mantlegate itself refuses or fails with. Upstream errors are relayed, not wrapped.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    /// No credential, or no key with that SHA-256.
+    #[error("{0}")]
+    InvalidApiKey(&'static str),
+    /// The call asked for, or came through a route to, a project its key may not use.
+    #[error("{0}")]
+    ProjectForbidden(String),
+    /// The call resolves to no project and the policy is to reject it.
+    #[error("{0}")]
+    ProjectRequired(String),
+    /// The path is not one of the forwarded endpoints.
+    #[error("{method} {path} is not an endpoint mantlegate forwards: use /v1/chat/completions, /v1/responses (and its sub-resources) or /v1/models")]
+    UnknownEndpoint {
+        /// HTTP method of the call.
+        method: String,
+        /// Path of the call, as received.
+        path: String,
+    },
+    /// The path has dot segments, empty segments or escapes that could hide where it leads.
+    #[error("the path `{0}` is not in normal form (no `//`, `.`/`..` segments or percent-escaped `/` and `.` are allowed)")]
+    InvalidPath(String),
+    /// The body is not valid JSON.
+    #[error("the request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The body is larger than `server.max_body_bytes`.
+    #[error("the request body is larger than the {0} bytes this proxy accepts (server.max_body_bytes)")]
+    RequestTooLarge(usize),
+    /// The body could not be read from the client.
+    #[error("the request body could not be read: {0}")]
+    BadBody(String),
+    /// The upstream could not be reached.
+    #[error("bedrock-mantle could not be reached: {0}")]
+    UpstreamUnavailable(String),
+    /// The upstream sent no response head in time.
+    #[error("bedrock-mantle sent no response within {}s (upstream.response_timeout)", .0.as_secs_f64())]
+    UpstreamTimeout(Duration),
+    /// No upstream credential is configured.
+    #[error("mantlegate has no upstream API key: set the environment variable named by upstream.api_key_env")]
+    UpstreamKeyMissing,
+    /// A bug: the request could not be handled.
+    #[error("mantlegate failed to handle this request; it has been logged")]
+    Internal,
+}
+
+impl ProxyError {
+    /// HTTP status of the error response.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
+            Self::ProjectForbidden(_) => StatusCode::FORBIDDEN,
+            Self::ProjectRequired(_)
+            | Self::InvalidPath(_)
+            | Self::InvalidJson(_)
+            | Self::BadBody(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownEndpoint { .. } => StatusCode::NOT_FOUND,
+            Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamKeyMissing => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI `code`: stable, low-cardinality, also the metric label.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidApiKey(_) => "invalid_api_key",
+            Self::ProjectForbidden(_) => "project_forbidden",
+            Self::ProjectRequired(_) => "project_required",
+            Self::UnknownEndpoint { .. } => "unknown_endpoint",
+            Self::InvalidPath(_) => "invalid_path",
+            Self::InvalidJson(_) => "invalid_json",
+            Self::RequestTooLarge(_) => "request_too_large",
+            Self::BadBody(_) => "invalid_body",
+            Self::UpstreamUnavailable(_) => "upstream_unavailable",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::UpstreamKeyMissing => "upstream_key_missing",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    /// The OpenAI `type`.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidApiKey(_) => "authentication_error",
+            Self::ProjectForbidden(_) => "permission_error",
+            Self::UpstreamUnavailable(_) | Self::UpstreamTimeout(_) | Self::UpstreamKeyMissing => {
+                "upstream_error"
+            }
+            Self::Internal => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// Whether the outcome is a rejection of the caller (as opposed to an upstream failure).
+    #[must_use]
+    pub fn is_rejection(&self) -> bool {
+        self.status().is_client_error()
+    }
+
+    /// The JSON body: `{"error":{"message","type","param","code"}}`.
+    #[must_use]
+    pub fn body(&self) -> Bytes {
+        error_body(&self.to_string(), self.kind(), None, self.code())
+    }
+}
+
+/// Serializes an OpenAI-shaped error body.
+#[must_use]
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct Envelope<'a> {
+        error: Inner<'a>,
+    }
+    #[derive(Serialize)]
+    struct Inner<'a> {
+        message: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        param: Option<&'a str>,
+        code: &'a str,
+    }
+    let envelope = Envelope {
+        error: Inner {
+            message,
+            kind,
+            param,
+            code,
+        },
+    };
+    // Serializing plain strings cannot fail; an empty body would still be an answer.
+    Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), self.body()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        // Retrying cannot fix a refusal; the SDKs honour this header.
+        if self.is_rejection() {
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_openai_shaped() {
+        let err = ProxyError::InvalidApiKey("no key");
+        let v: serde_json::Value = serde_json::from_slice(&err.body()).expect("json");
+        assert_eq!(v["error"]["message"], "no key");
+        assert_eq!(v["error"]["type"], "authentication_error");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        assert!(v["error"]["param"].is_null());
+        assert_eq!(err.status(), StatusCode::UNAUTHORIZED);
+    }
+}

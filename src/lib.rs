@@ -1,0 +1,104 @@
+//! mantlegate: the attribution-enforcing reverse proxy in front of Amazon Bedrock's
+//! bedrock-mantle endpoint. `router` builds the app, `serve` runs it.
+
+pub mod attribution;
+pub mod call;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod keys;
+pub mod proxy;
+pub mod secret;
+pub mod state;
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::error::ProxyError;
+use crate::state::AppState;
+
+/// The whole app. Layers, outermost first:
+/// 1. `CatchPanicLayer`: a bug answers 500 `internal_error` (OpenAI-shaped, no panic text,
+///    which could hold anything) instead of dropping the connection.
+///
+/// Routes: `/healthz` and `/readyz` (no key), everything else goes to [`proxy::handle`],
+/// which classifies the path itself so that routes and endpoints can change on reload.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(proxy::handle)
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(panic_response))
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` resolves, then lets calls in flight
+/// finish for at most `drain_timeout`.
+///
+/// # Errors
+/// I/O errors of the listener.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain_timeout: Duration,
+) -> std::io::Result<()> {
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!(drain_timeout_s = drain_timeout.as_secs_f64(), "shutting down: draining calls in flight");
+        let _ = draining_tx.send(());
+    });
+    let deadline = async move {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(drain_timeout).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server.into_future() => result,
+        () = deadline => {
+            tracing::warn!("drain timeout reached: closing calls still in flight");
+            Ok(())
+        }
+    }
+}
+
+async fn healthz() -> Response {
+    json_status(StatusCode::OK, r#"{"status":"ok"}"#)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.snapshot.load().upstream.authorization.is_some() {
+        json_status(StatusCode::OK, r#"{"status":"ready"}"#)
+    } else {
+        json_status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"not_ready","reason":"no upstream API key: set the variable named by upstream.api_key_env"}"#,
+        )
+    }
+}
+
+fn json_status(status: StatusCode, body: &'static str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
+fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("request handler panicked");
+    ProxyError::Internal.into_response()
+}

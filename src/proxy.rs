@@ -1,0 +1,201 @@
+//! The forwarding handler: classify, authenticate, attribute, forward, relay.
+
+pub mod endpoint;
+pub mod facts;
+pub mod headers;
+pub mod relay;
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, header, request};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+use crate::attribution;
+use crate::call::{Call, Outcome};
+use crate::error::ProxyError;
+use crate::state::{AppState, Snapshot};
+use endpoint::Endpoint;
+use facts::RequestFacts;
+use relay::RelayBody;
+
+static X_MANTLEGATE_PROJECT: HeaderName = HeaderName::from_static("x-mantlegate-project");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
+
+/// Handles every call that is not one of mantlegate's own endpoints.
+pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
+    let mut call = Call::new(Instant::now(), req.method().clone(), req.uri().clone());
+    // One snapshot for the whole call: a reload mid-call does not change its rules.
+    let snap = state.snapshot.load_full();
+    match forward(&state, &snap, req, &mut call).await {
+        Ok((mut parts, body)) => {
+            call.status = parts.status.as_u16();
+            match parts.headers.get(&X_REQUEST_ID) {
+                Some(id) => call.request_id = Some(id.clone()),
+                None => {
+                    let id = call.request_id().clone();
+                    parts.headers.insert(X_REQUEST_ID.clone(), id);
+                }
+            }
+            Response::from_parts(parts, Body::new(RelayBody::new(body, call)))
+        }
+        Err(err) => {
+            call.status = err.status().as_u16();
+            call.error_code = Some(err.code());
+            let outcome = if err.is_rejection() {
+                Outcome::Rejected
+            } else {
+                Outcome::UpstreamError
+            };
+            let id = call.request_id().clone();
+            call.commit(outcome);
+            let mut response = err.into_response();
+            response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+            response
+        }
+    }
+}
+
+/// Everything between arrival and the upstream's response head.
+async fn forward(
+    state: &AppState,
+    snap: &Snapshot,
+    req: Request,
+    call: &mut Call,
+) -> Result<(axum::http::response::Parts, reqwest::Body), ProxyError> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    endpoint::check_normal(path)?;
+    let route = snap.route_for(path);
+    call.route = route.map(|r| r.prefix.clone());
+    let after_route = route.map_or(path, |r| &path[r.prefix.len()..]);
+    let rest = after_route
+        .strip_prefix("/v1")
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+        .ok_or_else(|| endpoint::unknown(&parts.method, path))?;
+    let endpoint = Endpoint::classify(&parts.method, rest, path)?;
+    call.api = Some(endpoint.api());
+
+    let key = attribution::authenticate(snap, &attribution::credential_hash(&parts.headers)?)?;
+    call.key = Some(key.name.clone());
+    let requested = requested_project(&parts.headers)?;
+    let project = &snap.projects[attribution::resolve(snap, key, route, requested)?];
+    call.project = Some((project.name.clone(), project.id.clone()));
+    let authorization = snap
+        .upstream
+        .authorization
+        .as_ref()
+        .ok_or(ProxyError::UpstreamKeyMissing)?;
+
+    let body = if endpoint.forwards_body() {
+        read_body(body, snap.max_body_bytes, &parts).await?
+    } else {
+        Bytes::new()
+    };
+    let model = if endpoint.has_json_body() {
+        let facts = RequestFacts::parse(&body).map_err(ProxyError::InvalidJson)?;
+        call.stream = facts.stream;
+        facts.model.map(std::borrow::Cow::into_owned)
+    } else {
+        None
+    };
+    let prefix = snap.upstream.prefix_for(model.as_deref());
+    call.model = model;
+
+    let query = parts.uri.query();
+    let mut url = String::with_capacity(
+        snap.upstream.base.len() + prefix.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
+    );
+    url.push_str(&snap.upstream.base);
+    url.push_str(prefix);
+    url.push_str(rest);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    let mut upstream_headers = HeaderMap::with_capacity(parts.headers.len() + 2);
+    headers::copy_upstream(&parts.headers, &mut upstream_headers);
+    upstream_headers.insert(header::AUTHORIZATION, authorization.expose().clone());
+    upstream_headers.insert(OPENAI_PROJECT.clone(), project.id_header.clone());
+
+    let mut builder = state
+        .client
+        .request(parts.method, url)
+        .headers(upstream_headers);
+    if endpoint.forwards_body() {
+        builder = builder.body(body);
+    }
+    let timeout = snap.upstream.response_timeout;
+    let response = match tokio::time::timeout(timeout, builder.send()).await {
+        Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+        Ok(Err(err)) => return Err(upstream_error(&err)),
+        Ok(Ok(response)) => response,
+    };
+    call.upstream_status = Some(response.status().as_u16());
+    let (mut parts, body) = axum::http::Response::<reqwest::Body>::from(response).into_parts();
+    headers::strip_response(&mut parts.headers);
+    parts
+        .headers
+        .insert(X_MANTLEGATE_PROJECT.clone(), project.id_header.clone());
+    Ok((parts, body))
+}
+
+/// The `OpenAI-Project` header the client sent, if any.
+fn requested_project(headers: &HeaderMap) -> Result<Option<&str>, ProxyError> {
+    match headers.get(&OPENAI_PROJECT) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.trim())).map_err(|_| {
+            ProxyError::ProjectForbidden(
+                "the OpenAI-Project header is not valid text; send a project id such as proj_123"
+                    .to_owned(),
+            )
+        }),
+    }
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes.
+async fn read_body(body: Body, limit: usize, parts: &request::Parts) -> Result<Bytes, ProxyError> {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ProxyError::RequestTooLarge(limit));
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::RequestTooLarge(limit))
+        }
+        Err(err) => Err(ProxyError::BadBody(err.to_string())),
+    }
+}
+
+/// Maps a client error to 502; connection details only, never headers.
+fn upstream_error(err: &reqwest::Error) -> ProxyError {
+    let what = if err.is_connect() {
+        "connection failed"
+    } else if err.is_timeout() {
+        "connection timed out"
+    } else {
+        "the request failed"
+    };
+    // The source chain says why (refused, DNS, TLS) and holds no secret: reqwest errors carry
+    // the URL (no credentials in it) but never request headers.
+    let mut detail = String::new();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        ProxyError::UpstreamUnavailable(what.to_owned())
+    } else {
+        ProxyError::UpstreamUnavailable(format!("{what}: {detail}"))
+    }
+}

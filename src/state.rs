@@ -1,0 +1,245 @@
+//! Shared state: the compiled config snapshot (swapped whole), the upstream HTTP client.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::http::HeaderValue;
+
+use crate::config::{Config, OnMissing, glob_matches, parse_sha256};
+use crate::secret::Secret;
+
+/// Index of a project in [`Snapshot::projects`].
+pub type ProjectIdx = usize;
+
+/// A project as the request path needs it.
+#[derive(Debug)]
+pub struct Project {
+    /// Config handle.
+    pub name: Arc<str>,
+    /// Bedrock project ID.
+    pub id: Arc<str>,
+    /// `id` ready to send as the `OpenAI-Project` header.
+    pub id_header: HeaderValue,
+    /// Cost allocation tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A caller key (found by its SHA-256).
+#[derive(Debug)]
+pub struct Key {
+    /// Name for logs and errors.
+    pub name: Arc<str>,
+    /// Projects it may use; the first is its default.
+    pub projects: Vec<ProjectIdx>,
+}
+
+/// A path prefix attributed to one project.
+#[derive(Debug)]
+pub struct Route {
+    /// e.g. `/chatbot`, never ending in `/`.
+    pub prefix: Arc<str>,
+    /// The project of every call through it.
+    pub project: ProjectIdx,
+}
+
+/// Where and how calls are forwarded.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Scheme, host and optional path prefix, without a trailing `/`.
+    pub base: String,
+    /// Prefix for models without a specific one.
+    pub default_prefix: String,
+    /// `(model glob, prefix)`, first match wins.
+    pub model_prefixes: Vec<(String, String)>,
+    /// `Bearer <key>` sent upstream, when a key is configured.
+    pub authorization: Option<Secret<HeaderValue>>,
+    /// Time allowed for the response head.
+    pub response_timeout: Duration,
+}
+
+impl Upstream {
+    /// The path prefix a model is served under.
+    #[must_use]
+    pub fn prefix_for(&self, model: Option<&str>) -> &str {
+        model
+            .and_then(|m| {
+                self.model_prefixes
+                    .iter()
+                    .find(|(glob, _)| glob_matches(glob, m))
+            })
+            .map_or(self.default_prefix.as_str(), |(_, prefix)| prefix.as_str())
+    }
+}
+
+/// A validated config compiled for lookups. Requests load one snapshot and use it to the end.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// All projects, in config order.
+    pub projects: Vec<Project>,
+    /// Project by id and by name (what a client may send in `OpenAI-Project`).
+    by_handle: HashMap<Arc<str>, ProjectIdx>,
+    /// Keys by SHA-256.
+    keys: HashMap<[u8; 32], Key>,
+    /// Routes, longest prefix first.
+    pub routes: Vec<Route>,
+    /// Forwarding settings.
+    pub upstream: Upstream,
+    /// The project of calls that resolve to none, when `on_missing = "default"`.
+    pub fallback_project: Option<ProjectIdx>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Number of `[[keys]]` entries.
+    pub key_count: usize,
+}
+
+impl Snapshot {
+    /// Compiles a validated config. `upstream_key` is the Bedrock API key (None: not configured).
+    ///
+    /// # Errors
+    /// Fails only on values `Config::validate` accepts but HTTP cannot carry (e.g. a key with
+    /// control characters).
+    pub fn build(config: &Config, upstream_key: Option<&str>) -> anyhow::Result<Self> {
+        let mut projects = Vec::with_capacity(config.projects.len());
+        let mut by_handle = HashMap::new();
+        for (i, p) in config.projects.iter().enumerate() {
+            let id = p
+                .id
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("project `{}` has no id", p.name))?;
+            let project = Project {
+                name: p.name.as_str().into(),
+                id: id.into(),
+                id_header: HeaderValue::from_str(id)?,
+                tags: p.tags.clone(),
+            };
+            by_handle.insert(project.id.clone(), i);
+            by_handle.insert(project.name.clone(), i);
+            projects.push(project);
+        }
+        let index = |name: &str| {
+            config
+                .projects
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| anyhow::anyhow!("project `{name}` is not declared"))
+        };
+        let mut keys = HashMap::with_capacity(config.keys.len());
+        for k in &config.keys {
+            let hash = parse_sha256(&k.sha256)
+                .ok_or_else(|| anyhow::anyhow!("key `{}` has no valid sha256", k.name))?;
+            let projects = k
+                .projects
+                .iter()
+                .map(|p| index(p))
+                .collect::<anyhow::Result<_>>()?;
+            keys.insert(
+                hash,
+                Key {
+                    name: k.name.as_str().into(),
+                    projects,
+                },
+            );
+        }
+        let mut routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                Ok(Route {
+                    prefix: r.prefix.as_str().into(),
+                    project: index(&r.project)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let fallback_project = match config.attribution.on_missing {
+            OnMissing::Reject => None,
+            OnMissing::Default => Some(index(
+                config.attribution.default_project.as_deref().unwrap_or(""),
+            )?),
+        };
+        let authorization = upstream_key
+            .map(|k| {
+                let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                    anyhow::anyhow!("the upstream API key contains characters HTTP cannot carry")
+                })?;
+                v.set_sensitive(true);
+                Ok::<_, anyhow::Error>(Secret::new(v))
+            })
+            .transpose()?;
+        let up = &config.upstream;
+        Ok(Self {
+            projects,
+            by_handle,
+            key_count: config.keys.len(),
+            keys,
+            routes,
+            upstream: Upstream {
+                base: up.base_url.trim_end_matches('/').to_owned(),
+                default_prefix: up.default_prefix.clone(),
+                model_prefixes: up
+                    .model_prefixes
+                    .iter()
+                    .map(|m| (m.model.clone(), m.prefix.clone()))
+                    .collect(),
+                authorization,
+                response_timeout: up.response_timeout,
+            },
+            fallback_project,
+            max_body_bytes: config.server.max_body_bytes,
+        })
+    }
+
+    /// The key whose SHA-256 is `hash`.
+    #[must_use]
+    pub fn key(&self, hash: &[u8; 32]) -> Option<&Key> {
+        // A hash-map lookup on the digest, not a comparison of secrets: the digest of an
+        // unknown key reveals nothing about a known one, so timing cannot leak a key.
+        self.keys.get(hash)
+    }
+
+    /// The project a client names in `OpenAI-Project` (by id or by name).
+    #[must_use]
+    pub fn project_by_handle(&self, handle: &str) -> Option<ProjectIdx> {
+        self.by_handle.get(handle).copied()
+    }
+
+    /// The route whose prefix `path` starts with (followed by `/`), longest first.
+    #[must_use]
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            path.strip_prefix(&*r.prefix)
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
+}
+
+/// Cheap-clone handles shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    /// The live config; swapped whole on reload.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Pooled client to the upstream.
+    pub client: reqwest::Client,
+}
+
+impl AppState {
+    /// Builds the state for a compiled snapshot.
+    ///
+    /// # Errors
+    /// Fails when the HTTP client cannot be built (TLS roots unavailable).
+    pub fn new(snapshot: Snapshot, connect_timeout: Duration) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            // The proxy forwards exactly what it is given; it never follows redirects itself.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            client,
+        })
+    }
+}
