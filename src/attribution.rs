@@ -220,8 +220,14 @@ mod tests {
     fn header_must_be_one_of_the_keys_projects() {
         let s = snapshot("reject");
         let k = key(&s, "k-multi");
-        assert_eq!(name(&s, resolve(&s, k, None, Some("proj_chat"))), Ok("Chatbot".into()));
-        assert_eq!(name(&s, resolve(&s, k, None, Some("Chatbot"))), Ok("Chatbot".into()));
+        assert_eq!(
+            name(&s, resolve(&s, k, None, Some("proj_chat"))),
+            Ok("Chatbot".into())
+        );
+        assert_eq!(
+            name(&s, resolve(&s, k, None, Some("Chatbot"))),
+            Ok("Chatbot".into())
+        );
         assert_eq!(
             name(&s, resolve(&s, k, None, Some("proj_shared"))),
             Err("project_forbidden")
@@ -257,11 +263,20 @@ mod tests {
         assert!(s.route_for("/searchx/v1/responses").is_none());
 
         let multi = key(&s, "k-multi");
-        assert_eq!(name(&s, resolve(&s, multi, route, None)), Ok("Search".into()));
+        assert_eq!(
+            name(&s, resolve(&s, multi, route, None)),
+            Ok("Search".into())
+        );
         let bare = key(&s, "k-bare");
-        assert_eq!(name(&s, resolve(&s, bare, route, None)), Ok("Search".into()));
+        assert_eq!(
+            name(&s, resolve(&s, bare, route, None)),
+            Ok("Search".into())
+        );
         let chat = key(&s, "k-chat");
-        assert_eq!(name(&s, resolve(&s, chat, route, None)), Err("project_forbidden"));
+        assert_eq!(
+            name(&s, resolve(&s, chat, route, None)),
+            Err("project_forbidden")
+        );
         // Through a route, the header may only name the route's project.
         assert_eq!(
             name(&s, resolve(&s, multi, route, Some("proj_chat"))),

@@ -78,7 +78,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
-        Command::Serve { config, listen } => runtime().and_then(|rt| rt.block_on(serve(&config, listen))),
+        Command::Serve { config, listen } => {
+            runtime().and_then(|rt| rt.block_on(serve(&config, listen)))
+        }
         Command::Check { config } => return check(&config),
         Command::Keys {
             command: KeysCommand::New { name, projects },
@@ -158,7 +160,13 @@ async fn run(addr: SocketAddr, snapshot: Snapshot, config: &Config) -> anyhow::R
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "listening");
-    crate::serve(listener, state, shutdown_signal(), config.server.drain_timeout).await?;
+    crate::serve(
+        listener,
+        state,
+        shutdown_signal(),
+        config.server.drain_timeout,
+    )
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -273,7 +281,11 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(" ");
-        println!("  {:<22} {:<22} {tags}", p.name, p.id.as_deref().unwrap_or(""));
+        println!(
+            "  {:<22} {:<22} {tags}",
+            p.name,
+            p.id.as_deref().unwrap_or("")
+        );
     }
     println!("Keys:");
     for (name, key) in DEMO_KEYS {

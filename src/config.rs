@@ -288,7 +288,11 @@ impl Config {
         check_prefix(v, "upstream.default_prefix", &up.default_prefix);
         for (i, mp) in up.model_prefixes.iter().enumerate() {
             check_glob(v, &format!("upstream.model_prefixes[{i}].model"), &mp.model);
-            check_prefix(v, &format!("upstream.model_prefixes[{i}].prefix"), &mp.prefix);
+            check_prefix(
+                v,
+                &format!("upstream.model_prefixes[{i}].prefix"),
+                &mp.prefix,
+            );
         }
         if up.connect_timeout.is_zero() {
             v.add("upstream.connect_timeout", "must be greater than 0");
@@ -449,7 +453,11 @@ fn check_route_prefix(v: &mut Validator, path: &str, prefix: &str) {
         return;
     }
     check_prefix(v, path, prefix);
-    let first = prefix.trim_start_matches('/').split('/').next().unwrap_or("");
+    let first = prefix
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("");
     if RESERVED_FIRST_SEGMENTS.contains(&first) {
         v.add(
             path,
@@ -570,7 +578,10 @@ mod tests {
             "routes[0].prefix",
             "routes[0].project",
         ] {
-            assert!(paths.iter().any(|p| p == expected), "{expected} missing from {paths:?}");
+            assert!(
+                paths.iter().any(|p| p == expected),
+                "{expected} missing from {paths:?}"
+            );
         }
     }
 
@@ -588,7 +599,10 @@ mod tests {
         assert!(glob_matches("openai.gpt-5*", "openai.gpt-5.4"));
         assert!(!glob_matches("openai.gpt-5*", "openai.gpt-oss-120b"));
         assert!(glob_matches("openai.gpt-oss-120b", "openai.gpt-oss-120b"));
-        assert!(!glob_matches("openai.gpt-oss-120b", "openai.gpt-oss-120b-x"));
+        assert!(!glob_matches(
+            "openai.gpt-oss-120b",
+            "openai.gpt-oss-120b-x"
+        ));
     }
 
     #[test]

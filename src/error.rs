@@ -20,7 +20,9 @@ pub enum ProxyError {
     #[error("{0}")]
     ProjectRequired(String),
     /// The path is not one of the forwarded endpoints.
-    #[error("{method} {path} is not an endpoint mantlegate forwards: use /v1/chat/completions, /v1/responses (and its sub-resources) or /v1/models")]
+    #[error(
+        "{method} {path} is not an endpoint mantlegate forwards: use /v1/chat/completions, /v1/responses (and its sub-resources) or /v1/models"
+    )]
     UnknownEndpoint {
         /// HTTP method of the call.
         method: String,
@@ -28,13 +30,17 @@ pub enum ProxyError {
         path: String,
     },
     /// The path has dot segments, empty segments or escapes that could hide where it leads.
-    #[error("the path `{0}` is not in normal form (no `//`, `.`/`..` segments or percent-escaped `/` and `.` are allowed)")]
+    #[error(
+        "the path `{0}` is not in normal form (no `//`, `.`/`..` segments or percent-escaped `/` and `.` are allowed)"
+    )]
     InvalidPath(String),
     /// The body is not valid JSON.
     #[error("the request body is not valid JSON: {0}")]
     InvalidJson(String),
     /// The body is larger than `server.max_body_bytes`.
-    #[error("the request body is larger than the {0} bytes this proxy accepts (server.max_body_bytes)")]
+    #[error(
+        "the request body is larger than the {0} bytes this proxy accepts (server.max_body_bytes)"
+    )]
     RequestTooLarge(usize),
     /// The body could not be read from the client.
     #[error("the request body could not be read: {0}")]
@@ -46,7 +52,9 @@ pub enum ProxyError {
     #[error("bedrock-mantle sent no response within {}s (upstream.response_timeout)", .0.as_secs_f64())]
     UpstreamTimeout(Duration),
     /// No upstream credential is configured.
-    #[error("mantlegate has no upstream API key: set the environment variable named by upstream.api_key_env")]
+    #[error(
+        "mantlegate has no upstream API key: set the environment variable named by upstream.api_key_env"
+    )]
     UpstreamKeyMissing,
     /// A bug: the request could not be handled.
     #[error("mantlegate failed to handle this request; it has been logged")]

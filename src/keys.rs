@@ -48,7 +48,11 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with("mg-"));
         assert!(a.len() >= 3 + 43);
-        assert!(a[3..].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert!(
+            a[3..]
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
     }
 
     #[test]

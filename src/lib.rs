@@ -55,7 +55,10 @@ pub async fn serve(
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown.await;
-        tracing::info!(drain_timeout_s = drain_timeout.as_secs_f64(), "shutting down: draining calls in flight");
+        tracing::info!(
+            drain_timeout_s = drain_timeout.as_secs_f64(),
+            "shutting down: draining calls in flight"
+        );
         let _ = draining_tx.send(());
     });
     let deadline = async move {
@@ -92,7 +95,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 fn json_status(status: StatusCode, body: &'static str) -> Response {
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         body,
     )
         .into_response()

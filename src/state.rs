@@ -104,10 +104,9 @@ impl Snapshot {
         let mut projects = Vec::with_capacity(config.projects.len());
         let mut by_handle = HashMap::new();
         for (i, p) in config.projects.iter().enumerate() {
-            let id = p
-                .id
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("project `{}` has no id", p.name))?;
+            let id =
+                p.id.as_deref()
+                    .ok_or_else(|| anyhow::anyhow!("project `{}` has no id", p.name))?;
             let project = Project {
                 name: p.name.as_str().into(),
                 id: id.into(),

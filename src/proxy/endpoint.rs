@@ -168,15 +168,33 @@ mod tests {
     #[test]
     fn forwarded_endpoints() {
         let (get, post, delete) = (Method::GET, Method::POST, Method::DELETE);
-        assert_eq!(class(&post, "/chat/completions"), Ok(Endpoint::ChatCompletions));
+        assert_eq!(
+            class(&post, "/chat/completions"),
+            Ok(Endpoint::ChatCompletions)
+        );
         assert_eq!(class(&post, "/responses"), Ok(Endpoint::CreateResponse));
-        assert_eq!(class(&post, "/responses/input_tokens"), Ok(Endpoint::CountInputTokens));
+        assert_eq!(
+            class(&post, "/responses/input_tokens"),
+            Ok(Endpoint::CountInputTokens)
+        );
         assert_eq!(class(&get, "/responses/resp_1"), Ok(Endpoint::GetResponse));
-        assert_eq!(class(&delete, "/responses/resp_1"), Ok(Endpoint::DeleteResponse));
-        assert_eq!(class(&post, "/responses/resp_1/cancel"), Ok(Endpoint::CancelResponse));
-        assert_eq!(class(&get, "/responses/resp_1/input_items"), Ok(Endpoint::ListInputItems));
+        assert_eq!(
+            class(&delete, "/responses/resp_1"),
+            Ok(Endpoint::DeleteResponse)
+        );
+        assert_eq!(
+            class(&post, "/responses/resp_1/cancel"),
+            Ok(Endpoint::CancelResponse)
+        );
+        assert_eq!(
+            class(&get, "/responses/resp_1/input_items"),
+            Ok(Endpoint::ListInputItems)
+        );
         assert_eq!(class(&get, "/models"), Ok(Endpoint::ListModels));
-        assert_eq!(class(&get, "/models/openai.gpt-oss-120b"), Ok(Endpoint::GetModel));
+        assert_eq!(
+            class(&get, "/models/openai.gpt-oss-120b"),
+            Ok(Endpoint::GetModel)
+        );
     }
 
     #[test]

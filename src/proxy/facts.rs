@@ -28,9 +28,8 @@ impl<'a> RequestFacts<'a> {
             return Err("the body is empty; send a JSON object".to_owned());
         }
         // JSON is UTF-8; serde_json does not check strings it skips, so check the whole body.
-        let text = std::str::from_utf8(body).map_err(|e| {
-            format!("the body is not valid UTF-8 (at byte {})", e.valid_up_to())
-        })?;
+        let text = std::str::from_utf8(body)
+            .map_err(|e| format!("the body is not valid UTF-8 (at byte {})", e.valid_up_to()))?;
         let mut de = serde_json::Deserializer::from_str(text);
         let facts = de::Deserialize::deserialize(&mut de).map_err(|e| e.to_string())?;
         de.end().map_err(|e| e.to_string())?;
@@ -140,7 +139,6 @@ impl<'de> de::Deserialize<'de> for Lenient<bool> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,7 +172,11 @@ mod tests {
             b"{\"a\":1,}",
             b"{\"a\":\"\xff\"}",
         ] {
-            assert!(RequestFacts::parse(body).is_err(), "{:?}", String::from_utf8_lossy(body));
+            assert!(
+                RequestFacts::parse(body).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
         let deep = "[".repeat(10_000);
         let body = format!("{{\"a\":{deep}");

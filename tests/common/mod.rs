@@ -1,0 +1,345 @@
+//! Test harness: a recording fake upstream and the real proxy, both on port 0.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+
+use mantlegate::config::Config;
+use mantlegate::state::{AppState, Snapshot};
+
+/// What the fake upstream received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    /// Path and query.
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Controls shared between a test and its fake upstream.
+#[derive(Default)]
+pub struct Controls {
+    /// Requests in arrival order.
+    pub requests: Mutex<Vec<Recorded>>,
+    /// When set, streams send their first event, then wait for `release` before the rest.
+    pub gate: AtomicBool,
+    pub release: Notify,
+    /// Set once the last event of a stream has been handed to the server.
+    pub last_event_sent: AtomicBool,
+    /// Notified when a stream body is dropped before its end (the proxy hung up).
+    pub stream_abandoned: Notify,
+}
+
+/// Notifies `stream_abandoned` when dropped before `finished` is set.
+struct StreamGuard {
+    controls: Arc<Controls>,
+    finished: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.controls.stream_abandoned.notify_one();
+        }
+    }
+}
+
+/// A fake bedrock-mantle that records every request. Behaviour by request:
+/// - header `x-test-status: N`: answers N with an OpenAI-shaped error body;
+/// - header `x-test-head-delay-ms: N`: waits N ms before answering;
+/// - header `x-test-event-gap-ms: N`: N ms between stream events (default 0);
+/// - `stream: true` in the body: an SSE stream of 5 chat chunks (or responses events) and the end;
+/// - otherwise: a JSON body echoing what was asked.
+pub struct FakeUpstream {
+    pub url: String,
+    pub controls: Arc<Controls>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> Self {
+        let controls = Arc::new(Controls::default());
+        let app = Router::new()
+            .fallback(fake_handler)
+            .with_state(controls.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            url: format!("http://{addr}"),
+            controls,
+        }
+    }
+
+    /// Everything received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.controls.requests.lock().expect("lock").clone()
+    }
+
+    /// The only request received.
+    pub fn single(&self) -> Recorded {
+        let all = self.requests();
+        assert_eq!(
+            all.len(),
+            1,
+            "expected exactly one upstream request: {all:?}"
+        );
+        all.into_iter().next().expect("one")
+    }
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.parse().ok()
+}
+
+async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let recorded = Recorded {
+        method: parts.method.clone(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    };
+    controls.requests.lock().expect("lock").push(recorded);
+
+    if let Some(ms) = header_u64(&parts.headers, "x-test-head-delay-ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(status) = header_u64(&parts.headers, "x-test-status") {
+        let status = StatusCode::from_u16(u16::try_from(status).expect("u16")).expect("status");
+        return Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .header("x-request-id", "req_upstream_error")
+            .body(Body::from(
+                r#"{"error":{"message":"upstream says no","type":"invalid_request_error","param":null,"code":"upstream_code"}}"#,
+            ))
+            .expect("response");
+    }
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let stream = json["stream"].as_bool() == Some(true);
+    let path = parts.uri.path().to_owned();
+    if stream {
+        let gap =
+            Duration::from_millis(header_u64(&parts.headers, "x-test-event-gap-ms").unwrap_or(0));
+        let events = if path.ends_with("/responses") {
+            responses_events()
+        } else {
+            chat_events()
+        };
+        return sse(controls, events, gap);
+    }
+    let echo = serde_json::json!({
+        "object": "echo",
+        "method": parts.method.as_str(),
+        "path": path,
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("x-request-id", "req_upstream_1")
+        .header("x-amzn-requestid", "req_upstream_1")
+        .body(Body::from(echo.to_string()))
+        .expect("response")
+}
+
+pub fn chat_events() -> Vec<String> {
+    let mut events: Vec<String> = (0..4)
+        .map(|i| {
+            format!(
+                r#"{{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{{"index":0,"delta":{{"content":"w{i} "}},"finish_reason":null}}]}}"#
+            )
+        })
+        .collect();
+    events.push(r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#.to_owned());
+    events.push("[DONE]".to_owned());
+    events
+        .into_iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect()
+}
+
+pub fn responses_events() -> Vec<String> {
+    let mut out = vec![
+        r#"event: response.created
+data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress","usage":null}}"#.to_owned(),
+    ];
+    for i in 1..5 {
+        out.push(format!(
+            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{i},\"delta\":\"w{i} \"}}"
+        ));
+    }
+    out.push(r#"event: response.completed
+data: {"type":"response.completed","sequence_number":5,"response":{"id":"resp_1","object":"response","status":"completed","usage":{"input_tokens":3,"output_tokens":4,"total_tokens":7}}}"#.to_owned());
+    out.into_iter().map(|e| format!("{e}\n\n")).collect()
+}
+
+fn sse(controls: Arc<Controls>, events: Vec<String>, gap: Duration) -> Response {
+    let last = events.len() - 1;
+    let guard = Arc::new(Mutex::new(StreamGuard {
+        controls: controls.clone(),
+        finished: false,
+    }));
+    let stream = futures_util::stream::iter(events.into_iter().enumerate()).then(move |(i, e)| {
+        let controls = controls.clone();
+        let guard = guard.clone();
+        async move {
+            if i > 0 {
+                if i == 1 && controls.gate.load(Ordering::SeqCst) {
+                    controls.release.notified().await;
+                }
+                if !gap.is_zero() {
+                    tokio::time::sleep(gap).await;
+                }
+            }
+            if i == last {
+                controls.last_event_sent.store(true, Ordering::SeqCst);
+                guard.lock().expect("lock").finished = true;
+            }
+            Ok::<_, std::convert::Infallible>(Bytes::from(e))
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// The standard test config around `upstream`; `extra` is appended verbatim.
+pub fn config(upstream: &str, on_missing: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+max_body_bytes = 4096
+
+[upstream]
+base_url = "{upstream}"
+response_timeout = "1s"
+[[upstream.model_prefixes]]
+model = "openai.gpt-5*"
+prefix = "/openai/v1"
+
+[attribution]
+on_missing = "{on_missing}"
+default_project = "Shared"
+
+[[projects]]
+name = "Chatbot"
+id = "proj_chat"
+tags = {{ Team = "CX" }}
+[[projects]]
+name = "Search"
+id = "proj_search"
+[[projects]]
+name = "Shared"
+id = "proj_shared"
+
+[[keys]]
+name = "chatbot-backend"
+sha256 = "{chat}"
+projects = ["Chatbot"]
+[[keys]]
+name = "search-team"
+sha256 = "{search}"
+projects = ["Search", "Chatbot"]
+[[keys]]
+name = "bare"
+sha256 = "{bare}"
+projects = []
+
+[[routes]]
+prefix = "/searchapp"
+project = "Search"
+{extra}
+"#,
+        chat = sha(CHAT_KEY),
+        search = sha(SEARCH_KEY),
+        bare = sha(BARE_KEY),
+    )
+}
+
+pub const CHAT_KEY: &str = "mg-test-chat";
+pub const SEARCH_KEY: &str = "mg-test-search";
+pub const BARE_KEY: &str = "mg-test-bare";
+pub const UPSTREAM_KEY: &str = "bedrock-api-key-upstream-secret";
+
+/// A running proxy; dropping it stops the server.
+pub struct Proxy {
+    pub url: String,
+    _stop: oneshot::Sender<()>,
+}
+
+pub async fn spawn_proxy(config_text: &str) -> Proxy {
+    spawn_proxy_with_key(config_text, Some(UPSTREAM_KEY)).await
+}
+
+pub async fn spawn_proxy_with_key(config_text: &str, upstream_key: Option<&str>) -> Proxy {
+    let config = Config::from_toml(config_text).expect("valid test config");
+    let snapshot = Snapshot::build(&config, upstream_key).expect("snapshot");
+    let state = AppState::new(snapshot, config.upstream.connect_timeout).expect("state");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(mantlegate::serve(
+        listener,
+        state,
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    Proxy {
+        url: format!("http://{addr}"),
+        _stop: stop,
+    }
+}
+
+/// A client that never retries and never pools across tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().build().expect("client")
+}
+
+/// The `error` object of an OpenAI-shaped error response, checked for shape.
+pub async fn error_of(response: reqwest::Response) -> serde_json::Value {
+    let bytes = response.bytes().await.expect("body");
+    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON error body");
+    let error = body["error"].clone();
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].is_string(), "{body}");
+    assert!(error.get("param").is_some(), "{body}");
+    assert!(error["code"].is_string(), "{body}");
+    error
+}
+
+pub const CHAT_BODY: &str =
+    r#"{"model":"openai.gpt-oss-120b","messages":[{"role":"user","content":"hi"}]}"#;
