@@ -89,7 +89,7 @@ fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
 fn default_response_timeout() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_mins(5)
 }
 
 /// `[[upstream.model_prefixes]]`

@@ -34,12 +34,11 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     match forward(&state, &snap, req, &mut call).await {
         Ok((mut parts, body)) => {
             call.status = parts.status.as_u16();
-            match parts.headers.get(&X_REQUEST_ID) {
-                Some(id) => call.request_id = Some(id.clone()),
-                None => {
-                    let id = call.request_id().clone();
-                    parts.headers.insert(X_REQUEST_ID.clone(), id);
-                }
+            if let Some(id) = parts.headers.get(&X_REQUEST_ID) {
+                call.request_id = Some(id.clone());
+            } else {
+                let id = call.request_id().clone();
+                parts.headers.insert(X_REQUEST_ID.clone(), id);
             }
             Response::from_parts(parts, Body::new(RelayBody::new(body, call)))
         }

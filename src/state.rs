@@ -232,7 +232,7 @@ impl AppState {
         let client = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_mins(1))
             // The proxy forwards exactly what it is given; it never follows redirects itself.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;

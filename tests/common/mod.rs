@@ -113,7 +113,7 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
     let body = body
         .collect()
         .await
-        .map(|c| c.to_bytes())
+        .map(http_body_util::Collected::to_bytes)
         .unwrap_or_default();
     let recorded = Recorded {
         method: parts.method.clone(),

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, the Rust unit and integration tests, and the
+# end-to-end tests that drive mantlegate with the official OpenAI Python SDK.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --locked
+echo "== OpenAI SDK end-to-end tests"
+cargo build --locked
+bash tests/e2e/run.sh

@@ -1,0 +1,278 @@
+//! The binary as an operator runs it: check, keys new, serve (port 0, access log, no secrets).
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mantlegate");
+
+#[test]
+fn check_summarises_a_valid_config() {
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config", "config/mantlegate.example.toml"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("3 project(s), 3 key(s), 1 route(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("CustomerChatbot-Prod"), "{stdout}");
+}
+
+#[test]
+fn check_lists_every_problem_with_its_place_and_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[upstream]
+base_url = "ftp://nowhere"
+[[projects]]
+name = "A"
+id = "not-an-id"
+[[keys]]
+name = "k"
+sha256 = "abc"
+projects = ["B"]
+"#,
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "upstream.base_url",
+        "projects[0].id",
+        "keys[0].sha256",
+        "keys[0].projects[0]",
+        "4 problem(s)",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing in:\n{stderr}");
+    }
+
+    std::fs::write(
+        &path,
+        "[upstream]\nbase_url = \"https://x\"\nbase_ulr = 1\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("base_ulr"), "{stderr}");
+}
+
+#[test]
+fn keys_new_prints_a_key_and_its_block() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "keys",
+            "new",
+            "--name",
+            "svc",
+            "--project",
+            "A",
+            "--project",
+            "B",
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let key = stdout
+        .lines()
+        .find(|l| l.starts_with("mg-"))
+        .expect("a key line");
+    assert!(key.len() >= 46, "{key}");
+    assert!(
+        stdout.contains(&format!("sha256 = \"{}\"", sha(key))),
+        "{stdout}"
+    );
+    assert!(stdout.contains("projects = [\"A\", \"B\"]"), "{stdout}");
+    assert_eq!(
+        stdout.matches(key).count(),
+        1,
+        "the key is printed once, never in the block"
+    );
+}
+
+/// Runs `serve` on port 0 and returns (child, lines of stdout, proxy URL).
+async fn serve(
+    config_text: &str,
+    log_level: &str,
+) -> (
+    tokio::process::Child,
+    mpsc::UnboundedReceiver<String>,
+    String,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    std::fs::write(&path, config_text).expect("write");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .env("BEDROCK_API_KEY", UPSTREAM_KEY)
+        .env("MANTLEGATE_LOG", log_level)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for reader in [
+        Box::new(child.stdout.take().expect("stdout"))
+            as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ] {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut before = Vec::new();
+    let url = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("serve logs within 20s")
+            .unwrap_or_else(|| panic!("serve exited: {before:?}"));
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["message"] == "listening"
+        {
+            let addr = v["addr"].as_str().expect("addr").to_owned();
+            assert!(!addr.ends_with(":0"), "the log shows the real port: {line}");
+            break format!("http://{addr}");
+        }
+        before.push(line);
+    };
+    let (tx2, rx2) = mpsc::unbounded_channel();
+    for l in before {
+        let _ = tx2.send(l);
+    }
+    tokio::spawn(async move {
+        while let Some(l) = rx.recv().await {
+            if tx2.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx2, url, dir)
+}
+
+async fn stop(
+    mut child: tokio::process::Child,
+    mut lines: mpsc::UnboundedReceiver<String>,
+) -> Vec<String> {
+    let pid = child.id().expect("pid").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+    let mut all = Vec::new();
+    while let Some(l) = lines.recv().await {
+        all.push(l);
+    }
+    all
+}
+
+#[tokio::test]
+async fn serve_logs_one_access_line_per_call_and_never_a_secret() {
+    let up = FakeUpstream::start().await;
+    // Trace level everywhere: not even the HTTP libraries' debug output may show a key.
+    let (child, lines, url, _dir) = serve(&config(&up.url, "reject", ""), "trace").await;
+    let c = client();
+    let ok = c
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(CHAT_KEY)
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(ok.status(), 200);
+    ok.bytes().await.expect("body");
+    let rejected = c
+        .post(format!("{url}/v1/chat/completions"))
+        .header("x-api-key", "mg-wrong-secret-key")
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(rejected.status(), 401);
+    let forbidden = c
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(BARE_KEY)
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(forbidden.status(), 400);
+
+    let all = stop(child, lines).await;
+    let text = all.join("\n");
+    for secret in [CHAT_KEY, BARE_KEY, UPSTREAM_KEY, "mg-wrong-secret-key"] {
+        assert!(!text.contains(secret), "a secret reached the logs");
+    }
+    let access: Vec<serde_json::Value> = all
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "access")
+        .collect();
+    assert_eq!(access.len(), 3, "{access:?}");
+    let a = &access[0];
+    assert_eq!(a["outcome"], "forwarded");
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["upstream_status"], 200);
+    assert_eq!(a["key"], "chatbot-backend");
+    assert_eq!(a["project"], "Chatbot");
+    assert_eq!(a["project_id"], "proj_chat");
+    assert_eq!(a["model"], "openai.gpt-oss-120b");
+    assert_eq!(a["stream"], false);
+    assert_eq!(a["method"], "POST");
+    assert_eq!(a["path"], "/v1/chat/completions");
+    assert_eq!(a["request_id"], "req_upstream_1");
+    assert!(
+        a["duration_ms"].as_f64().is_some() && a["ttfb_ms"].as_f64().is_some(),
+        "{a}"
+    );
+    assert_eq!(access[1]["outcome"], "rejected");
+    assert_eq!(access[1]["status"], 401);
+    assert_eq!(access[1]["error_code"], "invalid_api_key");
+    assert!(
+        access[1]["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("mg_"))
+    );
+    assert_eq!(access[2]["error_code"], "project_required");
+    assert_eq!(access[2]["key"], "bare");
+}
