@@ -95,6 +95,14 @@ pub fn resolve(
     })
 }
 
+/// Whether this key, through this route, may act on project `p` (by naming it, or by
+/// resolving to it without naming any).
+#[must_use]
+pub fn may_use(snap: &Snapshot, key: &Key, route: Option<&Route>, p: ProjectIdx) -> bool {
+    resolve(snap, key, route, Some(&snap.projects[p].id)).is_ok()
+        || resolve(snap, key, route, None).is_ok_and(|q| q == p)
+}
+
 fn forbidden(snap: &Snapshot, key: &Key, route: Option<&Route>, handle: &str) -> ProxyError {
     let may_use = match route {
         Some(r) => format!(

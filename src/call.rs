@@ -3,14 +3,21 @@
 //! A [`Call`] is created when a request arrives and travels with it: through attribution,
 //! into the relayed response body, until the body ends. It is committed once: explicitly
 //! when the call ends (success, rejection, upstream failure) or, when the client goes away
-//! first, by its `Drop` (outcome `client_disconnect`). That one commit writes the access log.
+//! first, by its `Drop` (outcome `client_disconnect`). That one commit prices the call, queues
+//! its ledger record, updates the metrics and writes the access log line. It never awaits.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderValue, Method, Uri};
 
-use crate::proxy::endpoint::Api;
+use crate::ledger::{Background, Record};
+use crate::meter::stream::Metered;
+use crate::meter::{Usage, UsageSource};
+use crate::metrics::{CallLabels, InFlight, Observation, status_class};
+use crate::pricing;
+use crate::proxy::endpoint::Endpoint;
+use crate::state::{AppState, PendingBackground, ProjectIdx, Snapshot};
 
 /// How a call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,9 +46,12 @@ impl Outcome {
 }
 
 /// Everything known about one call; see the module docs.
-#[derive(Debug)]
 pub struct Call {
     started: Instant,
+    wall_ms: i64,
+    state: AppState,
+    snap: Arc<Snapshot>,
+    _in_flight: InFlight,
     /// HTTP method.
     pub method: Method,
     /// Request URI (cheap to clone: shares the request's bytes).
@@ -52,46 +62,78 @@ pub struct Call {
     pub route: Option<Arc<str>>,
     /// Name of the caller's key.
     pub key: Option<Arc<str>>,
-    /// Project name and id.
-    pub project: Option<(Arc<str>, Arc<str>)>,
-    /// API family.
-    pub api: Option<Api>,
+    /// The project billed.
+    pub project: Option<ProjectIdx>,
+    /// The endpoint called.
+    pub endpoint: Option<Endpoint>,
     /// Model named in the body.
     pub model: Option<String>,
     /// Whether the client asked for a stream.
     pub stream: bool,
+    /// Size of the request body, for estimates.
+    pub request_bytes: usize,
     /// Status sent to the client.
     pub status: u16,
     /// Status received from the upstream.
     pub upstream_status: Option<u16>,
+    /// mantlegate's own time: before sending upstream and after the response head came back.
+    pub overhead: Option<Duration>,
     /// Time from arrival to the first body byte from the upstream.
     pub ttfb: Option<Duration>,
     /// Error code, when mantlegate refused or failed the call.
     pub error_code: Option<&'static str>,
+    /// What the body meter found (set by the relay before it commits).
+    pub metered: Option<Metered>,
+    /// The response id a GET/DELETE/cancel names.
+    pub target_response: Option<String>,
     committed: bool,
 }
 
 impl Call {
-    /// Starts the context of a call that arrived at `started`.
+    /// Starts the context of a call that arrived at `started`, under `snap`.
     #[must_use]
-    pub fn new(started: Instant, method: Method, uri: Uri) -> Self {
+    pub fn new(
+        started: Instant,
+        method: Method,
+        uri: Uri,
+        state: AppState,
+        snap: Arc<Snapshot>,
+    ) -> Self {
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let in_flight = state.metrics.in_flight();
         Self {
             started,
+            wall_ms,
+            state,
+            snap,
+            _in_flight: in_flight,
             method,
             uri,
             request_id: None,
             route: None,
             key: None,
             project: None,
-            api: None,
+            endpoint: None,
             model: None,
             stream: false,
+            request_bytes: 0,
             status: 0,
             upstream_status: None,
+            overhead: None,
             ttfb: None,
             error_code: None,
+            metered: None,
+            target_response: None,
             committed: false,
         }
+    }
+
+    /// The snapshot this call runs under.
+    #[must_use]
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snap
     }
 
     /// The client-visible request id, minted on first use when the upstream gave none.
@@ -99,11 +141,23 @@ impl Call {
         self.request_id.get_or_insert_with(new_request_id)
     }
 
+    /// When the call arrived.
+    #[must_use]
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Notes the first body byte.
     pub fn mark_first_byte(&mut self) {
         if self.ttfb.is_none() {
             self.ttfb = Some(self.started.elapsed());
         }
+    }
+
+    /// Whether the call has been committed.
+    #[must_use]
+    pub fn is_committed(&self) -> bool {
+        self.committed
     }
 
     /// Commits the call with its outcome. Later commits (and the drop) do nothing.
@@ -115,35 +169,206 @@ impl Call {
         if self.request_id.is_none() {
             self.request_id = Some(new_request_id());
         }
-        self.log(outcome);
+        let duration = self.started.elapsed();
+        let metered = self.metered.take().unwrap_or_default();
+        let (usage, source, background) = self.settle_usage(&metered);
+        let priced = self
+            .model
+            .as_deref()
+            .and_then(|m| self.snap.prices.lookup(m))
+            .is_some();
+        let cost = if source == UsageSource::None {
+            Some(rust_decimal::Decimal::ZERO)
+        } else {
+            self.model
+                .as_deref()
+                .and_then(|m| self.snap.prices.lookup(m))
+                .map(|p| pricing::cost(p, &usage))
+        };
+        let bill = Bill {
+            outcome,
+            duration,
+            usage,
+            source,
+            cost,
+            priced,
+            response_id: metered.response_id.or_else(|| self.target_response.clone()),
+        };
+        self.index_response(&bill, background.as_ref());
+        self.log(&bill);
+        self.observe(&bill);
+        self.write(bill, background);
     }
 
-    fn log(&self, outcome: Outcome) {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let (project, project_id) = match &self.project {
-            Some((name, id)) => (Some(&**name), Some(&**id)),
-            None => (None, None),
+    /// Remembers which project a new Responses object lives in (and, for background ones,
+    /// that their usage is still to come).
+    fn index_response(&self, bill: &Bill, background: Option<&Background>) {
+        let (Some(id), Some(p)) = (&bill.response_id, self.project) else {
+            return;
         };
+        if self.endpoint != Some(Endpoint::CreateResponse) {
+            return;
+        }
+        let project = &self.snap.projects[p];
+        self.state.responses.insert(id.clone(), project.id.clone());
+        if background == Some(&Background::Pending) {
+            self.state.pending_background.insert(
+                id.clone(),
+                PendingBackground {
+                    project_id: project.id.clone(),
+                    model: self.model.clone(),
+                },
+            );
+        }
+    }
+
+    fn request_id_str(&self) -> &str {
+        self.request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The access log line: one per call, written here and nowhere else.
+    fn log(&self, bill: &Bill) {
+        let project = self.project.map(|p| &self.snap.projects[p]);
+        let cost_text = bill.cost.map(|c| c.normalize().to_string());
         tracing::info!(
             target: "mantlegate::access",
-            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            request_id = self.request_id_str(),
             method = %self.method,
             path = self.uri.path(),
             route = self.route.as_deref(),
             key = self.key.as_deref(),
-            project,
-            project_id,
-            api = self.api.map(Api::as_str),
+            project = project.map(|p| &*p.name),
+            project_id = project.map(|p| &*p.id),
+            api = self.endpoint.map(|e| e.api().as_str()),
             model = self.model.as_deref(),
             stream = self.stream,
             status = self.status,
             upstream_status = self.upstream_status,
-            duration_ms = ms(self.started.elapsed()),
+            duration_ms = ms(bill.duration),
             ttfb_ms = self.ttfb.map(ms),
-            outcome = outcome.as_str(),
+            outcome = bill.outcome.as_str(),
             error_code = self.error_code,
+            input_tokens = bill.usage.input,
+            cached_input_tokens = bill.usage.cached_input,
+            output_tokens = bill.usage.output,
+            reasoning_tokens = bill.usage.reasoning,
+            usage_source = bill.source.as_str(),
+            cost_usd = cost_text.as_deref(),
+            response_id = bill.response_id.as_deref(),
             "access"
         );
+    }
+
+    fn observe(&self, bill: &Bill) {
+        let project = self.project.map(|p| &self.snap.projects[p]);
+        // A model name is a label only when it is known (priced, or answered by the upstream),
+        // so junk names in bodies cannot multiply the series.
+        let model_label: Arc<str> = match (&self.model, bill.outcome) {
+            (_, Outcome::Rejected) | (None, _) => Arc::from(""),
+            (Some(m), _) if bill.priced || self.upstream_status.is_some_and(|s| s < 300) => {
+                Arc::from(m.as_str())
+            }
+            _ => Arc::from("other"),
+        };
+        self.state.metrics.observe(&Observation {
+            labels: CallLabels {
+                project: project.map_or_else(|| Arc::from(""), |p| p.name.clone()),
+                model: model_label,
+                api: self.endpoint.map_or("", |e| e.api().as_str()),
+                status_class: status_class(self.status),
+                outcome: bill.outcome.as_str(),
+            },
+            tags: project.map_or(&self.snap.no_tags, |p| &p.metric_tags),
+            code: self.error_code,
+            usage: (bill.source != UsageSource::None).then_some(bill.usage),
+            cost_usd: bill
+                .cost
+                .map(|c| rust_decimal::prelude::ToPrimitive::to_f64(&c).unwrap_or(0.0)),
+            stream: self.stream,
+            duration: bill.duration,
+            ttfb: self.ttfb,
+            overhead: self.overhead,
+        });
+    }
+
+    fn write(&mut self, bill: Bill, background: Option<Background>) {
+        let Some(ledger) = &self.state.ledger else {
+            return;
+        };
+        let project = self.project.map(|p| &self.snap.projects[p]);
+        ledger.record(Record {
+            ts_ms: self.wall_ms,
+            request_id: self.request_id_str().to_owned(),
+            key: self.key.clone(),
+            route: self.route.clone(),
+            project: project.map(|p| p.name.clone()),
+            project_id: project.map(|p| p.id.clone()),
+            tags: project.map(|p| p.tags_json.clone()),
+            api: self.endpoint.map(|e| e.api().as_str()),
+            model: self.model.take(),
+            stream: self.stream,
+            status: self.status,
+            outcome: bill.outcome.as_str(),
+            error_code: self.error_code,
+            usage: bill.usage,
+            usage_source: bill.source,
+            cost_pico: bill.cost.and_then(pricing::to_pico),
+            duration_ms: ms(bill.duration),
+            ttfb_ms: self.ttfb.map(ms),
+            upstream_response_id: bill.response_id,
+            background,
+        });
+    }
+
+    /// The usage this call is billed for. A GET of a background response carries its usage
+    /// only the first time it is seen finished; any other GET of a stored response is free.
+    fn settle_usage(&mut self, m: &Metered) -> (Usage, UsageSource, Option<Background>) {
+        let none = (Usage::default(), UsageSource::None, None);
+        let Some(source) = m.source else {
+            return none;
+        };
+        match self.endpoint {
+            Some(Endpoint::GetResponse) => {
+                let finished = m
+                    .response_status
+                    .as_deref()
+                    .is_some_and(crate::meter::usage::is_terminal);
+                let settled = if finished {
+                    m.response_id
+                        .as_ref()
+                        .and_then(|id| self.state.pending_background.remove(id))
+                } else {
+                    None
+                };
+                match settled {
+                    Some((_, pending)) => {
+                        if self.model.is_none() {
+                            self.model = pending.model;
+                        }
+                        (m.usage, source, Some(Background::Settled))
+                    }
+                    None => none,
+                }
+            }
+            Some(Endpoint::CreateResponse)
+                if m.background
+                    && !m
+                        .response_status
+                        .as_deref()
+                        .is_some_and(crate::meter::usage::is_terminal) =>
+            {
+                // Usage comes later, with the GET that sees it finished.
+                (
+                    Usage::default(),
+                    UsageSource::None,
+                    Some(Background::Pending),
+                )
+            }
+            _ => (m.usage, source, None),
+        }
     }
 }
 
@@ -153,6 +378,22 @@ impl Drop for Call {
         // before the end: the client hung up.
         self.commit(Outcome::ClientDisconnect);
     }
+}
+
+/// What a finished call used and cost.
+struct Bill {
+    outcome: Outcome,
+    duration: Duration,
+    usage: Usage,
+    source: UsageSource,
+    /// `None`: the model has no price.
+    cost: Option<rust_decimal::Decimal>,
+    priced: bool,
+    response_id: Option<String>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// `mg_` followed by 24 random hex digits.

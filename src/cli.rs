@@ -9,8 +9,13 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
+use std::sync::{Arc, Mutex};
+
 use crate::config::{Config, ConfigError};
-use crate::state::{AppState, Snapshot};
+use crate::ledger::Ledger;
+use crate::ledger::sqlite::{self, Reader, SqliteStore};
+use crate::secret::Secret;
+use crate::state::{AppState, PendingBackground, Snapshot};
 
 /// The attribution-enforcing reverse proxy for Amazon Bedrock (bedrock-mantle).
 #[derive(Debug, Parser)]
@@ -30,6 +35,24 @@ enum Command {
         /// Listen address, overriding `server.listen` (port 0 picks a free port).
         #[arg(long)]
         listen: Option<SocketAddr>,
+    },
+    /// Cost report from the ledger, grouped by any dimensions.
+    Report {
+        /// Configuration file (TOML); its `[ledger]` is read.
+        #[arg(long)]
+        config: PathBuf,
+        /// First UTC day, YYYY-MM-DD (default: the first of this month).
+        #[arg(long)]
+        from: Option<String>,
+        /// Day after the last, YYYY-MM-DD, exclusive (default: tomorrow).
+        #[arg(long)]
+        to: Option<String>,
+        /// Comma-separated: project, model, key, route, api, day, month, outcome, tag:NAME.
+        #[arg(long, default_value = "project")]
+        group_by: String,
+        /// table, csv, json or focus (FinOps FOCUS CSV).
+        #[arg(long, default_value = "table")]
+        format: String,
     },
     /// Validate a configuration: print a summary, or every problem and exit non-zero.
     Check {
@@ -82,6 +105,13 @@ pub fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(serve(&config, listen)))
         }
         Command::Check { config } => return check(&config),
+        Command::Report {
+            config,
+            from,
+            to,
+            group_by,
+            format,
+        } => report(&config, from.as_deref(), to.as_deref(), &group_by, &format),
         Command::Keys {
             command: KeysCommand::New { name, projects },
         } => {
@@ -143,18 +173,55 @@ async fn serve(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         None => config.server.listen.parse()?,
     };
     let snapshot = Snapshot::build(&config, upstream_key.as_deref())?;
-    run(addr, snapshot, &config).await
+    let token = admin_token(&config);
+    run(addr, snapshot, &config, token).await
 }
 
-async fn run(addr: SocketAddr, snapshot: Snapshot, config: &Config) -> anyhow::Result<()> {
+/// Admin token from `[admin] token_env`, when set and present.
+fn admin_token(config: &Config) -> Option<String> {
+    let var = config.admin.token_env.as_ref()?;
+    match std::env::var(var) {
+        Ok(token) if !token.is_empty() => Some(token),
+        _ => {
+            tracing::warn!(env = %var, "admin token variable is not set: the admin API is off");
+            None
+        }
+    }
+}
+
+async fn run(
+    addr: SocketAddr,
+    snapshot: Snapshot,
+    config: &Config,
+    admin_token: Option<String>,
+) -> anyhow::Result<()> {
     tracing::info!(
         projects = snapshot.projects.len(),
         keys = snapshot.key_count,
         routes = snapshot.routes.len(),
+        prices = snapshot.prices.len(),
         upstream = %snapshot.upstream.base,
         "config loaded"
     );
-    let state = AppState::new(snapshot, config.upstream.connect_timeout)?;
+    let mut state = AppState::new(snapshot, config.upstream.connect_timeout)?;
+    let ledger_path = Path::new(&config.ledger.path);
+    let store = SqliteStore::open(ledger_path)
+        .with_context(|| format!("cannot open the ledger {}", ledger_path.display()))?;
+    let reader = Reader::new(sqlite::open_read_only(ledger_path)?);
+    for (id, project, model) in reader.pending_background()? {
+        state.pending_background.insert(
+            id,
+            PendingBackground {
+                project_id: project.into(),
+                model,
+            },
+        );
+    }
+    let (ledger, writer) = Ledger::start(Box::new(store), config.ledger.queue_capacity)?;
+    state.ledger = Some(ledger.clone());
+    state.reader = Some(Arc::new(Mutex::new(reader)));
+    state.admin_token = admin_token.map(|t| Arc::new(Secret::new(t)));
+    tracing::info!(path = %ledger_path.display(), "ledger open");
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -167,7 +234,34 @@ async fn run(addr: SocketAddr, snapshot: Snapshot, config: &Config) -> anyhow::R
         config.server.drain_timeout,
     )
     .await?;
+    // Every call that finished has queued its record: write them all before exiting.
+    writer.close(&ledger);
     tracing::info!("stopped");
+    Ok(())
+}
+
+fn report(
+    path: &Path,
+    from: Option<&str>,
+    to: Option<&str>,
+    group_by: &str,
+    format: &str,
+) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let format: crate::report::Format = format.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let dims = crate::report::parse_dims(group_by).map_err(|e| anyhow::anyhow!(e))?;
+    let today = jiff::Timestamp::now()
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .date();
+    let period = crate::report::period(from, to, today).map_err(|e| anyhow::anyhow!(e))?;
+    let ledger_path = Path::new(&config.ledger.path);
+    let conn = sqlite::open_read_only(ledger_path)
+        .with_context(|| format!("cannot read the ledger {}", ledger_path.display()))?;
+    let rows = crate::report::load_daily(&conn, &period)?;
+    print!(
+        "{}",
+        crate::report::render(&crate::report::aggregate(&rows, &dims, period), format)
+    );
     Ok(())
 }
 
@@ -253,8 +347,10 @@ fn keys_new(name: &str, projects: &[String]) {
     print!("{}", crate::keys::config_block(name, &key, projects));
 }
 
-/// The demo's configuration; `{upstream}` is replaced by the simulator's address.
+/// The demo's configuration; its upstream is replaced by the simulator's address.
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+/// Admin token of the demo (public, like its keys).
+const DEMO_ADMIN_TOKEN: &str = "mg-demo-admin-token";
 /// Keys of the demo config (they are in the SHA-256 form in `config/demo.toml`).
 const DEMO_KEYS: [(&str, &str); 3] = [
     ("chatbot-backend", "mg-demo-chatbot-key"),
@@ -268,8 +364,9 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     let sim_router = crate::demo::router(crate::demo::SimOptions::default());
     tokio::spawn(async move { axum::serve(sim, sim_router).await });
 
-    let text = DEMO_CONFIG.replace("{upstream}", &format!("http://{sim_addr}"));
-    let config = Config::from_toml(&text).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    let mut config =
+        Config::from_toml(DEMO_CONFIG).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    config.upstream.base_url = format!("http://{sim_addr}");
     let snapshot = Snapshot::build(&config, Some("demo-upstream-key"))?;
     let base = format!("http://{listen}");
     println!("mantlegate demo: proxy on {base}, simulated bedrock-mantle on http://{sim_addr}\n");
@@ -315,10 +412,13 @@ Python (pip install openai):
   for event in client.responses.create(model="openai.gpt-oss-120b", input="Hello", stream=True):
       print(event.type)
 
+What it cost, by team (the admin API, or: cargo run -- report --config config/demo.toml --group-by tag:Team):
+  curl -s '{base}/admin/v1/costs?group_by=tag:Team,model&format=csv' -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}'
+
 Access log lines (JSON, one per call) follow below. Ctrl-C stops the demo.
 "#
     );
-    run(listen, snapshot, &config).await
+    run(listen, snapshot, &config, Some(DEMO_ADMIN_TOKEN.to_owned())).await
 }
 
 async fn simulate(listen: SocketAddr, event_delay_ms: u64) -> anyhow::Result<()> {

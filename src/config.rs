@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::pricing::{PriceEntry, PriceTable, PricingConfig};
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +32,61 @@ pub struct Config {
     /// Path prefixes that attribute every call coming through them to one project.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Where call records are kept.
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+    /// The admin API.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Where prices come from.
+    #[serde(default)]
+    pub pricing: PricingConfig,
+    /// Model prices (USD per million tokens), overriding the shipped list.
+    #[serde(default)]
+    pub prices: Vec<PriceEntry>,
+    /// Directory of the config file, for relative paths in it (not a TOML field).
+    #[serde(skip)]
+    pub source_dir: Option<std::path::PathBuf>,
+}
+
+/// `[ledger]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// SQLite file of the embedded ledger (relative to the working directory).
+    pub path: String,
+    /// Records that may wait for the writer; past it new records are dropped and counted.
+    pub queue_capacity: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            path: "mantlegate.db".to_owned(),
+            queue_capacity: 100_000,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Environment variable holding the admin bearer token. Unset: the admin API is off.
+    pub token_env: Option<String>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Project tags exported as metric labels (`tag_<Name>`). Keep the list short: each
+    /// distinct value is a time series.
+    #[serde(default)]
+    pub tag_labels: Vec<String>,
 }
 
 /// `[server]`
@@ -212,7 +269,7 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|e| match e {
+        Self::from_toml_in(&text, path.parent()).map_err(|e| match e {
             ConfigError::Parse(msg) => ConfigError::Parse(format!("{}: {msg}", path.display())),
             other => other,
         })
@@ -223,7 +280,17 @@ impl Config {
     /// # Errors
     /// Returns every problem found; see [`ConfigError`].
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Self::from_toml_in(text, None)
+    }
+
+    /// Like [`Config::from_toml`], with relative paths (price includes) resolved in `dir`.
+    ///
+    /// # Errors
+    /// Returns every problem found; see [`ConfigError`].
+    pub fn from_toml_in(text: &str, dir: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config: Self =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.source_dir = dir.map(Path::to_path_buf);
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)
@@ -242,7 +309,51 @@ impl Config {
         self.validate_attribution(&mut v, &names);
         self.validate_keys(&mut v, &names);
         self.validate_routes(&mut v, &names);
+        self.validate_rest(&mut v);
         v.problems
+    }
+
+    /// The price table this config describes.
+    ///
+    /// # Errors
+    /// Every problem with the prices, with its place.
+    pub fn price_table(&self) -> Result<PriceTable, Vec<Problem>> {
+        PriceTable::build(&self.pricing, self.source_dir.as_deref(), &self.prices).map_err(
+            |errors| {
+                errors
+                    .into_iter()
+                    .map(|(path, message)| Problem { path, message })
+                    .collect()
+            },
+        )
+    }
+
+    fn validate_rest(&self, v: &mut Validator) {
+        if self.ledger.path.trim().is_empty() {
+            v.add("ledger.path", "must name a file");
+        }
+        if self.ledger.queue_capacity == 0 {
+            v.add("ledger.queue_capacity", "must be greater than 0");
+        }
+        if self.admin.token_env.as_deref().is_some_and(str::is_empty) {
+            v.add("admin.token_env", "must name an environment variable");
+        }
+        for (i, tag) in self.metrics.tag_labels.iter().enumerate() {
+            let valid = tag
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                v.add(
+                    format!("metrics.tag_labels[{i}]"),
+                    format!("`{tag}` cannot be a Prometheus label: use letters, digits and `_`"),
+                );
+            }
+        }
+        if let Err(problems) = self.price_table() {
+            v.problems.extend(problems);
+        }
     }
 
     fn validate_server(&self, v: &mut Validator) {

@@ -19,6 +19,9 @@ pub enum ProxyError {
     /// The call resolves to no project and the policy is to reject it.
     #[error("{0}")]
     ProjectRequired(String),
+    /// A stored response that does not exist for this key (it belongs to another project).
+    #[error("no response with id `{0}` exists for this key")]
+    ResponseNotFound(String),
     /// The path is not one of the forwarded endpoints.
     #[error(
         "{method} {path} is not an endpoint mantlegate forwards: use /v1/chat/completions, /v1/responses (and its sub-resources) or /v1/models"
@@ -72,7 +75,7 @@ impl ProxyError {
             | Self::InvalidPath(_)
             | Self::InvalidJson(_)
             | Self::BadBody(_) => StatusCode::BAD_REQUEST,
-            Self::UnknownEndpoint { .. } => StatusCode::NOT_FOUND,
+            Self::UnknownEndpoint { .. } | Self::ResponseNotFound(_) => StatusCode::NOT_FOUND,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -89,6 +92,7 @@ impl ProxyError {
             Self::ProjectForbidden(_) => "project_forbidden",
             Self::ProjectRequired(_) => "project_required",
             Self::UnknownEndpoint { .. } => "unknown_endpoint",
+            Self::ResponseNotFound(_) => "response_not_found",
             Self::InvalidPath(_) => "invalid_path",
             Self::InvalidJson(_) => "invalid_json",
             Self::RequestTooLarge(_) => "request_too_large",
@@ -106,6 +110,7 @@ impl ProxyError {
         match self {
             Self::InvalidApiKey(_) => "authentication_error",
             Self::ProjectForbidden(_) => "permission_error",
+            Self::ResponseNotFound(_) => "not_found_error",
             Self::UpstreamUnavailable(_) | Self::UpstreamTimeout(_) | Self::UpstreamKeyMissing => {
                 "upstream_error"
             }

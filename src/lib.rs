@@ -1,6 +1,7 @@
 //! mantlegate: the attribution-enforcing reverse proxy in front of Amazon Bedrock's
 //! bedrock-mantle endpoint. `router` builds the app, `serve` runs it.
 
+pub mod admin;
 pub mod attribution;
 pub mod call;
 pub mod cli;
@@ -8,7 +9,12 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod keys;
+pub mod ledger;
+pub mod meter;
+pub mod metrics;
+pub mod pricing;
 pub mod proxy;
+pub mod report;
 pub mod secret;
 pub mod state;
 
@@ -30,12 +36,15 @@ use crate::state::AppState;
 /// 1. `CatchPanicLayer`: a bug answers 500 `internal_error` (OpenAI-shaped, no panic text,
 ///    which could hold anything) instead of dropping the connection.
 ///
-/// Routes: `/healthz` and `/readyz` (no key), everything else goes to [`proxy::handle`],
+/// Routes: `/healthz`, `/readyz` and `/metrics` (no key), `/admin/v1/*` (admin token),
+/// everything else goes to [`proxy::handle`],
 /// which classifies the path itself so that routes and endpoints can change on reload.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(admin::metrics))
+        .route("/admin/v1/costs", get(admin::costs))
         .fallback(proxy::handle)
         .with_state(state)
         .layer(CatchPanicLayer::custom(panic_response))

@@ -17,7 +17,8 @@ use http_body_util::BodyExt;
 use crate::attribution;
 use crate::call::{Call, Outcome};
 use crate::error::ProxyError;
-use crate::state::{AppState, Snapshot};
+use crate::meter::stream::{BodyMeter, Kind};
+use crate::state::{AppState, ProjectIdx, Snapshot};
 use endpoint::Endpoint;
 use facts::RequestFacts;
 use relay::RelayBody;
@@ -28,11 +29,24 @@ static OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
 
 /// Handles every call that is not one of mantlegate's own endpoints.
 pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
-    let mut call = Call::new(Instant::now(), req.method().clone(), req.uri().clone());
     // One snapshot for the whole call: a reload mid-call does not change its rules.
     let snap = state.snapshot.load_full();
+    let mut call = Call::new(
+        Instant::now(),
+        req.method().clone(),
+        req.uri().clone(),
+        state.clone(),
+        snap.clone(),
+    );
     match forward(&state, &snap, req, &mut call).await {
-        Ok((mut parts, body)) => {
+        Ok(upstream) => {
+            let Upstream {
+                mut parts,
+                body,
+                meter,
+                sent,
+            } = upstream;
+            let head = Instant::now();
             call.status = parts.status.as_u16();
             if let Some(id) = parts.headers.get(&X_REQUEST_ID) {
                 call.request_id = Some(id.clone());
@@ -40,7 +54,13 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
                 let id = call.request_id().clone();
                 parts.headers.insert(X_REQUEST_ID.clone(), id);
             }
-            Response::from_parts(parts, Body::new(RelayBody::new(body, call)))
+            if meter.rewrites() {
+                // The relayed stream differs from the upstream's in length.
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
+            let success = parts.status.is_success();
+            call.overhead = Some(sent.duration_since(call.started()) + head.elapsed());
+            Response::from_parts(parts, Body::new(RelayBody::new(body, meter, call, success)))
         }
         Err(err) => {
             call.status = err.status().as_u16();
@@ -59,13 +79,25 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     }
 }
 
+/// The upstream's answer, ready to relay.
+struct Upstream {
+    parts: axum::http::response::Parts,
+    body: reqwest::Body,
+    meter: BodyMeter,
+    sent: Instant,
+}
+
 /// Everything between arrival and the upstream's response head.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the request path read top to bottom, one step after another"
+)]
 async fn forward(
     state: &AppState,
     snap: &Snapshot,
     req: Request,
     call: &mut Call,
-) -> Result<(axum::http::response::Parts, reqwest::Body), ProxyError> {
+) -> Result<Upstream, ProxyError> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     endpoint::check_normal(path)?;
@@ -76,32 +108,56 @@ async fn forward(
         .strip_prefix("/v1")
         .filter(|r| r.is_empty() || r.starts_with('/'))
         .ok_or_else(|| endpoint::unknown(&parts.method, path))?;
-    let endpoint = Endpoint::classify(&parts.method, rest, path)?;
-    call.api = Some(endpoint.api());
-
+    // Authenticate before classifying, so a probe of an unforwarded path is logged with its key.
     let key = attribution::authenticate(snap, &attribution::credential_hash(&parts.headers)?)?;
     call.key = Some(key.name.clone());
+    let endpoint = Endpoint::classify(&parts.method, rest, path)?;
+    call.endpoint = Some(endpoint);
+
     let requested = requested_project(&parts.headers)?;
-    let project = &snap.projects[attribution::resolve(snap, key, route, requested)?];
-    call.project = Some((project.name.clone(), project.id.clone()));
+    let mut project_idx = attribution::resolve(snap, key, route, requested)?;
+    if let Some(id) = endpoint.response_id(rest) {
+        call.target_response = Some(id.to_owned());
+        if let Some(owner) = owner_of_response(state, snap, id).await {
+            // A stored response lives in the project that created it: go there, if this key
+            // may; otherwise it does not exist for this key.
+            if attribution::may_use(snap, key, route, owner) {
+                project_idx = owner;
+            } else {
+                return Err(ProxyError::ResponseNotFound(id.to_owned()));
+            }
+        }
+    }
+    let project = &snap.projects[project_idx];
+    call.project = Some(project_idx);
     let authorization = snap
         .upstream
         .authorization
         .as_ref()
         .ok_or(ProxyError::UpstreamKeyMissing)?;
 
-    let body = if endpoint.forwards_body() {
+    let mut body = if endpoint.forwards_body() {
         read_body(body, snap.max_body_bytes, &parts).await?
     } else {
         Bytes::new()
     };
-    let model = if endpoint.has_json_body() {
+    call.request_bytes = body.len();
+    let mut inject_usage = false;
+    let mut model = None;
+    if endpoint.has_json_body() {
         let facts = RequestFacts::parse(&body).map_err(ProxyError::InvalidJson)?;
         call.stream = facts.stream;
-        facts.model.map(std::borrow::Cow::into_owned)
-    } else {
-        None
-    };
+        inject_usage =
+            endpoint == Endpoint::ChatCompletions && facts.stream && !facts.include_usage;
+        if inject_usage {
+            let rewritten =
+                facts::with_include_usage(&body, &facts).map_err(ProxyError::InvalidJson)?;
+            model = facts.model.map(std::borrow::Cow::into_owned);
+            body = rewritten;
+        } else {
+            model = facts.model.map(std::borrow::Cow::into_owned);
+        }
+    }
     let prefix = snap.upstream.prefix_for(model.as_deref());
     call.model = model;
 
@@ -129,6 +185,7 @@ async fn forward(
         builder = builder.body(body);
     }
     let timeout = snap.upstream.response_timeout;
+    let sent = Instant::now();
     let response = match tokio::time::timeout(timeout, builder.send()).await {
         Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
         Ok(Err(err)) => return Err(upstream_error(&err)),
@@ -140,13 +197,80 @@ async fn forward(
     parts
         .headers
         .insert(X_MANTLEGATE_PROJECT.clone(), project.id_header.clone());
-    Ok((parts, body))
+    let kind = meter_kind(
+        state,
+        endpoint,
+        &parts,
+        inject_usage,
+        call.target_response.as_deref(),
+    );
+    Ok(Upstream {
+        parts,
+        body,
+        meter: BodyMeter::new(kind, call.request_bytes),
+        sent,
+    })
+}
+
+/// What to meter in an answer.
+fn meter_kind(
+    state: &AppState,
+    endpoint: Endpoint,
+    parts: &axum::http::response::Parts,
+    inject_usage: bool,
+    target_response: Option<&str>,
+) -> Kind {
+    if !parts.status.is_success() {
+        return Kind::None;
+    }
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    match endpoint {
+        Endpoint::ChatCompletions if sse => Kind::ChatStream {
+            strip_usage: inject_usage,
+        },
+        Endpoint::ChatCompletions => Kind::ChatJson,
+        Endpoint::CreateResponse if sse => Kind::ResponsesStream,
+        Endpoint::CreateResponse => Kind::ResponseJson,
+        // Only a pending background response's GET can carry usage to meter.
+        Endpoint::GetResponse
+            if target_response.is_some_and(|id| state.pending_background.contains_key(id)) =>
+        {
+            Kind::ResponseJson
+        }
+        _ => Kind::None,
+    }
+}
+
+/// The project that created a stored response: this process's index first, then the ledger.
+async fn owner_of_response(state: &AppState, snap: &Snapshot, id: &str) -> Option<ProjectIdx> {
+    let project_id = if let Some(p) = state.responses.get(id) {
+        Some(p.value().to_string())
+    } else if let Some(reader) = &state.reader {
+        let reader = reader.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let reader = reader.lock().ok()?;
+            reader.project_of_response(&id).ok().flatten()
+        })
+        .await
+        .ok()
+        .flatten()
+    } else {
+        None
+    };
+    project_id.and_then(|p| snap.project_by_handle(&p))
 }
 
 /// The `OpenAI-Project` header the client sent, if any.
 fn requested_project(headers: &HeaderMap) -> Result<Option<&str>, ProxyError> {
     match headers.get(&OPENAI_PROJECT) {
         None => Ok(None),
+        // An empty header is what an SDK sends for `project=""`: no project named.
+        Some(v) if v.as_bytes().iter().all(u8::is_ascii_whitespace) => Ok(None),
         Some(v) => v.to_str().map(|s| Some(s.trim())).map_err(|_| {
             ProxyError::ProjectForbidden(
                 "the OpenAI-Project header is not valid text; send a project id such as proj_123"

@@ -6,8 +6,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::http::HeaderValue;
+use dashmap::DashMap;
 
 use crate::config::{Config, OnMissing, glob_matches, parse_sha256};
+use crate::ledger::Ledger;
+use crate::ledger::sqlite::Reader;
+use crate::metrics::{Metrics, TagLabels};
+use crate::pricing::PriceTable;
 use crate::secret::Secret;
 
 /// Index of a project in [`Snapshot::projects`].
@@ -24,6 +29,10 @@ pub struct Project {
     pub id_header: HeaderValue,
     /// Cost allocation tags.
     pub tags: BTreeMap<String, String>,
+    /// `tags` as a JSON object, for ledger records.
+    pub tags_json: Arc<str>,
+    /// The tags exported as metric labels.
+    pub metric_tags: TagLabels,
 }
 
 /// A caller key (found by its SHA-256).
@@ -92,6 +101,10 @@ pub struct Snapshot {
     pub max_body_bytes: usize,
     /// Number of `[[keys]]` entries.
     pub key_count: usize,
+    /// Model prices.
+    pub prices: PriceTable,
+    /// Tag labels of calls without a project.
+    pub no_tags: TagLabels,
 }
 
 impl Snapshot {
@@ -100,6 +113,10 @@ impl Snapshot {
     /// # Errors
     /// Fails only on values `Config::validate` accepts but HTTP cannot carry (e.g. a key with
     /// control characters).
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one field after another of the compiled config"
+    )]
     pub fn build(config: &Config, upstream_key: Option<&str>) -> anyhow::Result<Self> {
         let mut projects = Vec::with_capacity(config.projects.len());
         let mut by_handle = HashMap::new();
@@ -107,11 +124,24 @@ impl Snapshot {
             let id =
                 p.id.as_deref()
                     .ok_or_else(|| anyhow::anyhow!("project `{}` has no id", p.name))?;
+            let metric_tags = config
+                .metrics
+                .tag_labels
+                .iter()
+                .map(|t| {
+                    (
+                        Arc::from(format!("tag_{t}")),
+                        Arc::from(p.tags.get(t).map_or("", String::as_str)),
+                    )
+                })
+                .collect();
             let project = Project {
                 name: p.name.as_str().into(),
                 id: id.into(),
                 id_header: HeaderValue::from_str(id)?,
                 tags: p.tags.clone(),
+                tags_json: serde_json::to_string(&p.tags)?.into(),
+                metric_tags,
             };
             by_handle.insert(project.id.clone(), i);
             by_handle.insert(project.name.clone(), i);
@@ -187,6 +217,15 @@ impl Snapshot {
             },
             fallback_project,
             max_body_bytes: config.server.max_body_bytes,
+            prices: config
+                .price_table()
+                .map_err(|p| anyhow::anyhow!("invalid prices: {}", p.len()))?,
+            no_tags: config
+                .metrics
+                .tag_labels
+                .iter()
+                .map(|t| (Arc::from(format!("tag_{t}")), Arc::from("")))
+                .collect(),
         })
     }
 
@@ -214,6 +253,15 @@ impl Snapshot {
     }
 }
 
+/// A background response waiting to be seen finished.
+#[derive(Debug, Clone)]
+pub struct PendingBackground {
+    /// Project id it was created under.
+    pub project_id: Arc<str>,
+    /// Model it was created with (its GET has no body to name it).
+    pub model: Option<String>,
+}
+
 /// Cheap-clone handles shared by every request.
 #[derive(Clone)]
 pub struct AppState {
@@ -221,6 +269,18 @@ pub struct AppState {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Pooled client to the upstream.
     pub client: reqwest::Client,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// The ledger writer's queue (None: no ledger, e.g. in some tests).
+    pub ledger: Option<Ledger>,
+    /// Read access to the ledger, for response-id lookups and reports.
+    pub reader: Option<Arc<std::sync::Mutex<Reader>>>,
+    /// Response id -> project id of Responses objects created through this process.
+    pub responses: Arc<DashMap<String, Arc<str>>>,
+    /// Background responses not yet metered (response id -> what created them).
+    pub pending_background: Arc<DashMap<String, PendingBackground>>,
+    /// The admin API bearer token (None: the admin API is off).
+    pub admin_token: Option<Arc<Secret<String>>>,
 }
 
 impl AppState {
@@ -239,6 +299,12 @@ impl AppState {
         Ok(Self {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             client,
+            metrics: Arc::new(Metrics::new()),
+            ledger: None,
+            reader: None,
+            responses: Arc::new(DashMap::new()),
+            pending_background: Arc::new(DashMap::new()),
+            admin_token: None,
         })
     }
 }

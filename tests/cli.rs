@@ -116,18 +116,27 @@ fn keys_new_prints_a_key_and_its_block() {
     );
 }
 
-/// Runs `serve` on port 0 and returns (child, lines of stdout, proxy URL).
+/// A config for `upstream` whose ledger lives in `dir`.
+fn config_in(dir: &std::path::Path, upstream: &str) -> String {
+    let db = dir.join("ledger.db");
+    config(
+        upstream,
+        "reject",
+        &format!("[ledger]\npath = {:?}\n", db.display().to_string()),
+    )
+}
+
+/// Runs `serve` on port 0 in `dir` and returns (child, lines of stdout, proxy URL).
 async fn serve(
+    dir: &std::path::Path,
     config_text: &str,
     log_level: &str,
 ) -> (
     tokio::process::Child,
     mpsc::UnboundedReceiver<String>,
     String,
-    tempfile::TempDir,
 ) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("mantlegate.toml");
+    let path = dir.join("mantlegate.toml");
     std::fs::write(&path, config_text).expect("write");
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
@@ -181,7 +190,7 @@ async fn serve(
             }
         }
     });
-    (child, rx2, url, dir)
+    (child, rx2, url)
 }
 
 async fn stop(
@@ -209,8 +218,9 @@ async fn stop(
 #[tokio::test]
 async fn serve_logs_one_access_line_per_call_and_never_a_secret() {
     let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
     // Trace level everywhere: not even the HTTP libraries' debug output may show a key.
-    let (child, lines, url, _dir) = serve(&config(&up.url, "reject", ""), "trace").await;
+    let (child, lines, url) = serve(dir.path(), &config_in(dir.path(), &up.url), "trace").await;
     let c = client();
     let ok = c
         .post(format!("{url}/v1/chat/completions"))
@@ -275,4 +285,83 @@ async fn serve_logs_one_access_line_per_call_and_never_a_secret() {
     );
     assert_eq!(access[2]["error_code"], "project_required");
     assert_eq!(access[2]["key"], "bare");
+}
+
+fn ledger_count(dir: &std::path::Path) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join("ledger.db")).expect("open ledger");
+    conn.query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))
+        .expect("count")
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_calls_and_flushes_the_ledger() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (child, lines, url) = serve(dir.path(), &config_in(dir.path(), &up.url), "info").await;
+    // A slow call in flight when SIGTERM arrives still completes.
+    let arrived = up.controls.received.notified();
+    tokio::pin!(arrived);
+    arrived.as_mut().enable();
+    let slow = tokio::spawn({
+        let url = url.clone();
+        async move {
+            client()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(CHAT_KEY)
+                .header("x-test-head-delay-ms", "500")
+                .body(CHAT_BODY)
+                .send()
+                .await
+                .expect("send")
+                .status()
+        }
+    });
+    // Wait until the upstream has the call, so it is really in flight.
+    tokio::time::timeout(Duration::from_secs(10), arrived)
+        .await
+        .expect("the call reached the upstream");
+    let all = stop(child, lines).await;
+    assert_eq!(
+        slow.await.expect("join"),
+        200,
+        "the in-flight call finished"
+    );
+    assert!(all.iter().any(|l| l.contains("shutting down")));
+    assert_eq!(ledger_count(dir.path()), 1, "flushed before exit");
+}
+
+#[tokio::test]
+async fn sigkill_loses_no_completed_call() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, _lines, url) = serve(dir.path(), &config_in(dir.path(), &up.url), "info").await;
+    let c = client();
+    let n = 50;
+    for i in 0..n {
+        let body = if i % 2 == 0 {
+            CHAT_BODY.to_owned()
+        } else {
+            r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[]}"#.to_owned()
+        };
+        let r = c
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(CHAT_KEY)
+            .body(body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("whole body");
+    }
+    // The durability promise: a completed call is in the ledger within 1 second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    child.start_kill().expect("SIGKILL");
+    child.wait().await.expect("wait");
+    assert_eq!(ledger_count(dir.path()), n);
+    // A restart opens the same ledger and serves.
+    let (child, lines, url) = serve(dir.path(), &config_in(dir.path(), &up.url), "info").await;
+    let r = c.get(format!("{url}/readyz")).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    stop(child, lines).await;
+    assert_eq!(ledger_count(dir.path()), n);
 }

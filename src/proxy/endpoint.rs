@@ -88,6 +88,18 @@ impl Endpoint {
         found.ok_or_else(|| unknown(method, full_path))
     }
 
+    /// The response id in `rest` for endpoints that address a stored response.
+    #[must_use]
+    pub fn response_id(self, rest: &str) -> Option<&str> {
+        match self {
+            Self::GetResponse
+            | Self::DeleteResponse
+            | Self::CancelResponse
+            | Self::ListInputItems => rest.strip_prefix("/responses/")?.split('/').next(),
+            _ => None,
+        }
+    }
+
     /// The API family.
     #[must_use]
     pub fn api(self) -> Api {

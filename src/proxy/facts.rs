@@ -11,11 +11,23 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 /// What the proxy reads from a JSON request body.
 #[derive(Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent JSON booleans of the request, not a state machine"
+)]
 pub struct RequestFacts<'a> {
     /// `model`, when it is a string.
     pub model: Option<Cow<'a, str>>,
     /// `stream`, when it is a boolean.
     pub stream: bool,
+    /// Whether the body has a `stream_options` key at all.
+    pub has_stream_options: bool,
+    /// `stream_options.include_usage`, when it is a boolean.
+    pub include_usage: bool,
+    /// The output cap: `max_completion_tokens`, `max_tokens` or `max_output_tokens`.
+    pub max_output_tokens: Option<u64>,
+    /// `background`, when it is a boolean.
+    pub background: bool,
 }
 
 impl<'a> RequestFacts<'a> {
@@ -58,6 +70,19 @@ impl<'de: 'a, 'a> Visitor<'de> for FactsVisitor<'a> {
             match &*key {
                 "model" => facts.model = map.next_value::<Lenient<Cow<'de, str>>>()?.0,
                 "stream" => facts.stream = map.next_value::<Lenient<bool>>()?.0 == Some(true),
+                "background" => {
+                    facts.background = map.next_value::<Lenient<bool>>()?.0 == Some(true);
+                }
+                "stream_options" => {
+                    facts.has_stream_options = true;
+                    facts.include_usage = map.next_value::<StreamOptions>()?.0;
+                }
+                "max_completion_tokens" | "max_tokens" | "max_output_tokens" => {
+                    if let Some(n) = map.next_value::<Lenient<u64>>()?.0 {
+                        facts.max_output_tokens =
+                            Some(facts.max_output_tokens.map_or(n, |m| m.min(n)));
+                    }
+                }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -139,6 +164,136 @@ impl<'de> de::Deserialize<'de> for Lenient<bool> {
     }
 }
 
+impl<'de> de::Deserialize<'de> for Lenient<u64> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Lenient<u64>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(Some(v)))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lenient(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Lenient(None))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// `stream_options`: whether `include_usage` is `true` (any other shape counts as not asked).
+struct StreamOptions(bool);
+
+impl<'de> de::Deserialize<'de> for StreamOptions {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StreamOptions;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut include = false;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "include_usage" {
+                        include = map.next_value::<Lenient<bool>>()?.0 == Some(true);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(StreamOptions(include))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(StreamOptions(false))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(StreamOptions(false))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(StreamOptions(false))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(StreamOptions(false))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(StreamOptions(false))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(StreamOptions(false))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(StreamOptions(false))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// The body to send upstream for a streamed chat call whose client did not ask for usage:
+/// the same bytes with `"stream_options":{"include_usage":true}` spliced in after the opening
+/// brace. Only when the body already has a `stream_options` object is it re-serialized (the
+/// one exception to byte-for-byte forwarding), with `include_usage` set.
+///
+/// # Errors
+/// Only if the body is not a JSON object (callers have already validated it).
+pub fn with_include_usage(body: &[u8], facts: &RequestFacts<'_>) -> Result<bytes::Bytes, String> {
+    if !facts.has_stream_options {
+        let open = body
+            .iter()
+            .position(|&b| b == b'{')
+            .ok_or_else(|| "not a JSON object".to_owned())?;
+        let rest = &body[open + 1..];
+        let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+        let mut out = Vec::with_capacity(body.len() + 40);
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
+        if !empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(rest);
+        return Ok(out.into());
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let object = value
+        .as_object_mut()
+        .ok_or_else(|| "not a JSON object".to_owned())?;
+    let options = object
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+    if !options.is_object() {
+        *options = serde_json::Value::Object(serde_json::Map::new());
+    }
+    if let Some(o) = options.as_object_mut() {
+        o.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+    }
+    serde_json::to_vec(&value)
+        .map(Into::into)
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +305,42 @@ mod tests {
         assert_eq!(f.model.as_deref(), Some("openai.gpt-oss-120b"));
         assert!(matches!(f.model, Some(Cow::Borrowed(_))));
         assert!(f.stream);
+    }
+
+    #[test]
+    fn reads_stream_options_and_caps() {
+        let f = RequestFacts::parse(
+            br#"{"stream":true,"stream_options":{"include_usage":true},"max_tokens":50,"max_completion_tokens":20,"background":true}"#,
+        )
+        .expect("valid");
+        assert!(f.has_stream_options && f.include_usage && f.background);
+        assert_eq!(f.max_output_tokens, Some(20));
+        let f = RequestFacts::parse(
+            br#"{"stream_options":{"include_usage":false},"max_output_tokens":-1}"#,
+        )
+        .expect("valid");
+        assert!(f.has_stream_options && !f.include_usage);
+        assert_eq!(f.max_output_tokens, None);
+    }
+
+    #[test]
+    fn include_usage_is_spliced_without_reserializing() {
+        let body = br#"  { "model" : "m",  "stream":true }"#;
+        let facts = RequestFacts::parse(body).expect("valid");
+        let out = with_include_usage(body, &facts).expect("spliced");
+        assert_eq!(
+            std::str::from_utf8(&out).expect("utf8"),
+            r#"  {"stream_options":{"include_usage":true}, "model" : "m",  "stream":true }"#
+        );
+        let again = RequestFacts::parse(&out).expect("still valid");
+        assert!(again.include_usage && again.stream);
+
+        let body = br#"{"stream":true,"stream_options":{"include_obfuscation":false}}"#;
+        let facts = RequestFacts::parse(body).expect("valid");
+        let out = with_include_usage(body, &facts).expect("rewritten");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["include_obfuscation"], false);
     }
 
     #[test]

@@ -21,6 +21,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 
 use mantlegate::config::Config;
+use mantlegate::ledger::sqlite::{self, Reader, SqliteStore};
+use mantlegate::ledger::{Ledger, LedgerStats};
+use mantlegate::secret::Secret;
 use mantlegate::state::{AppState, Snapshot};
 
 /// What the fake upstream received.
@@ -45,6 +48,8 @@ pub struct Controls {
     pub last_event_sent: AtomicBool,
     /// Notified when a stream body is dropped before its end (the proxy hung up).
     pub stream_abandoned: Notify,
+    /// Notified (all waiters) whenever a request has been recorded.
+    pub received: Notify,
 }
 
 /// Notifies `stream_abandoned` when dropped before `finished` is set.
@@ -122,6 +127,7 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
         body: body.clone(),
     };
     controls.requests.lock().expect("lock").push(recorded);
+    controls.received.notify_waiters();
 
     if let Some(ms) = header_u64(&parts.headers, "x-test-head-delay-ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -145,10 +151,38 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
             Duration::from_millis(header_u64(&parts.headers, "x-test-event-gap-ms").unwrap_or(0));
         let events = if path.ends_with("/responses") {
             responses_events()
+        } else if json["stream_options"]["include_usage"] == true {
+            chat_events_with_usage()
         } else {
             chat_events()
         };
         return sse(controls, events, gap);
+    }
+    if path.ends_with("/responses") && parts.method == Method::POST {
+        let background = json["background"] == true;
+        let object = if background {
+            serde_json::json!({"id": "resp_bg1", "object": "response", "status": "queued", "background": true, "usage": null})
+        } else {
+            serde_json::json!({"id": "resp_fg1", "object": "response", "status": "completed", "background": false,
+                "usage": {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 40}, "output_tokens": 20,
+                          "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 120}})
+        };
+        return json_response(&object);
+    }
+    if path.ends_with("/responses/resp_bg1") && parts.method == Method::GET {
+        return json_response(
+            &serde_json::json!({"id": "resp_bg1", "object": "response", "status": "completed",
+            "background": true, "usage": {"input_tokens": 1000, "output_tokens": 500, "total_tokens": 1500}}),
+        );
+    }
+    if path.ends_with("/chat/completions") {
+        return json_response(
+            &serde_json::json!({"id": "chatcmpl-1", "object": "chat.completion", "model": json["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1_000_000, "completion_tokens": 200_000, "total_tokens": 1_200_000,
+                      "prompt_tokens_details": {"cached_tokens": 250_000},
+                      "completion_tokens_details": {"reasoning_tokens": 50_000}}}),
+        );
     }
     let echo = serde_json::json!({
         "object": "echo",
@@ -162,6 +196,24 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
         .header("x-amzn-requestid", "req_upstream_1")
         .body(Body::from(echo.to_string()))
         .expect("response")
+}
+
+fn json_response(v: &serde_json::Value) -> Response {
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("x-request-id", "req_upstream_1")
+        .header("x-amzn-requestid", "req_upstream_1")
+        .body(Body::from(v.to_string()))
+        .expect("response")
+}
+
+/// The chat stream with the usage-only chunk before `[DONE]`, as sent when asked for.
+pub fn chat_events_with_usage() -> Vec<String> {
+    let mut events = chat_events();
+    let done = events.pop().expect("[DONE]");
+    events.push("data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":4,\"total_tokens\":15}}\n\n".to_owned());
+    events.push(done);
+    events
 }
 
 pub fn chat_events() -> Vec<String> {
@@ -277,6 +329,18 @@ projects = []
 [[routes]]
 prefix = "/searchapp"
 project = "Search"
+
+[pricing]
+builtin = false
+
+[[prices]]
+model = "openai.gpt-oss-120b"
+input_per_million = "0.15"
+cached_input_per_million = "0.075"
+output_per_million = "0.60"
+
+[metrics]
+tag_labels = ["Team"]
 {extra}
 "#,
         chat = sha(CHAT_KEY),
@@ -289,11 +353,64 @@ pub const CHAT_KEY: &str = "mg-test-chat";
 pub const SEARCH_KEY: &str = "mg-test-search";
 pub const BARE_KEY: &str = "mg-test-bare";
 pub const UPSTREAM_KEY: &str = "bedrock-api-key-upstream-secret";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
-/// A running proxy; dropping it stops the server.
+/// A running proxy with its own ledger; dropping it stops the server.
 pub struct Proxy {
     pub url: String,
+    /// The SQLite ledger file.
+    pub db: std::path::PathBuf,
+    pub stats: Arc<LedgerStats>,
+    _dir: tempfile::TempDir,
     _stop: oneshot::Sender<()>,
+}
+
+impl Proxy {
+    /// Waits (up to 10 s) until at least `n` records are committed to the ledger.
+    pub async fn wait_for_records(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let notified = self.stats.committed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let written = self.stats.written.load(Ordering::SeqCst);
+            if written >= n {
+                return;
+            }
+            assert!(
+                tokio::time::timeout_at(deadline, notified).await.is_ok(),
+                "only {written} of {n} ledger records were written within 10 s"
+            );
+        }
+    }
+
+    /// All ledger rows as JSON objects, in order.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        let conn = rusqlite::Connection::open(&self.db).expect("open ledger");
+        let mut stmt = conn
+            .prepare("SELECT ts_ms, request_id, key_name, route, project_name, project_id, tags, api, model, stream, status, outcome, error_code, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico, upstream_response_id FROM calls ORDER BY id")
+            .expect("prepare");
+        let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        stmt.query_map([], |row| {
+            let mut obj = serde_json::Map::new();
+            for (i, name) in names.iter().enumerate() {
+                let v: rusqlite::types::Value = row.get(i)?;
+                let j = match v {
+                    rusqlite::types::Value::Integer(n) => n.into(),
+                    rusqlite::types::Value::Real(f) => f.into(),
+                    rusqlite::types::Value::Text(t) => t.into(),
+                    rusqlite::types::Value::Null | rusqlite::types::Value::Blob(_) => {
+                        serde_json::Value::Null
+                    }
+                };
+                obj.insert(name.clone(), j);
+            }
+            Ok(serde_json::Value::Object(obj))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+    }
 }
 
 pub async fn spawn_proxy(config_text: &str) -> Proxy {
@@ -303,7 +420,16 @@ pub async fn spawn_proxy(config_text: &str) -> Proxy {
 pub async fn spawn_proxy_with_key(config_text: &str, upstream_key: Option<&str>) -> Proxy {
     let config = Config::from_toml(config_text).expect("valid test config");
     let snapshot = Snapshot::build(&config, upstream_key).expect("snapshot");
-    let state = AppState::new(snapshot, config.upstream.connect_timeout).expect("state");
+    let mut state = AppState::new(snapshot, config.upstream.connect_timeout).expect("state");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("ledger.db");
+    let store = SqliteStore::open(&db).expect("ledger");
+    let reader = Reader::new(sqlite::open_read_only(&db).expect("reader"));
+    let (ledger, _writer) = Ledger::start(Box::new(store), 10_000).expect("writer");
+    let ledger_stats = ledger.stats.clone();
+    state.ledger = Some(ledger);
+    state.reader = Some(Arc::new(Mutex::new(reader)));
+    state.admin_token = Some(Arc::new(Secret::new(ADMIN_TOKEN.to_owned())));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
@@ -317,6 +443,9 @@ pub async fn spawn_proxy_with_key(config_text: &str, upstream_key: Option<&str>)
     ));
     Proxy {
         url: format!("http://{addr}"),
+        db,
+        stats: ledger_stats,
+        _dir: dir,
         _stop: stop,
     }
 }

@@ -163,22 +163,29 @@ def test_response_stream(proxy: Proxy) -> None:
     assert (line["stream"], line["outcome"], line["project_id"]) == (True, "forwarded", "proj_chatbot")
 
 
-def test_stored_response_is_visible_only_under_its_project(proxy: Proxy) -> None:
-    """A response created under one project is retrieved under that project only: the proxy
-    must send the same project upstream for the follow-up calls of the same key."""
+def test_stored_response_follows_the_project_that_created_it(proxy: Proxy) -> None:
+    """A response created under one project is retrieved under that project: the proxy
+    indexes response ids and sends follow-up calls under the creating project, for any key
+    that may use it; for other keys the response does not exist."""
     created = proxy.client(CHATBOT_KEY).responses.create(model=CHAT_MODEL, input="Remember me.")
 
     again = proxy.client(CHATBOT_KEY).responses.retrieve(created.id)
     assert again.id == created.id
     assert again.output_text == created.output_text
 
-    # The search-team key defaults to DocSearch-Dev: the upstream does not show it the response.
+    # search-team defaults to DocSearch-Dev but may use CustomerChatbot-Prod: the retrieve
+    # goes to the project that created the response.
+    raw = proxy.client(SEARCH_KEY).responses.with_raw_response.retrieve(created.id)
+    assert raw.parse().id == created.id
+    assert projects_of(raw) == ("proj_chatbot", "proj_chatbot")
+
+    # The unassigned key through the DocSearch route may not use CustomerChatbot-Prod.
+    route_client = proxy.client(UNASSIGNED_KEY, max_retries=0, route="/docsearch")
     with pytest.raises(openai.NotFoundError) as caught:
-        proxy.client(SEARCH_KEY, max_retries=0).responses.retrieve(created.id)
-    assert caught.value.response.headers["x-simulated-project"] == "proj_search"
+        route_client.responses.retrieve(created.id)
+    assert caught.value.body["code"] == "response_not_found"
     line = proxy.access(caught.value.response.headers["x-request-id"])
-    # An upstream 404 is relayed, not a refusal by the proxy.
-    assert (line["status"], line["upstream_status"], line["outcome"]) == (404, 404, "forwarded")
+    assert (line["status"], line["outcome"]) == (404, "rejected")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+//! `/admin/v1/*` and `/metrics`: operator endpoints. The admin API needs the admin bearer
+//! token and is off (404) when none is configured.
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::error_body;
+use crate::report;
+use crate::state::AppState;
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state
+        .metrics
+        .render(state.ledger.as_ref().map(|l| &*l.stats));
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn admin_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        error_body(message, "invalid_request_error", None, code),
+    )
+        .into_response()
+}
+
+/// Checks the admin bearer token. `Err` is the response to send.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let Some(token) = &state.admin_token else {
+        return Err(Box::new(admin_error(
+            StatusCode::NOT_FOUND,
+            "admin_disabled",
+            "the admin API is off: set [admin] token_env and that environment variable",
+        )));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .unwrap_or("");
+    // Compare digests, not the secrets: equal-length values whose comparison time says
+    // nothing about the token.
+    let expected = Sha256::digest(token.expose().as_bytes());
+    if given.is_empty() || Sha256::digest(given.as_bytes()) != expected {
+        return Err(Box::new(admin_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_admin_token",
+            "the admin API needs `Authorization: Bearer <admin token>`",
+        )));
+    }
+    Ok(())
+}
+
+/// Query of `GET /admin/v1/costs`.
+#[derive(Debug, Deserialize)]
+pub struct CostsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+    format: Option<String>,
+}
+
+/// `GET /admin/v1/costs?from=&to=&group_by=&format=json|csv|focus`
+pub async fn costs(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<CostsQuery>,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    let format = match q.format.as_deref().unwrap_or("json") {
+        "table" => {
+            return admin_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_format",
+                "format must be json, csv or focus",
+            );
+        }
+        f => match f.parse::<report::Format>() {
+            Ok(f) => f,
+            Err(e) => return admin_error(StatusCode::BAD_REQUEST, "invalid_format", &e),
+        },
+    };
+    let dims = match report::parse_dims(q.group_by.as_deref().unwrap_or("project")) {
+        Ok(d) => d,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, "invalid_group_by", &e),
+    };
+    let today = jiff::Timestamp::now()
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .date();
+    let period = match report::period(q.from.as_deref(), q.to.as_deref(), today) {
+        Ok(p) => p,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, "invalid_period", &e),
+    };
+    let Some(reader) = state.reader.clone() else {
+        return admin_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger_unavailable",
+            "this mantlegate has no ledger",
+        );
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        let reader = reader
+            .lock()
+            .map_err(|_| anyhow::anyhow!("ledger reader poisoned"))?;
+        let rows = report::load_daily(reader.conn(), &period)?;
+        Ok::<_, anyhow::Error>(report::render(
+            &report::aggregate(&rows, &dims, period),
+            format,
+        ))
+    })
+    .await;
+    match result {
+        Ok(Ok(body)) => {
+            let content_type = match format {
+                report::Format::Json => "application/json",
+                _ => "text/csv; charset=utf-8",
+            };
+            (
+                [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+                body,
+            )
+                .into_response()
+        }
+        Ok(Err(err)) => {
+            tracing::error!(error = %format!("{err:#}"), "cost report failed");
+            admin_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "report_failed",
+                "the report could not be read from the ledger; see the server log",
+            )
+        }
+        Err(_) => admin_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "report_failed",
+            "the report task failed",
+        ),
+    }
+}

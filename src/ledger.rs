@@ -1,0 +1,198 @@
+//! The cost ledger: one record per call, written in batches by one background writer, off the
+//! request path, behind a small storage trait.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::meter::{Usage, UsageSource};
+
+/// One call, as the ledger keeps it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Arrival time, Unix milliseconds (UTC).
+    pub ts_ms: i64,
+    /// The id the client saw in `x-request-id`.
+    pub request_id: String,
+    /// Name of the caller's key.
+    pub key: Option<Arc<str>>,
+    /// Route prefix the call came through.
+    pub route: Option<Arc<str>>,
+    /// Project name.
+    pub project: Option<Arc<str>>,
+    /// Bedrock project ID.
+    pub project_id: Option<Arc<str>>,
+    /// The project's tags at that moment, as a JSON object.
+    pub tags: Option<Arc<str>>,
+    /// API family (`chat.completions`, `responses`, `models`).
+    pub api: Option<&'static str>,
+    /// Model named in the body.
+    pub model: Option<String>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Status sent to the client.
+    pub status: u16,
+    /// `forwarded`, `rejected`, `upstream_error`, `client_disconnect`.
+    pub outcome: &'static str,
+    /// mantlegate's error code, when it refused or failed the call.
+    pub error_code: Option<&'static str>,
+    /// Token counts.
+    pub usage: Usage,
+    /// Where the counts came from.
+    pub usage_source: UsageSource,
+    /// Cost in pico-dollars (1e-12 USD); `None` when the model has no price.
+    pub cost_pico: Option<i64>,
+    /// Total duration, ms.
+    pub duration_ms: f64,
+    /// Time to the first body byte, ms.
+    pub ttfb_ms: Option<f64>,
+    /// The upstream's response id (`resp_...`), for Responses calls.
+    pub upstream_response_id: Option<String>,
+    /// A background response this call created (`pending`) or whose usage it settles.
+    pub background: Option<Background>,
+}
+
+/// The background-response bookkeeping a record carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Background {
+    /// The call created a background response that is not finished yet.
+    Pending,
+    /// The call returned the finished background response: its usage is metered here, once.
+    Settled,
+}
+
+/// Where ledger records are stored. Implementations are used from the writer thread only
+/// (writes) and from report/lookup callers (reads, on their own connections).
+pub trait Store: Send {
+    /// Writes records in one transaction, with their daily roll-ups.
+    ///
+    /// # Errors
+    /// Storage errors; the batch is retried as a whole.
+    fn write_batch(&mut self, records: &[Record]) -> anyhow::Result<()>;
+}
+
+/// Ledger statistics exported as metrics.
+#[derive(Debug, Default)]
+pub struct LedgerStats {
+    /// Records accepted and not yet committed.
+    pub queued: AtomicU64,
+    /// Records committed.
+    pub written: AtomicU64,
+    /// Records refused because the queue was full.
+    pub dropped: AtomicU64,
+    /// Failed batch writes (each is retried).
+    pub write_errors: AtomicU64,
+    /// Notified after each committed batch (for waiting on the ledger without polling).
+    pub committed: tokio::sync::Notify,
+}
+
+/// What the writer thread receives.
+enum Msg {
+    Record(Box<Record>),
+    /// Write everything queued before this, then stop.
+    Stop,
+}
+
+/// Handle used by the request path: `record` never blocks and never awaits.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: SyncSender<Msg>,
+    /// Counters for metrics.
+    pub stats: Arc<LedgerStats>,
+}
+
+/// Owns the writer thread; `close` flushes everything and waits for it.
+pub struct LedgerWriter {
+    thread: JoinHandle<()>,
+}
+
+/// Most records one transaction takes.
+const MAX_BATCH: usize = 2048;
+
+impl Ledger {
+    /// Starts the writer thread over `store`, with a queue of `capacity` records.
+    ///
+    /// # Errors
+    /// When the thread cannot be spawned.
+    pub fn start(store: Box<dyn Store>, capacity: usize) -> anyhow::Result<(Self, LedgerWriter)> {
+        let (tx, rx) = sync_channel(capacity);
+        let stats = Arc::new(LedgerStats::default());
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("ledger-writer".to_owned())
+            .spawn(move || write_loop(store, &rx, &thread_stats))?;
+        Ok((Self { tx, stats }, LedgerWriter { thread }))
+    }
+
+    /// Queues a record for the writer. Never blocks: when the queue is full (storage stalled
+    /// for the whole queue's worth of calls) the record is counted as dropped and logged.
+    pub fn record(&self, record: Record) {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Msg::Record(Box::new(record))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Msg::Record(r) = m {
+                    tracing::error!(request_id = %r.request_id, "ledger queue full or closed: record dropped");
+                }
+            }
+        }
+    }
+}
+
+impl LedgerWriter {
+    /// Writes every record queued so far, stops the writer and waits for it.
+    pub fn close(self, ledger: &Ledger) {
+        // A blocking send: on shutdown, waiting for room in the queue is right.
+        let _ = ledger.tx.send(Msg::Stop);
+        if self.thread.join().is_err() {
+            tracing::error!("ledger writer thread panicked");
+        }
+    }
+}
+
+fn write_loop(mut store: Box<dyn Store>, rx: &Receiver<Msg>, stats: &LedgerStats) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut stop = false;
+    // Blocks until a record arrives; ends on Stop, or when every sender is gone.
+    while !stop {
+        match rx.recv() {
+            Ok(Msg::Record(r)) => batch.push(*r),
+            Ok(Msg::Stop) | Err(_) => break,
+        }
+        // Take what else is queued now: under load, one transaction for many calls.
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Record(r)) => batch.push(*r),
+                Ok(Msg::Stop) => {
+                    stop = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match store.write_batch(&batch) {
+                Ok(()) => break,
+                Err(err) => {
+                    // Keep the batch and retry: a completed call's record is never given up.
+                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %format!("{err:#}"), records = batch.len(), "ledger write failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let n = batch.len() as u64;
+        stats.queued.fetch_sub(n, Ordering::Relaxed);
+        stats.written.fetch_add(n, Ordering::Relaxed);
+        stats.committed.notify_waiters();
+        batch.clear();
+    }
+}

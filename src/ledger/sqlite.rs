@@ -1,0 +1,309 @@
+//! The embedded SQLite ledger: WAL mode, one writer, per-call rows plus per-day roll-ups.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use super::{Background, Record, Store};
+
+/// Schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = r"
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    key_name TEXT,
+    route TEXT,
+    project_name TEXT,
+    project_id TEXT,
+    tags TEXT NOT NULL DEFAULT '{}',
+    api TEXT,
+    model TEXT,
+    stream INTEGER NOT NULL DEFAULT 0,
+    status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    error_code TEXT,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    usage_source TEXT NOT NULL,
+    cost_pico INTEGER,
+    duration_ms REAL NOT NULL,
+    ttfb_ms REAL,
+    upstream_response_id TEXT
+);
+CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts_ms);
+CREATE INDEX IF NOT EXISTS calls_response ON calls (upstream_response_id)
+    WHERE upstream_response_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS calls_key_ts ON calls (key_name, ts_ms);
+
+-- One row per UTC day and combination of dimensions: reports and budgets read this, so they
+-- stay fast however many calls there are, and it survives deleting old raw rows.
+CREATE TABLE IF NOT EXISTS daily (
+    day TEXT NOT NULL,
+    key_name TEXT NOT NULL,
+    route TEXT NOT NULL,
+    project_name TEXT NOT NULL,
+    project_id TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    api TEXT NOT NULL,
+    model TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    cost_pico INTEGER NOT NULL,
+    unpriced_requests INTEGER NOT NULL,
+    PRIMARY KEY (day, key_name, route, project_name, project_id, tags, api, model, outcome)
+) WITHOUT ROWID;
+
+-- Background responses created but not yet seen finished; metered once, when they are.
+CREATE TABLE IF NOT EXISTS pending_background (
+    response_id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    model TEXT,
+    ts_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+const INSERT_CALL: &str = "INSERT INTO calls (ts_ms, request_id, key_name, route, project_name,
+    project_id, tags, api, model, stream, status, outcome, error_code, input_tokens,
+    cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms,
+    ttfb_ms, upstream_response_id)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+    ?20, ?21, ?22)";
+
+const UPSERT_DAILY: &str = "INSERT INTO daily (day, key_name, route, project_name, project_id,
+    tags, api, model, outcome, requests, input_tokens, cached_input_tokens, output_tokens,
+    reasoning_tokens, cost_pico, unpriced_requests)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?14, ?15)
+    ON CONFLICT (day, key_name, route, project_name, project_id, tags, api, model, outcome)
+    DO UPDATE SET requests = requests + 1,
+        input_tokens = input_tokens + excluded.input_tokens,
+        cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens,
+        output_tokens = output_tokens + excluded.output_tokens,
+        reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
+        cost_pico = cost_pico + excluded.cost_pico,
+        unpriced_requests = unpriced_requests + excluded.unpriced_requests";
+
+/// Opens (creating if needed) a ledger database and brings its schema up to date.
+///
+/// # Errors
+/// When the file cannot be opened, or holds a newer schema than this build knows.
+pub fn open(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path)?;
+    configure(&conn)?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Opens an existing ledger read-only (reports, lookups).
+///
+/// # Errors
+/// When the file cannot be opened or has no ledger schema.
+pub fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    anyhow::ensure!(
+        version >= 1,
+        "{} is not a mantlegate ledger (no schema)",
+        path.display()
+    );
+    Ok(conn)
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    // WAL: readers never block the writer. synchronous=NORMAL: a commit is in the WAL (the OS
+    // has it) when the call returns, so it survives the process being killed; only a power
+    // loss can take the last commits, and never corrupts the file.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> anyhow::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    anyhow::ensure!(
+        version <= SCHEMA_VERSION,
+        "the ledger has schema version {version}, newer than this mantlegate knows ({SCHEMA_VERSION}): upgrade mantlegate"
+    );
+    if version < 1 {
+        conn.execute_batch(SCHEMA_V1)?;
+        conn.pragma_update(None, "user_version", 1)?;
+    }
+    Ok(())
+}
+
+/// The SQLite [`Store`].
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens the ledger at `path` for writing.
+    ///
+    /// # Errors
+    /// See [`open`].
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Ok(Self { conn: open(path)? })
+    }
+}
+
+/// `YYYY-MM-DD` (UTC) of a Unix-milliseconds time.
+#[must_use]
+pub fn utc_day(ts_ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ts_ms).map_or_else(
+        |_| "1970-01-01".to_owned(),
+        |t| {
+            t.to_zoned_datetime(jiff::tz::TimeZone::UTC)
+                .date()
+                .to_string()
+        },
+    )
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Store for SqliteStore {
+    fn write_batch(&mut self, records: &[Record]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(INSERT_CALL)?;
+            let mut daily = tx.prepare_cached(UPSERT_DAILY)?;
+            let mut pending = tx.prepare_cached(
+                "INSERT OR REPLACE INTO pending_background (response_id, project_id, model, ts_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut settle =
+                tx.prepare_cached("DELETE FROM pending_background WHERE response_id = ?1")?;
+            for r in records {
+                let u = &r.usage;
+                insert.execute(params![
+                    r.ts_ms,
+                    r.request_id,
+                    r.key.as_deref(),
+                    r.route.as_deref(),
+                    r.project.as_deref(),
+                    r.project_id.as_deref(),
+                    r.tags.as_deref().unwrap_or("{}"),
+                    r.api,
+                    r.model,
+                    r.stream,
+                    r.status,
+                    r.outcome,
+                    r.error_code,
+                    to_i64(u.input),
+                    to_i64(u.cached_input),
+                    to_i64(u.output),
+                    to_i64(u.reasoning),
+                    r.usage_source.as_str(),
+                    r.cost_pico,
+                    r.duration_ms,
+                    r.ttfb_ms,
+                    r.upstream_response_id,
+                ])?;
+                daily.execute(params![
+                    utc_day(r.ts_ms),
+                    r.key.as_deref().unwrap_or(""),
+                    r.route.as_deref().unwrap_or(""),
+                    r.project.as_deref().unwrap_or(""),
+                    r.project_id.as_deref().unwrap_or(""),
+                    r.tags.as_deref().unwrap_or("{}"),
+                    r.api.unwrap_or(""),
+                    r.model.as_deref().unwrap_or(""),
+                    r.outcome,
+                    to_i64(u.input),
+                    to_i64(u.cached_input),
+                    to_i64(u.output),
+                    to_i64(u.reasoning),
+                    r.cost_pico.unwrap_or(0),
+                    i64::from(r.cost_pico.is_none()),
+                ])?;
+                match (&r.background, &r.upstream_response_id) {
+                    (Some(Background::Pending), Some(id)) => {
+                        pending.execute(params![
+                            id,
+                            r.project_id.as_deref().unwrap_or(""),
+                            r.model,
+                            r.ts_ms
+                        ])?;
+                    }
+                    (Some(Background::Settled), Some(id)) => {
+                        settle.execute(params![id])?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// Read-side queries shared by the server (lookups) and the CLI (reports).
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    /// Wraps a read connection.
+    #[must_use]
+    pub fn new(conn: Connection) -> Self {
+        Self { conn }
+    }
+
+    /// The connection, for report queries.
+    #[must_use]
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The project id a Responses object was created under.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn project_of_response(&self, response_id: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT project_id FROM calls WHERE upstream_response_id = ?1
+                 AND project_id IS NOT NULL ORDER BY id LIMIT 1",
+            )?
+            .query_row([response_id], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Background responses not yet metered: `(response id, project id, model)`.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn pending_background(&self) -> anyhow::Result<Vec<(String, String, Option<String>)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT response_id, project_id, model FROM pending_background")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Number of call records.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn count(&self) -> anyhow::Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))?)
+    }
+}

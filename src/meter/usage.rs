@@ -1,0 +1,940 @@
+//! Usage and lifecycle facts read from OpenAI Chat Completions and Responses bodies and events.
+
+// Chat streams send one event per token, so nothing here parses a whole document: a byte scan
+// finds the few top-level members that matter (skipping strings with `memchr`, so text is never
+// mistaken for keys), and only those values go through serde. Everything is lenient: malformed
+// input yields `None` or the `Other`/`Error` class, never a panic.
+
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use super::Usage;
+
+/// Usage of a Chat Completions JSON body or chunk: its top-level `usage` object
+/// (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens`,
+/// `completion_tokens_details.reasoning_tokens`; missing or null counts and details are 0).
+///
+/// `None` when there is no usage object (absent or null), or when a count in it is negative,
+/// fractional or not a number. Cached tokens are capped at the input and reasoning tokens at the
+/// output, so [`Usage`]'s "part of" invariants always hold.
+#[must_use]
+pub fn chat_usage(json: &[u8]) -> Option<Usage> {
+    let [usage] = members(json, [b"usage"]);
+    parse_at::<Option<ChatUsage>>(json, usage?)??.usage()
+}
+
+/// Usage of a Responses API `response` object JSON (`input_tokens`, `output_tokens`,
+/// `input_tokens_details.cached_tokens`, `output_tokens_details.reasoning_tokens`), with the same
+/// leniency as [`chat_usage`]. Also accepts a stream event that wraps the object in `response`.
+#[must_use]
+pub fn responses_usage(json: &[u8]) -> Option<Usage> {
+    let [usage, response] = members(json, [b"usage", b"response"]);
+    match usage {
+        Some(at) if !is_null(json, at) => responses_usage_at(json, at),
+        _ => {
+            let inner = json.get(response?..)?;
+            let [usage] = members(inner, [b"usage"]);
+            responses_usage_at(inner, usage?)
+        }
+    }
+}
+
+/// One chat stream event's data, classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatChunk {
+    /// The `[DONE]` sentinel that ends the stream.
+    Done,
+    /// A chunk with a usable top-level `usage` object.
+    Usage {
+        /// The usage it reports (for the whole request).
+        usage: Usage,
+        /// `choices` is empty or absent: the `include_usage` chunk sent after the last content.
+        usage_only: bool,
+    },
+    /// An ordinary chunk with a non-empty `choices` array.
+    Content,
+    /// A mid-stream error: the chunk has a non-null `error` member.
+    Error,
+    /// Anything else, including malformed JSON.
+    Other,
+}
+
+/// Classifies one chat stream event's data. Only a chunk that has a `"usage"` key followed by an
+/// object is parsed; any other is classified by a byte scan (tens of nanoseconds per chunk).
+#[must_use]
+pub fn chat_chunk(data: &[u8]) -> ChatChunk {
+    static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+    static CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\""));
+    static ERROR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+
+    let data = trim(data);
+    if data.starts_with(b"[DONE]") {
+        return ChatChunk::Done;
+    }
+    if has_key(data, &USAGE, |value| value.first() == Some(&b'{')) {
+        let [usage, choices] = members(data, [b"usage", b"choices"]);
+        let usage = usage
+            .and_then(|at| parse_at::<Option<ChatUsage>>(data, at))
+            .flatten()
+            .and_then(|usage| usage.usage());
+        if let Some(usage) = usage {
+            let usage_only = !choices.is_some_and(|at| is_non_empty_array(data, at));
+            return ChatChunk::Usage { usage, usage_only };
+        }
+    }
+    if has_key(data, &CHOICES, |value| is_non_empty_array(value, 0)) {
+        ChatChunk::Content
+    } else if has_key(data, &ERROR, |value| !value.starts_with(b"null")) {
+        ChatChunk::Error
+    } else {
+        ChatChunk::Other
+    }
+}
+
+/// One Responses stream event, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponsesEvent {
+    /// `response.created`, with the new response's id.
+    Created {
+        /// `response.id`.
+        id: String,
+    },
+    /// `response.completed`, `response.incomplete` or `response.failed`: the last event.
+    Terminal {
+        /// `response.id`, when readable.
+        id: Option<String>,
+        /// `response.status`, or when unreadable the event name's suffix (`completed`...).
+        status: String,
+        /// `response.usage`, when present and usable.
+        usage: Option<Usage>,
+    },
+    /// Any `*.delta` event.
+    Delta,
+    /// An `error` event, or one of Mantle's malformed error frames: typeless (`{"message":..}`,
+    /// `{"error":..}`), stringified JSON, or not JSON at all.
+    Error,
+    /// Anything else (other lifecycle and item events, `[DONE]`, a typeless object with no
+    /// error member, a `response.created` without readable id).
+    Other,
+}
+
+/// Classifies one Responses stream event. `event` is the SSE `event:` field; when it is absent
+/// (or empty) the JSON's top-level `"type"` is used. Only `response.created` and the terminal
+/// events are parsed, and only the members they need; the JSON `"type"` is found by a byte scan.
+/// A payload that is a JSON string (stringified JSON) is unwrapped once and classified.
+#[must_use]
+pub fn responses_event(event: Option<&str>, data: &[u8]) -> ResponsesEvent {
+    classify(event.filter(|name| !name.is_empty()), trim(data), true)
+}
+
+/// The facts of a Responses `response` object (non-stream create answer, or GET /responses/{id}).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseObject {
+    /// `id` (`resp_...`).
+    pub id: String,
+    /// `status`: `queued`, `in_progress`, or terminal (see [`is_terminal`]).
+    pub status: String,
+    /// `background`; false when absent or null.
+    pub background: bool,
+    /// `usage`, when present and usable (null until the response is terminal).
+    pub usage: Option<Usage>,
+}
+
+/// The facts of a Responses `response` object; `None` when it has no string `id` and `status`,
+/// or its `object` is something other than `"response"` (an error body, a list...).
+#[must_use]
+pub fn response_object(json: &[u8]) -> Option<ResponseObject> {
+    let facts = Facts::of(json)?;
+    if facts
+        .object
+        .as_deref()
+        .is_some_and(|object| object != "response")
+    {
+        return None;
+    }
+    Some(ResponseObject {
+        id: facts.id?,
+        status: facts.status?,
+        background: facts.background,
+        usage: facts.usage,
+    })
+}
+
+/// Whether a Responses status is terminal: completed, incomplete, failed, cancelled.
+#[must_use]
+pub fn is_terminal(status: &str) -> bool {
+    matches!(status, "completed" | "incomplete" | "failed" | "cancelled")
+}
+
+fn classify(event: Option<&str>, data: &[u8], unwrap: bool) -> ResponsesEvent {
+    if data.first() == Some(&b'"') {
+        // Mantle sometimes sends a frame's JSON as a JSON string.
+        return match serde_json::from_slice::<String>(data) {
+            Ok(inner) if unwrap => classify(event, trim(inner.as_bytes()), false),
+            _ => ResponsesEvent::Error,
+        };
+    }
+    let kind = match event {
+        Some(name) => name,
+        None => match json_type(data) {
+            Some(kind) => kind,
+            None => return typeless(data),
+        },
+    };
+    match kind {
+        "response.created" => Facts::of_event(data)
+            .and_then(|facts| facts.id)
+            .map_or(ResponsesEvent::Other, |id| ResponsesEvent::Created { id }),
+        "response.completed" | "response.incomplete" | "response.failed" => {
+            let facts = Facts::of_event(data).unwrap_or_default();
+            let status = facts
+                .status
+                .unwrap_or_else(|| kind.trim_start_matches("response.").to_owned());
+            ResponsesEvent::Terminal {
+                id: facts.id,
+                status,
+                usage: facts.usage,
+            }
+        }
+        "error" => ResponsesEvent::Error,
+        _ if kind.strip_suffix(".delta").is_some() => ResponsesEvent::Delta,
+        _ => ResponsesEvent::Other,
+    }
+}
+
+/// A frame with neither event name nor JSON type.
+fn typeless(data: &[u8]) -> ResponsesEvent {
+    if data.is_empty() || data.starts_with(b"[DONE]") {
+        return ResponsesEvent::Other;
+    }
+    if data.first() != Some(&b'{') {
+        return ResponsesEvent::Error;
+    }
+    let [error, message, code] = members(data, [b"error", b"message", b"code"]);
+    if error.is_some_and(|at| !is_null(data, at)) || message.is_some() || code.is_some() {
+        ResponsesEvent::Error
+    } else {
+        ResponsesEvent::Other
+    }
+}
+
+/// The top-level `"type"` string of a JSON object, read without unescaping (types have no
+/// escapes; one that does is simply not recognised).
+fn json_type(data: &[u8]) -> Option<&str> {
+    // The usual layout puts the type first.
+    let at = if let Some(rest) = data.strip_prefix(b"{\"type\":") {
+        data.len() - rest.len()
+    } else {
+        members(data, [b"type"])[0]?
+    };
+    if data.get(at) != Some(&b'"') {
+        return None;
+    }
+    let close = string_end(data, at + 1)?;
+    std::str::from_utf8(data.get(at + 1..close)?).ok()
+}
+
+/// What the lifecycle needs from a `response` object.
+#[derive(Debug, Default)]
+struct Facts {
+    id: Option<String>,
+    status: Option<String>,
+    object: Option<String>,
+    background: bool,
+    usage: Option<Usage>,
+}
+
+impl Facts {
+    /// The facts of the `response` object a stream event wraps.
+    fn of_event(data: &[u8]) -> Option<Self> {
+        let [response] = members(data, [b"response"]);
+        Self::of(data.get(response?..)?)
+    }
+
+    /// The facts of a `response` object; `None` when `json` is not an object.
+    fn of(json: &[u8]) -> Option<Self> {
+        if trim(json).first() != Some(&b'{') {
+            return None;
+        }
+        let [id, status, object, background, usage] =
+            members(json, [b"id", b"status", b"object", b"background", b"usage"]);
+        let string = |at: Option<usize>| parse_at::<Option<String>>(json, at?).flatten();
+        Some(Self {
+            id: string(id),
+            status: string(status),
+            object: string(object),
+            background: background
+                .and_then(|at| parse_at::<Option<bool>>(json, at))
+                .flatten()
+                .unwrap_or(false),
+            usage: usage.and_then(|at| responses_usage_at(json, at)),
+        })
+    }
+}
+
+fn responses_usage_at(json: &[u8], at: usize) -> Option<Usage> {
+    parse_at::<Option<ResponsesUsage>>(json, at)??.usage()
+}
+
+/// Chat Completions `usage` (`CompletionUsage`); other members are ignored.
+#[derive(Deserialize)]
+struct ChatUsage {
+    #[serde(default)]
+    prompt_tokens: Count,
+    #[serde(default)]
+    completion_tokens: Count,
+    #[serde(default)]
+    prompt_tokens_details: Option<CachedDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<ReasoningDetails>,
+}
+
+impl ChatUsage {
+    fn usage(&self) -> Option<Usage> {
+        usage(
+            self.prompt_tokens,
+            self.prompt_tokens_details.as_ref().map(|d| d.cached_tokens),
+            self.completion_tokens,
+            self.completion_tokens_details
+                .as_ref()
+                .map(|d| d.reasoning_tokens),
+        )
+    }
+}
+
+/// Responses `usage` (`ResponseUsage`); other members are ignored.
+#[derive(Deserialize)]
+struct ResponsesUsage {
+    #[serde(default)]
+    input_tokens: Count,
+    #[serde(default)]
+    output_tokens: Count,
+    #[serde(default)]
+    input_tokens_details: Option<CachedDetails>,
+    #[serde(default)]
+    output_tokens_details: Option<ReasoningDetails>,
+}
+
+impl ResponsesUsage {
+    fn usage(&self) -> Option<Usage> {
+        usage(
+            self.input_tokens,
+            self.input_tokens_details.as_ref().map(|d| d.cached_tokens),
+            self.output_tokens,
+            self.output_tokens_details
+                .as_ref()
+                .map(|d| d.reasoning_tokens),
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct CachedDetails {
+    #[serde(default)]
+    cached_tokens: Count,
+}
+
+#[derive(Deserialize)]
+struct ReasoningDetails {
+    #[serde(default)]
+    reasoning_tokens: Count,
+}
+
+/// Builds a [`Usage`]; `None` when any count is unusable. Details that claim more than their
+/// total are capped at it.
+fn usage(
+    input: Count,
+    cached: Option<Count>,
+    output: Count,
+    reasoning: Option<Count>,
+) -> Option<Usage> {
+    let input = input.0?;
+    let output = output.0?;
+    let cached = cached.unwrap_or_default().0?;
+    let reasoning = reasoning.unwrap_or_default().0?;
+    Some(Usage {
+        input,
+        cached_input: cached.min(input),
+        output,
+        reasoning: reasoning.min(output),
+    })
+}
+
+/// A token count: a non-negative integer, or null (0). Anything else (negative, fractional,
+/// a string...) is kept as `None`, which makes the whole usage unusable, without failing the
+/// parse of what surrounds it.
+#[derive(Debug, Clone, Copy)]
+struct Count(Option<u64>);
+
+impl Default for Count {
+    fn default() -> Self {
+        Self(Some(0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CountVisitor)
+    }
+}
+
+struct CountVisitor;
+
+impl<'de> Visitor<'de> for CountVisitor {
+    type Value = Count;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a token count")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+        Ok(Count(Some(v)))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+        Ok(Count(u64::try_from(v).ok()))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Count, E> {
+        Ok(Count(None))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
+        Ok(Count(None))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
+        Ok(Count(None))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
+        Ok(Count::default())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Count, E> {
+        Ok(Count::default())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Count(None))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Count(None))
+    }
+}
+
+/// Deserializes the JSON value that starts at `json[at]`, ignoring what follows it.
+fn parse_at<'a, T: Deserialize<'a>>(json: &'a [u8], at: usize) -> Option<T> {
+    let mut de = serde_json::Deserializer::from_slice(json.get(at..)?);
+    T::deserialize(&mut de).ok()
+}
+
+/// Offsets of the values of `keys` among the members of the object `json` starts with (after
+/// whitespace): the first occurrence of each key, at the top level only. Keys are compared
+/// as raw bytes (an escaped key is not recognised). Stops at the end of that object, or once
+/// every key is found; tolerates truncated input.
+fn members<const N: usize>(json: &[u8], keys: [&[u8]; N]) -> [Option<usize>; N] {
+    let mut found = [None; N];
+    let mut missing = N;
+    let mut at = skip_ws(json, 0);
+    if json.get(at) != Some(&b'{') {
+        return found;
+    }
+    let mut depth = 0_usize;
+    while let Some(&byte) = json.get(at) {
+        match byte {
+            b'"' => {
+                let Some(close) = string_end(json, at + 1) else {
+                    break;
+                };
+                if depth == 1 {
+                    let colon = skip_ws(json, close + 1);
+                    if json.get(colon) == Some(&b':') {
+                        let name = &json[at + 1..close];
+                        if let Some(slot) = keys
+                            .iter()
+                            .position(|key| *key == name)
+                            .and_then(|k| found.get_mut(k))
+                            .filter(|slot| slot.is_none())
+                        {
+                            *slot = Some(skip_ws(json, colon + 1));
+                            missing -= 1;
+                            if missing == 0 {
+                                break;
+                            }
+                        }
+                    }
+                }
+                at = close + 1;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                at += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    break;
+                }
+                at += 1;
+            }
+            _ => at += 1,
+        }
+    }
+    found
+}
+
+/// Whether `data` has `key` (a quoted name found by `finder`) used as a member name whose value
+/// satisfies `value`. Anywhere in the document: a cheap filter, not a parse. A quoted name inside
+/// a string cannot match, as its quotes are escaped there.
+fn has_key(data: &[u8], finder: &Finder<'_>, value: impl Fn(&[u8]) -> bool) -> bool {
+    let len = finder.needle().len();
+    finder.find_iter(data).any(|at| {
+        let colon = skip_ws(data, at + len);
+        data.get(colon) == Some(&b':') && data.get(skip_ws(data, colon + 1)..).is_some_and(&value)
+    })
+}
+
+/// Index of the `"` closing the string whose content starts at `at`.
+fn string_end(json: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let found = at + memchr::memchr2(b'"', b'\\', json.get(at..)?)?;
+        if json[found] == b'"' {
+            return Some(found);
+        }
+        // Skip the escaped character, which may be a quote.
+        at = found + 2;
+    }
+}
+
+fn is_non_empty_array(json: &[u8], at: usize) -> bool {
+    json.get(at) == Some(&b'[')
+        && json
+            .get(skip_ws(json, at + 1))
+            .is_some_and(|&next| next != b']')
+}
+
+fn is_null(json: &[u8], at: usize) -> bool {
+    json.get(at..)
+        .is_some_and(|value| value.starts_with(b"null"))
+}
+
+fn skip_ws(json: &[u8], mut at: usize) -> usize {
+    while json.get(at).is_some_and(u8::is_ascii_whitespace) {
+        at += 1;
+    }
+    at
+}
+
+fn trim(data: &[u8]) -> &[u8] {
+    data.trim_ascii()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u(input: u64, cached_input: u64, output: u64, reasoning: u64) -> Usage {
+        Usage {
+            input,
+            cached_input,
+            output,
+            reasoning,
+        }
+    }
+
+    const CHAT_BODY: &str = r#"{
+      "id": "chatcmpl-abc", "object": "chat.completion", "created": 1754000000,
+      "model": "openai.gpt-oss-120b",
+      "choices": [{"index": 0, "message": {"role": "assistant",
+        "content": "The \"usage\": {\"prompt_tokens\": 999} field is what you want.",
+        "reasoning_content": "usage"}, "finish_reason": "stop"}],
+      "usage": {"prompt_tokens": 120, "completion_tokens": 45, "total_tokens": 165,
+        "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 30, "audio_tokens": 0,
+          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}},
+      "service_tier": "default", "system_fingerprint": null
+    }"#;
+
+    #[test]
+    fn chat_usage_reads_totals_and_details() {
+        assert_eq!(chat_usage(CHAT_BODY.as_bytes()), Some(u(120, 100, 45, 30)));
+        // Details absent, null, or with null counts are 0.
+        for body in [
+            r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":40,"total_tokens":52}}"#,
+            r#"{"usage":{"prompt_tokens":12,"completion_tokens":40,"prompt_tokens_details":null,"completion_tokens_details":null}}"#,
+            r#"{"usage":{"prompt_tokens":12,"completion_tokens":40,"prompt_tokens_details":{"cached_tokens":null},"completion_tokens_details":{}}}"#,
+        ] {
+            assert_eq!(chat_usage(body.as_bytes()), Some(u(12, 0, 40, 0)), "{body}");
+        }
+        // Missing or null totals are 0 too.
+        assert_eq!(
+            chat_usage(br#"{"usage":{"prompt_tokens":null,"completion_tokens":3}}"#),
+            Some(u(0, 0, 3, 0))
+        );
+    }
+
+    #[test]
+    fn chat_usage_is_none_without_a_usable_usage() {
+        for body in [
+            r#"{"id":"x","choices":[]}"#,
+            r#"{"id":"x","choices":[],"usage":null}"#,
+            r#"{"usage":{"prompt_tokens":-1,"completion_tokens":3}}"#,
+            r#"{"usage":{"prompt_tokens":1.5,"completion_tokens":3}}"#,
+            r#"{"usage":{"prompt_tokens":"12","completion_tokens":3}}"#,
+            r#"{"usage":{"prompt_tokens":1,"completion_tokens":3,"completion_tokens_details":{"reasoning_tokens":-2}}}"#,
+            r#"{"usage":{"prompt_tokens":1e3,"completion_tokens":3}}"#,
+            r#"{"usage":{"prompt_tokens":99999999999999999999999,"completion_tokens":3}}"#,
+            r#"{"usage":"n/a"}"#,
+            r#"{"usage":{"prompt_tokens":1,"#,
+            r#"{"error":{"code":"validation_error","message":"Failed to deserialize"}}"#,
+            r#"{"data":{"usage":{"prompt_tokens":1,"completion_tokens":1}}}"#,
+            "not json",
+            "",
+            "[1,2]",
+        ] {
+            assert_eq!(chat_usage(body.as_bytes()), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn details_are_capped_at_their_totals() {
+        assert_eq!(
+            chat_usage(br#"{"usage":{"prompt_tokens":5,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":9},"completion_tokens_details":{"reasoning_tokens":4}}}"#),
+            Some(u(5, 5, 3, 3))
+        );
+    }
+
+    const CONTENT: &str = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"openai.gpt-oss-120b","choices":[{"index":0,"delta":{"content":" world"},"finish_reason":null}],"usage":null}"#;
+    const FINISH: &str = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"openai.gpt-oss-120b","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}"#;
+    const USAGE_ONLY: &str = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"openai.gpt-oss-120b","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":40,"total_tokens":52,"prompt_tokens_details":{"cached_tokens":8},"completion_tokens_details":{"reasoning_tokens":16}}}"#;
+
+    #[test]
+    fn chat_chunks_are_classified() {
+        assert_eq!(chat_chunk(CONTENT.as_bytes()), ChatChunk::Content);
+        assert_eq!(chat_chunk(FINISH.as_bytes()), ChatChunk::Content);
+        assert_eq!(
+            chat_chunk(USAGE_ONLY.as_bytes()),
+            ChatChunk::Usage {
+                usage: u(12, 8, 40, 16),
+                usage_only: true
+            }
+        );
+        assert_eq!(chat_chunk(b"[DONE]"), ChatChunk::Done);
+        assert_eq!(chat_chunk(b" [DONE]\n"), ChatChunk::Done);
+        // Chunks without `usage` at all (include_usage off), and the role chunk.
+        assert_eq!(
+            chat_chunk(br#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#),
+            ChatChunk::Content
+        );
+        // A gateway that puts usage on the last content chunk.
+        assert_eq!(
+            chat_chunk(br#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#),
+            ChatChunk::Usage {
+                usage: u(3, 0, 4, 0),
+                usage_only: false
+            }
+        );
+        // A usage chunk with no `choices` member is usage-only too.
+        assert_eq!(
+            chat_chunk(br#"{ "usage" : { "prompt_tokens" : 1 , "completion_tokens" : 2 } }"#),
+            ChatChunk::Usage {
+                usage: u(1, 0, 2, 0),
+                usage_only: true
+            }
+        );
+    }
+
+    #[test]
+    fn chat_chunk_text_that_looks_like_usage_is_content() {
+        let chunk = r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"set \"usage\": {\"prompt_tokens\": 5, \"completion_tokens\": 7} and \"error\": {} here"},"finish_reason":null}],"usage":null}"#;
+        assert_eq!(chat_chunk(chunk.as_bytes()), ChatChunk::Content);
+        // Tool-call arguments are a string too.
+        let chunk = r#"{"id":"c","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"usage\":{\"prompt_tokens\":1}}"}}]},"finish_reason":null}]}"#;
+        assert_eq!(chat_chunk(chunk.as_bytes()), ChatChunk::Content);
+        // A nested `usage` object is not the chunk's usage.
+        let chunk = r#"{"id":"c","choices":[{"index":0,"delta":{"usage":{"prompt_tokens":1,"completion_tokens":2}},"finish_reason":null}],"usage":null}"#;
+        assert_eq!(chat_chunk(chunk.as_bytes()), ChatChunk::Content);
+        // Text ending in a backslash before the next member.
+        let chunk = r#"{"choices":[{"delta":{"content":"a\\"}}],"usage":null}"#;
+        assert_eq!(chat_chunk(chunk.as_bytes()), ChatChunk::Content);
+    }
+
+    #[test]
+    fn chat_chunk_errors_and_others() {
+        assert_eq!(
+            chat_chunk(br#"{"error":{"message":"Internal error","type":"api_error","param":null,"code":null}}"#),
+            ChatChunk::Error
+        );
+        assert_eq!(
+            chat_chunk(br#"{"error": "upstream closed"}"#),
+            ChatChunk::Error
+        );
+        assert_eq!(chat_chunk(br#"{"error":null,"id":"c"}"#), ChatChunk::Other);
+        assert_eq!(
+            chat_chunk(br#"{"id":"c","choices":[],"usage":null}"#),
+            ChatChunk::Other
+        );
+        assert_eq!(chat_chunk(b""), ChatChunk::Other);
+        assert_eq!(chat_chunk(b"{\"choices\":[{"), ChatChunk::Content);
+        assert_eq!(chat_chunk(b"garbage"), ChatChunk::Other);
+        // Usage that cannot be used falls back to the cheap classes.
+        assert_eq!(
+            chat_chunk(br#"{"choices":[],"usage":{"prompt_tokens":-4,"completion_tokens":2}}"#),
+            ChatChunk::Other
+        );
+        assert_eq!(
+            chat_chunk(
+                br#"{"choices":[{"index":0}],"usage":{"prompt_tokens":1,"completion_tokens":2.5}}"#
+            ),
+            ChatChunk::Content
+        );
+    }
+
+    const CREATED: &str = r#"{"type":"response.created","sequence_number":0,"response":{"id":"resp_68a1","object":"response","created_at":1754000000,"status":"in_progress","background":false,"error":null,"incomplete_details":null,"model":"openai.gpt-oss-120b","output":[],"usage":null,"metadata":{}}}"#;
+    const COMPLETED: &str = r#"{"type":"response.completed","sequence_number":9,"response":{"id":"resp_68a1","object":"response","created_at":1754000000,"status":"completed","error":null,"model":"openai.gpt-oss-120b","output":[{"id":"msg_1","type":"message","status":"completed","role":"assistant","content":[{"type":"output_text","text":"the \"status\":\"failed\" \"usage\":{} text","annotations":[]}]}],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":16},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":64},"total_tokens":123}}}"#;
+
+    #[test]
+    fn responses_lifecycle_events() {
+        let created = ResponsesEvent::Created {
+            id: "resp_68a1".into(),
+        };
+        assert_eq!(
+            responses_event(Some("response.created"), CREATED.as_bytes()),
+            created
+        );
+        assert_eq!(responses_event(None, CREATED.as_bytes()), created);
+        let completed = ResponsesEvent::Terminal {
+            id: Some("resp_68a1".into()),
+            status: "completed".into(),
+            usage: Some(u(36, 16, 87, 64)),
+        };
+        assert_eq!(
+            responses_event(Some("response.completed"), COMPLETED.as_bytes()),
+            completed
+        );
+        assert_eq!(responses_event(None, COMPLETED.as_bytes()), completed);
+        let incomplete = r#"{"type":"response.incomplete","sequence_number":5,"response":{"id":"resp_2","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},"usage":{"input_tokens":10,"output_tokens":64}}}"#;
+        assert_eq!(
+            responses_event(Some("response.incomplete"), incomplete.as_bytes()),
+            ResponsesEvent::Terminal {
+                id: Some("resp_2".into()),
+                status: "incomplete".into(),
+                usage: Some(u(10, 0, 64, 0))
+            }
+        );
+        let failed = r#"{"type":"response.failed","sequence_number":3,"response":{"id":"resp_3","status":"failed","error":{"code":"server_error","message":"boom"},"usage":null}}"#;
+        assert_eq!(
+            responses_event(Some("response.failed"), failed.as_bytes()),
+            ResponsesEvent::Terminal {
+                id: Some("resp_3".into()),
+                status: "failed".into(),
+                usage: None
+            }
+        );
+        // A terminal event that cannot be read is still terminal.
+        assert_eq!(
+            responses_event(Some("response.completed"), b"{\"response\":"),
+            ResponsesEvent::Terminal {
+                id: None,
+                status: "completed".into(),
+                usage: None
+            }
+        );
+        // Bad counts lose the usage, not the id.
+        assert_eq!(
+            responses_event(
+                Some("response.completed"),
+                br#"{"response":{"id":"r","status":"completed","usage":{"input_tokens":-1,"output_tokens":2}}}"#
+            ),
+            ResponsesEvent::Terminal {
+                id: Some("r".into()),
+                status: "completed".into(),
+                usage: None
+            }
+        );
+        // The JSON type is found wherever it is (this layout is alphabetical).
+        let delta = r#"{"content_index":0,"delta":"Hi","item_id":"msg_1","logprobs":[],"output_index":0,"sequence_number":4,"type":"response.output_text.delta"}"#;
+        assert_eq!(
+            responses_event(None, delta.as_bytes()),
+            ResponsesEvent::Delta
+        );
+        assert_eq!(
+            responses_event(Some("response.output_text.delta"), b"{}"),
+            ResponsesEvent::Delta
+        );
+        assert_eq!(
+            responses_event(Some("response.function_call_arguments.delta"), b""),
+            ResponsesEvent::Delta
+        );
+        assert_eq!(
+            responses_event(Some("response.in_progress"), CREATED.as_bytes()),
+            ResponsesEvent::Other
+        );
+        assert_eq!(
+            responses_event(
+                None,
+                br#"{"type":"response.output_item.added","item":{"type":"message"}}"#
+            ),
+            ResponsesEvent::Other
+        );
+        // An empty event name counts as absent.
+        assert_eq!(responses_event(Some(""), CREATED.as_bytes()), created);
+        assert_eq!(responses_event(None, b"[DONE]"), ResponsesEvent::Other);
+        assert_eq!(
+            responses_event(Some("response.created"), b"{}"),
+            ResponsesEvent::Other
+        );
+    }
+
+    #[test]
+    fn responses_error_frames_including_malformed_ones() {
+        // The SDK's shape and the captured one.
+        let sdk = r#"{"type":"error","code":"server_error","message":"boom","param":null,"sequence_number":2}"#;
+        let captured = r#"{"type":"error","sequence_number":2,"error":{"code":"server_error","message":"boom","param":null}}"#;
+        for data in [sdk, captured] {
+            assert_eq!(
+                responses_event(Some("error"), data.as_bytes()),
+                ResponsesEvent::Error
+            );
+            assert_eq!(
+                responses_event(None, data.as_bytes()),
+                ResponsesEvent::Error
+            );
+        }
+        // Mantle: typeless, null code, no sequence number, stringified JSON, not JSON.
+        for (event, data) in [
+            (None, r#"{"message":"Internal server error"}"#),
+            (None, r#"{"error":{"code":null,"message":"throttled"}}"#),
+            (None, r#"{"code":null,"message":"x"}"#),
+            (
+                Some("error"),
+                r#"{"type":"error","code":null,"message":"x","param":null}"#,
+            ),
+            (
+                Some("error"),
+                r#""{\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\"}""#,
+            ),
+            (
+                None,
+                r#""{\"type\":\"error\",\"code\":\"server_error\",\"message\":\"x\"}""#,
+            ),
+            (None, r#""{\"message\":\"x\"}""#),
+            (None, r#""Internal server error""#),
+            (None, "upstream connect error"),
+            (Some("error"), "not json"),
+        ] {
+            assert_eq!(
+                responses_event(event, data.as_bytes()),
+                ResponsesEvent::Error,
+                "{data}"
+            );
+        }
+        // A stringified terminal event still counts.
+        let stringified = serde_json::to_string(COMPLETED).unwrap();
+        assert!(matches!(
+            responses_event(Some("response.completed"), stringified.as_bytes()),
+            ResponsesEvent::Terminal { usage: Some(_), .. }
+        ));
+        // A typeless object that is not an error.
+        assert_eq!(
+            responses_event(None, br#"{"error":null,"x":1}"#),
+            ResponsesEvent::Other
+        );
+    }
+
+    #[test]
+    fn response_objects() {
+        let queued = r#"{"id":"resp_bg1","object":"response","created_at":1754000000,"status":"queued","background":true,"error":null,"output":[],"usage":null}"#;
+        assert_eq!(
+            response_object(queued.as_bytes()),
+            Some(ResponseObject {
+                id: "resp_bg1".into(),
+                status: "queued".into(),
+                background: true,
+                usage: None
+            })
+        );
+        let done = r#"{
+          "id": "resp_bg1", "object": "response", "created_at": 1754000000, "status": "completed",
+          "background": true, "model": "openai.gpt-oss-120b",
+          "output": [{"type": "reasoning", "id": "rs_1", "status": "completed", "summary": []},
+                     {"type": "message", "id": "msg_1", "status": "completed",
+                      "content": [{"type": "output_text", "text": "{\"id\":\"fake\"}"}]}],
+          "usage": {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                    "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 64}, "total_tokens": 123}
+        }"#;
+        let object = response_object(done.as_bytes()).unwrap();
+        assert_eq!(object.id, "resp_bg1");
+        assert!(is_terminal(&object.status));
+        assert_eq!(object.usage, Some(u(36, 0, 87, 64)));
+        assert_eq!(responses_usage(done.as_bytes()), Some(u(36, 0, 87, 64)));
+        // The stream-event wrapper works for `responses_usage`.
+        assert_eq!(
+            responses_usage(COMPLETED.as_bytes()),
+            Some(u(36, 16, 87, 64))
+        );
+        assert_eq!(responses_usage(CREATED.as_bytes()), None);
+        // Without details, `background` absent or null.
+        let plain = br#"{"id":"resp_1","status":"incomplete","background":null,"usage":{"input_tokens":5,"output_tokens":6,"total_tokens":11}}"#;
+        assert_eq!(
+            response_object(plain),
+            Some(ResponseObject {
+                id: "resp_1".into(),
+                status: "incomplete".into(),
+                background: false,
+                usage: Some(u(5, 0, 6, 0))
+            })
+        );
+        for body in [
+            r#"{"error":{"code":"validation_error","message":"Failed to deserialize the JSON body"}}"#,
+            r#"{"object":"list","data":[{"id":"msg_1","status":"completed"}],"id":"x","status":"y"}"#,
+            r#"{"id":"resp_1"}"#,
+            r#"{"id":7,"status":"completed"}"#,
+            "[]",
+            "",
+        ] {
+            assert_eq!(response_object(body.as_bytes()), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn terminal_statuses() {
+        for status in ["completed", "incomplete", "failed", "cancelled"] {
+            assert!(is_terminal(status));
+        }
+        for status in ["queued", "in_progress", "", "Completed"] {
+            assert!(!is_terminal(status));
+        }
+    }
+
+    #[test]
+    fn members_skips_strings_and_nesting() {
+        let json = br#" {"a\"b":"x\\","n":{"k":1},"m":[{"k":2}], "k" : 3, "k": 4}"#;
+        let [k, n, missing] = members(json, [b"k", b"n", b"zz"]);
+        assert_eq!(&json[k.unwrap()..], b"3, \"k\": 4}");
+        assert_eq!(json[n.unwrap()], b'{');
+        assert_eq!(missing, None);
+        // Truncated and hostile input never panics.
+        for json in [
+            &b"{\"k"[..],
+            b"{\"k\":",
+            b"{\"\\",
+            b"{{{{",
+            b"}}}",
+            b"{\"k\\\"",
+            b"\"",
+        ] {
+            let _ = members(json, [b"k"]);
+            let _ = chat_chunk(json);
+            let _ = responses_event(None, json);
+            let _ = response_object(json);
+        }
+    }
+}

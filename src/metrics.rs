@@ -1,0 +1,345 @@
+//! Every metric, its name and labels, in one place. Labels are bounded: project, model, api,
+//! status class, error code and the tags listed in `[metrics] tag_labels`; never a key, a path
+//! or a user.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::ledger::LedgerStats;
+use crate::meter::Usage;
+
+/// Tag label pairs of a project, precomputed per config (`tag_<Name>` = value).
+pub type TagLabels = Vec<(Arc<str>, Arc<str>)>;
+
+/// Labels of a finished call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// Project name (`""` when the call resolved to none).
+    pub project: Arc<str>,
+    /// Model, bounded (see `model_label` in the proxy).
+    pub model: Arc<str>,
+    /// API family.
+    pub api: &'static str,
+    /// `2xx`, `4xx`, `5xx`...
+    pub status_class: &'static str,
+    /// `forwarded`, `rejected`, `upstream_error`, `client_disconnect`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    project: Arc<str>,
+    model: Arc<str>,
+    api: &'static str,
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CostLabels {
+    project: Arc<str>,
+    model: Arc<str>,
+    api: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    project: Arc<str>,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabels {
+    api: &'static str,
+    stream: &'static str,
+}
+
+/// The registry and handles.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<(CallLabels, TagLabels), Counter>,
+    tokens: Family<(TokenLabels, TagLabels), Counter>,
+    cost: Family<(CostLabels, TagLabels), Counter<f64, AtomicU64>>,
+    rejected: Family<CodeLabels, Counter>,
+    upstream_errors: Family<CodeLabels, Counter>,
+    unpriced: Family<CostLabels, Counter>,
+    duration: Family<ApiLabels, Histogram>,
+    ttfb: Family<ApiLabels, Histogram>,
+    overhead: Histogram,
+    ledger_queue: Gauge,
+    ledger_written: Gauge,
+    ledger_dropped: Gauge,
+    ledger_errors: Gauge,
+    in_flight: Gauge,
+}
+
+/// Facts of one finished call for the metrics.
+pub struct Observation<'a> {
+    /// Labels.
+    pub labels: CallLabels,
+    /// The project's tag labels.
+    pub tags: &'a TagLabels,
+    /// Error code when refused or failed.
+    pub code: Option<&'static str>,
+    /// Usage, when the call had any.
+    pub usage: Option<Usage>,
+    /// Cost in USD (`None`: unpriced).
+    pub cost_usd: Option<f64>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Total duration.
+    pub duration: Duration,
+    /// Time to first byte.
+    pub ttfb: Option<Duration>,
+    /// mantlegate's own share of the duration.
+    pub overhead: Option<Duration>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    ]
+    .into_iter()
+}
+
+fn overhead_buckets() -> impl Iterator<Item = f64> {
+    // 10 µs to 100 ms: mantlegate's own time per call.
+    [
+        0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.1,
+    ]
+    .into_iter()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mantlegate");
+        let requests = Family::default();
+        registry.register("requests", "Calls handled, by outcome", requests.clone());
+        let tokens = Family::default();
+        registry.register(
+            "tokens",
+            "Tokens used, by type (input, cached_input, output, reasoning)",
+            tokens.clone(),
+        );
+        let cost = Family::default();
+        registry.register("cost_usd", "Cost of calls in USD", cost.clone());
+        let rejected = Family::default();
+        registry.register(
+            "rejected_requests",
+            "Calls refused by mantlegate, by error code",
+            rejected.clone(),
+        );
+        let upstream_errors = Family::default();
+        registry.register(
+            "upstream_errors",
+            "Calls that failed upstream (unreachable, timeout, broken stream)",
+            upstream_errors.clone(),
+        );
+        let unpriced = Family::default();
+        registry.register(
+            "unpriced_requests",
+            "Calls whose model has no price: cost unknown",
+            unpriced.clone(),
+        );
+        let duration: Family<ApiLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register(
+            "request_duration_seconds",
+            "Total call duration",
+            duration.clone(),
+        );
+        let ttfb: Family<ApiLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time from arrival to the first body byte from bedrock-mantle",
+            ttfb.clone(),
+        );
+        let overhead = Histogram::new(overhead_buckets());
+        registry.register(
+            "overhead_seconds",
+            "mantlegate's own time per call (total minus time waiting on bedrock-mantle)",
+            overhead.clone(),
+        );
+        let ledger_queue = Gauge::default();
+        registry.register(
+            "ledger_queue_depth",
+            "Ledger records waiting to be written",
+            ledger_queue.clone(),
+        );
+        let ledger_written = Gauge::default();
+        registry.register(
+            "ledger_records_written",
+            "Ledger records committed since start",
+            ledger_written.clone(),
+        );
+        let ledger_dropped = Gauge::default();
+        registry.register(
+            "ledger_records_dropped",
+            "Ledger records refused because the queue was full",
+            ledger_dropped.clone(),
+        );
+        let ledger_errors = Gauge::default();
+        registry.register(
+            "ledger_write_errors",
+            "Failed ledger batch writes (each is retried)",
+            ledger_errors.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register("in_flight_requests", "Calls in progress", in_flight.clone());
+        Self {
+            registry,
+            requests,
+            tokens,
+            cost,
+            rejected,
+            upstream_errors,
+            unpriced,
+            duration,
+            ttfb,
+            overhead,
+            ledger_queue,
+            ledger_written,
+            ledger_dropped,
+            ledger_errors,
+            in_flight,
+        }
+    }
+
+    /// Counts a call in flight until the returned guard drops.
+    #[must_use]
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.clone())
+    }
+
+    /// Records a finished call.
+    pub fn observe(&self, o: &Observation<'_>) {
+        let l = &o.labels;
+        self.requests
+            .get_or_create(&(l.clone(), o.tags.clone()))
+            .inc();
+        if let Some(code) = o.code {
+            let labels = CodeLabels {
+                project: l.project.clone(),
+                code,
+            };
+            if l.outcome == "rejected" {
+                self.rejected.get_or_create(&labels).inc();
+            } else {
+                self.upstream_errors.get_or_create(&labels).inc();
+            }
+        } else if l.outcome == "upstream_error" {
+            self.upstream_errors
+                .get_or_create(&CodeLabels {
+                    project: l.project.clone(),
+                    code: "upstream_stream_error",
+                })
+                .inc();
+        }
+        if let Some(u) = o.usage {
+            for (kind, n) in [
+                ("input", u.input),
+                ("cached_input", u.cached_input),
+                ("output", u.output),
+                ("reasoning", u.reasoning),
+            ] {
+                if n > 0 {
+                    self.tokens
+                        .get_or_create(&(
+                            TokenLabels {
+                                project: l.project.clone(),
+                                model: l.model.clone(),
+                                api: l.api,
+                                r#type: kind,
+                            },
+                            o.tags.clone(),
+                        ))
+                        .inc_by(n);
+                }
+            }
+            let cost_labels = CostLabels {
+                project: l.project.clone(),
+                model: l.model.clone(),
+                api: l.api,
+            };
+            match o.cost_usd {
+                Some(c) => {
+                    self.cost
+                        .get_or_create(&(cost_labels, o.tags.clone()))
+                        .inc_by(c);
+                }
+                None => {
+                    self.unpriced.get_or_create(&cost_labels).inc();
+                }
+            }
+        }
+        let api = ApiLabels {
+            api: l.api,
+            stream: if o.stream { "true" } else { "false" },
+        };
+        self.duration
+            .get_or_create(&api)
+            .observe(o.duration.as_secs_f64());
+        if let Some(t) = o.ttfb {
+            self.ttfb.get_or_create(&api).observe(t.as_secs_f64());
+        }
+        if let Some(t) = o.overhead {
+            self.overhead.observe(t.as_secs_f64());
+        }
+    }
+
+    /// The Prometheus text exposition, with ledger gauges read now.
+    #[must_use]
+    pub fn render(&self, ledger: Option<&LedgerStats>) -> String {
+        if let Some(s) = ledger {
+            let get = |a: &AtomicU64| i64::try_from(a.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+            self.ledger_queue.set(get(&s.queued));
+            self.ledger_written.set(get(&s.written));
+            self.ledger_dropped.set(get(&s.dropped));
+            self.ledger_errors.set(get(&s.write_errors));
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+pub struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// `2xx`, `4xx`...
+#[must_use]
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}

@@ -1,0 +1,384 @@
+//! Usage capture, cost and the ledger, through the proxy, for both APIs, streamed and not.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+
+async fn post(proxy: &Proxy, key: &str, path: &str, body: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}{path}", proxy.url))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("send")
+}
+
+#[tokio::test]
+async fn chat_json_usage_and_exact_cost_reach_the_ledger() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let r = post(&proxy, CHAT_KEY, "/v1/chat/completions", CHAT_BODY).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.expect("body");
+    proxy.wait_for_records(1).await;
+    let rec = &proxy.records()[0];
+    assert_eq!(rec["input_tokens"], 1_000_000);
+    assert_eq!(rec["cached_input_tokens"], 250_000);
+    assert_eq!(rec["output_tokens"], 200_000);
+    assert_eq!(rec["reasoning_tokens"], 50_000);
+    assert_eq!(rec["usage_source"], "reported");
+    // 750k × 0.15 + 250k × 0.075 + 200k × 0.60, per million: $0.25125.
+    assert_eq!(rec["cost_pico"], 251_250_000_000_i64);
+    assert_eq!(rec["project_id"], "proj_chat");
+    assert_eq!(rec["key_name"], "chatbot-backend");
+    assert_eq!(rec["tags"], r#"{"Team":"CX"}"#);
+    assert_eq!(rec["api"], "chat.completions");
+    assert_eq!(rec["outcome"], "forwarded");
+}
+
+#[tokio::test]
+async fn streamed_chat_without_include_usage_is_metered_and_the_client_sees_its_own_stream() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = post(&proxy, CHAT_KEY, "/v1/chat/completions", body).await;
+    let got = r.bytes().await.expect("body");
+    // Exactly the stream a client without include_usage gets: no usage-only chunk.
+    assert_eq!(got, chat_events().concat().as_bytes());
+    // Upstream was asked for usage.
+    let sent: serde_json::Value = serde_json::from_slice(&up.single().body).expect("json");
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(sent["messages"][0]["content"], "hi");
+    proxy.wait_for_records(1).await;
+    let rec = &proxy.records()[0];
+    assert_eq!(rec["usage_source"], "reported");
+    assert_eq!(
+        (rec["input_tokens"].as_i64(), rec["output_tokens"].as_i64()),
+        (Some(11), Some(4))
+    );
+    assert_eq!(rec["cost_pico"], 4_050_000);
+    assert_eq!(rec["stream"], 1);
+}
+
+#[tokio::test]
+async fn streamed_chat_with_include_usage_is_relayed_untouched() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let r = post(&proxy, CHAT_KEY, "/v1/chat/completions", body).await;
+    let got = r.bytes().await.expect("body");
+    assert_eq!(got, chat_events_with_usage().concat().as_bytes());
+    assert_eq!(up.single().body, body.as_bytes(), "forwarded byte for byte");
+    proxy.wait_for_records(1).await;
+    assert_eq!(proxy.records()[0]["output_tokens"], 4);
+}
+
+#[tokio::test]
+async fn responses_stream_and_json_are_metered() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let r = post(
+        &proxy,
+        CHAT_KEY,
+        "/v1/responses",
+        r#"{"model":"openai.gpt-oss-120b","stream":true,"input":"hi"}"#,
+    )
+    .await;
+    assert_eq!(
+        r.bytes().await.expect("body"),
+        responses_events().concat().as_bytes()
+    );
+    let r = post(
+        &proxy,
+        CHAT_KEY,
+        "/v1/responses",
+        r#"{"model":"openai.gpt-oss-120b","input":"hi"}"#,
+    )
+    .await;
+    r.bytes().await.expect("body");
+    proxy.wait_for_records(2).await;
+    let recs = proxy.records();
+    assert_eq!(
+        (
+            recs[0]["input_tokens"].as_i64(),
+            recs[0]["output_tokens"].as_i64()
+        ),
+        (Some(3), Some(4))
+    );
+    assert_eq!(recs[0]["upstream_response_id"], "resp_1");
+    assert_eq!(recs[1]["input_tokens"], 100);
+    assert_eq!(recs[1]["cached_input_tokens"], 40);
+    assert_eq!(recs[1]["reasoning_tokens"], 5);
+    // 60 × 0.15 + 40 × 0.075 + 20 × 0.60, per million.
+    assert_eq!(recs[1]["cost_pico"], 24_000_000);
+    assert_eq!(recs[1]["upstream_response_id"], "resp_fg1");
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_stream_gets_an_estimated_record() {
+    let up = FakeUpstream::start().await;
+    up.controls.gate.store(true, Ordering::SeqCst);
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[{"role":"user","content":"hello there"}]}"#;
+    let r = post(&proxy, CHAT_KEY, "/v1/chat/completions", body).await;
+    let mut stream = r.bytes_stream();
+    stream.next().await.expect("first event").expect("ok");
+    drop(stream);
+    proxy.wait_for_records(1).await;
+    let rec = &proxy.records()[0];
+    assert_eq!(rec["outcome"], "client_disconnect");
+    assert_eq!(rec["usage_source"], "estimated");
+    assert_eq!(rec["output_tokens"], 1, "one content event was relayed");
+    assert!(rec["input_tokens"].as_i64().is_some_and(|n| n > 0));
+    up.controls.release.notify_one();
+}
+
+#[tokio::test]
+async fn an_unpriced_model_has_unknown_cost_never_zero() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let r = post(
+        &proxy,
+        CHAT_KEY,
+        "/v1/chat/completions",
+        r#"{"model":"acme.unpriced-1","messages":[]}"#,
+    )
+    .await;
+    r.bytes().await.expect("body");
+    proxy.wait_for_records(1).await;
+    let rec = &proxy.records()[0];
+    assert!(rec["cost_pico"].is_null(), "{rec}");
+    assert_eq!(rec["input_tokens"], 1_000_000);
+    let metrics = client()
+        .get(format!("{}/metrics", proxy.url))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("mantlegate_unpriced_requests_total{project=\"Chatbot\",model=\"acme.unpriced-1\",api=\"chat.completions\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn rejected_calls_are_recorded_too() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let r = post(&proxy, "mg-nope", "/v1/chat/completions", CHAT_BODY).await;
+    assert_eq!(r.status(), 401);
+    proxy.wait_for_records(1).await;
+    let rec = &proxy.records()[0];
+    assert_eq!(rec["outcome"], "rejected");
+    assert_eq!(rec["error_code"], "invalid_api_key");
+    assert_eq!(rec["usage_source"], "none");
+    assert_eq!(rec["cost_pico"], 0);
+}
+
+#[tokio::test]
+async fn stored_responses_are_reached_under_the_project_that_created_them() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    // search-team may use Search and Chatbot; it creates under Chatbot.
+    let r = client()
+        .post(format!("{}/v1/responses", proxy.url))
+        .bearer_auth(SEARCH_KEY)
+        .header("OpenAI-Project", "proj_chat")
+        .body(r#"{"model":"openai.gpt-oss-120b","input":"hi"}"#)
+        .send()
+        .await
+        .expect("send");
+    r.bytes().await.expect("body");
+    // Without a header search-team would resolve to Search; the GET goes to Chatbot anyway.
+    let r = client()
+        .get(format!("{}/v1/responses/resp_fg1", proxy.url))
+        .bearer_auth(SEARCH_KEY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-mantlegate-project"], "proj_chat");
+    // The bare key, through the Search route, may not use Chatbot: 404 as if it did not exist.
+    let r = client()
+        .delete(format!("{}/searchapp/v1/responses/resp_fg1", proxy.url))
+        .bearer_auth(BARE_KEY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_of(r).await["code"], "response_not_found");
+    let got: Vec<(String, String)> = up
+        .requests()
+        .iter()
+        .map(|r| {
+            (
+                r.uri.clone(),
+                r.headers["openai-project"]
+                    .to_str()
+                    .expect("text")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/v1/responses".to_owned(), "proj_chat".to_owned()),
+            ("/v1/responses/resp_fg1".to_owned(), "proj_chat".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn background_responses_are_metered_once_when_seen_finished() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let r = post(
+        &proxy,
+        CHAT_KEY,
+        "/v1/responses",
+        r#"{"model":"openai.gpt-oss-120b","input":"hi","background":true}"#,
+    )
+    .await;
+    r.bytes().await.expect("body");
+    for _ in 0..2 {
+        let r = client()
+            .get(format!("{}/v1/responses/resp_bg1", proxy.url))
+            .bearer_auth(CHAT_KEY)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    proxy.wait_for_records(3).await;
+    let recs = proxy.records();
+    assert_eq!(
+        recs[0]["usage_source"], "none",
+        "created: usage comes later"
+    );
+    assert_eq!(recs[1]["usage_source"], "reported");
+    assert_eq!(recs[1]["input_tokens"], 1000);
+    assert_eq!(recs[1]["cost_pico"], 450_000_000);
+    assert_eq!(recs[2]["usage_source"], "none", "metered once");
+    let conn = rusqlite::Connection::open(&proxy.db).expect("open");
+    let pending: i64 = conn
+        .query_row("SELECT COUNT(*) FROM pending_background", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(pending, 0);
+}
+
+#[tokio::test]
+async fn the_cost_report_sums_the_records_exactly() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    for (key, body) in [
+        (CHAT_KEY, CHAT_BODY),
+        (CHAT_KEY, r#"{"model":"openai.gpt-oss-120b","input":"x"}"#),
+        (SEARCH_KEY, CHAT_BODY),
+        (SEARCH_KEY, r#"{"model":"acme.unpriced-1","messages":[]}"#),
+    ] {
+        let path = if body.contains("input") {
+            "/v1/responses"
+        } else {
+            "/v1/chat/completions"
+        };
+        post(&proxy, key, path, body)
+            .await
+            .bytes()
+            .await
+            .expect("body");
+    }
+    proxy.wait_for_records(4).await;
+    let records = proxy.records();
+    let total_pico: i64 = records.iter().filter_map(|r| r["cost_pico"].as_i64()).sum();
+    let r = client()
+        .get(format!(
+            "{}/admin/v1/costs?group_by=project,model&format=json",
+            proxy.url
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let report: serde_json::Value =
+        serde_json::from_slice(&r.bytes().await.expect("body")).expect("json");
+    let total: rust_decimal::Decimal = report["total"]["cost_usd"]
+        .as_str()
+        .expect("string cost")
+        .parse()
+        .expect("decimal");
+    assert_eq!(
+        total,
+        rust_decimal::Decimal::from_i128_with_scale(i128::from(total_pico), 12)
+    );
+    let rows_sum: rust_decimal::Decimal = report["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            r["cost_usd"]
+                .as_str()
+                .expect("cost")
+                .parse::<rust_decimal::Decimal>()
+                .expect("decimal")
+        })
+        .sum();
+    assert_eq!(rows_sum, total);
+    assert_eq!(report["total"]["requests"], 4);
+    assert_eq!(report["total"]["unpriced_requests"], 1);
+    // Without the admin token: 401.
+    let r = client()
+        .get(format!("{}/admin/v1/costs", proxy.url))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_cost() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    post(&proxy, CHAT_KEY, "/v1/chat/completions", CHAT_BODY)
+        .await
+        .bytes()
+        .await
+        .expect("body");
+    post(&proxy, "mg-bad", "/v1/chat/completions", CHAT_BODY)
+        .await
+        .bytes()
+        .await
+        .expect("body");
+    proxy.wait_for_records(2).await;
+    let text = client()
+        .get(format!("{}/metrics", proxy.url))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "mantlegate_requests_total{project=\"Chatbot\",model=\"openai.gpt-oss-120b\",api=\"chat.completions\",status_class=\"2xx\",outcome=\"forwarded\",tag_Team=\"CX\"} 1",
+        "mantlegate_tokens_total{project=\"Chatbot\",model=\"openai.gpt-oss-120b\",api=\"chat.completions\",type=\"cached_input\",tag_Team=\"CX\"} 250000",
+        "mantlegate_cost_usd_total{project=\"Chatbot\",model=\"openai.gpt-oss-120b\",api=\"chat.completions\",tag_Team=\"CX\"} 0.25125",
+        "mantlegate_rejected_requests_total{project=\"\",code=\"invalid_api_key\"} 1",
+        "mantlegate_ledger_queue_depth",
+        "mantlegate_overhead_seconds_bucket",
+        "mantlegate_time_to_first_byte_seconds_bucket",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+    assert!(
+        !text.contains(CHAT_KEY) && !text.contains("chatbot-backend"),
+        "no key in metrics"
+    );
+    let _ = Duration::ZERO;
+}
