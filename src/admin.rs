@@ -13,9 +13,10 @@ use crate::state::AppState;
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    let snap = state.snapshot.load();
     let text = state
         .metrics
-        .render(state.ledger.as_ref().map(|l| &*l.stats));
+        .render(state.ledger.as_ref().map(|l| &*l.stats), &snap.budgets);
     (
         [(
             header::CONTENT_TYPE,
@@ -66,6 +67,25 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>>
         )));
     }
     Ok(())
+}
+
+/// `GET /admin/v1/budgets`: each budget's limit, month-to-date spend, percentage, in-flight
+/// reservations and month-end forecast.
+pub async fn budgets(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let statuses = state.snapshot.load().budgets.statuses(now_ms);
+    let body = serde_json::json!({ "object": "list", "data": statuses });
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// Query of `GET /admin/v1/costs`.

@@ -7,11 +7,10 @@ use crate::error::ProxyError;
 use crate::state::{Key, ProjectIdx, Route, Snapshot};
 
 /// The caller's key as sent: `Authorization: Bearer KEY` or `x-api-key: KEY`.
-/// Returns its SHA-256; the key itself goes no further.
 ///
 /// # Errors
 /// 401 `invalid_api_key` when neither header carries a key.
-pub fn credential_hash(headers: &HeaderMap) -> Result<[u8; 32], ProxyError> {
+pub fn credential(headers: &HeaderMap) -> Result<&str, ProxyError> {
     let from_authorization = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -28,19 +27,36 @@ pub fn credential_hash(headers: &HeaderMap) -> Result<[u8; 32], ProxyError> {
         })
         .filter(|k| !k.is_empty())
         .ok_or(ProxyError::InvalidApiKey(
-            "no API key: send your mantlegate key as `Authorization: Bearer KEY` (the OpenAI SDKs' api_key) or `x-api-key: KEY`",
+            "no API key: send your mantlegate key as `Authorization: Bearer KEY` (the OpenAI SDKs' api_key) or `x-api-key: KEY`".into(),
         ))?;
-    Ok(Sha256::digest(key.as_bytes()).into())
+    Ok(key)
 }
 
-/// The key for a credential hash.
+/// The key for a credential, found by its SHA-256 (the key itself is never compared).
 ///
 /// # Errors
-/// 401 `invalid_api_key` when no configured key has that hash.
-pub fn authenticate<'s>(snap: &'s Snapshot, hash: &[u8; 32]) -> Result<&'s Key, ProxyError> {
-    snap.key(hash).ok_or(ProxyError::InvalidApiKey(
-        "the API key is not known to mantlegate: check the key, or ask your platform team for one",
-    ))
+/// 401 `invalid_api_key` when no configured key has that hash, or it is disabled or expired
+/// (the message says which, and nothing about other keys).
+pub fn authenticate<'s>(snap: &'s Snapshot, credential: &str) -> Result<&'s Key, ProxyError> {
+    let hash: [u8; 32] = Sha256::digest(credential.as_bytes()).into();
+    let key = snap.key(&hash).ok_or(ProxyError::InvalidApiKey(
+        "the API key is not known to mantlegate: check the key, or ask your platform team for one"
+            .into(),
+    ))?;
+    if key.disabled {
+        return Err(ProxyError::InvalidApiKey(
+            "this API key is disabled: ask your platform team for a new one".into(),
+        ));
+    }
+    if let Some(expires) = key.expires_at
+        && jiff::Timestamp::now() >= expires
+    {
+        return Err(ProxyError::InvalidApiKey(
+            format!("this API key expired at {expires}: ask your platform team for a new one")
+                .into(),
+        ));
+    }
+    Ok(key)
 }
 
 /// Decides the project of a call (rules in README "Attribution"):
@@ -193,7 +209,7 @@ mod tests {
     }
 
     fn key<'a>(snap: &'a Snapshot, plain: &str) -> &'a Key {
-        authenticate(snap, &Sha256::digest(plain.as_bytes()).into()).expect("known key")
+        authenticate(snap, plain).expect("known key")
     }
 
     fn name(snap: &Snapshot, r: Result<ProjectIdx, ProxyError>) -> Result<String, &'static str> {
@@ -204,23 +220,20 @@ mod tests {
     #[test]
     fn credential_from_either_header() {
         let mut h = HeaderMap::new();
-        assert_eq!(
-            credential_hash(&h).map_err(|e| e.code()),
-            Err("invalid_api_key")
-        );
+        assert_eq!(credential(&h).map_err(|e| e.code()), Err("invalid_api_key"));
         h.insert("x-api-key", "k-chat".parse().expect("value"));
-        let from_x = credential_hash(&h).expect("x-api-key");
+        assert_eq!(credential(&h).expect("x-api-key"), "k-chat");
         let mut h = HeaderMap::new();
         h.insert("authorization", "bearer k-chat".parse().expect("value"));
-        assert_eq!(credential_hash(&h).expect("bearer"), from_x);
+        assert_eq!(credential(&h).expect("bearer"), "k-chat");
         h.insert("authorization", "Basic abc".parse().expect("value"));
-        assert!(credential_hash(&h).is_err());
+        assert!(credential(&h).is_err());
     }
 
     #[test]
     fn unknown_key_is_401() {
         let s = snapshot("reject");
-        let err = authenticate(&s, &[0; 32]).map(|_| ()).map_err(|e| e.code());
+        let err = authenticate(&s, "k-nope").map(|_| ()).map_err(|e| e.code());
         assert_eq!(err, Err("invalid_api_key"));
     }
 

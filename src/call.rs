@@ -11,12 +11,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderValue, Method, Uri};
 
+use crate::budget::Reservation;
 use crate::ledger::{Background, Record};
 use crate::meter::stream::Metered;
 use crate::meter::{Usage, UsageSource};
 use crate::metrics::{CallLabels, InFlight, Observation, status_class};
 use crate::pricing;
 use crate::proxy::endpoint::Endpoint;
+use crate::ratelimit::Admission;
 use crate::state::{AppState, PendingBackground, ProjectIdx, Snapshot};
 
 /// How a call ended.
@@ -62,6 +64,8 @@ pub struct Call {
     pub route: Option<Arc<str>>,
     /// Name of the caller's key.
     pub key: Option<Arc<str>>,
+    /// The key's fingerprint.
+    pub key_fp: Option<Arc<str>>,
     /// The project billed.
     pub project: Option<ProjectIdx>,
     /// The endpoint called.
@@ -86,6 +90,10 @@ pub struct Call {
     pub metered: Option<Metered>,
     /// The response id a GET/DELETE/cancel names.
     pub target_response: Option<String>,
+    /// What the rate limiter granted, corrected with the real tokens at the end.
+    pub rate: Option<Admission>,
+    /// What the budgets reserved, replaced by the real cost at the end.
+    pub reservation: Option<Reservation>,
     committed: bool,
 }
 
@@ -114,6 +122,7 @@ impl Call {
             request_id: None,
             route: None,
             key: None,
+            key_fp: None,
             project: None,
             endpoint: None,
             model: None,
@@ -126,6 +135,8 @@ impl Call {
             error_code: None,
             metered: None,
             target_response: None,
+            rate: None,
+            reservation: None,
             committed: false,
         }
     }
@@ -195,9 +206,47 @@ impl Call {
             response_id: metered.response_id.or_else(|| self.target_response.clone()),
         };
         self.index_response(&bill, background.as_ref());
+        self.settle_admission(&bill);
         self.log(&bill);
         self.observe(&bill);
         self.write(bill, background);
+    }
+
+    /// Corrects the rate limiter and the budgets with what the call really used and cost, and
+    /// sends the budget alerts that crossed a threshold.
+    fn settle_admission(&mut self, bill: &Bill) {
+        if let Some(rate) = self.rate.take() {
+            rate.settle(bill.usage.input + bill.usage.output, Instant::now());
+        }
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        for alert in reservation.settle(bill.cost.and_then(pricing::to_pico), now_ms) {
+            tracing::warn!(
+                budget = %alert.budget,
+                scope = %alert.scope,
+                fraction = alert.fraction,
+                spend_usd = %alert.spend_usd,
+                limit_usd = %alert.limit_usd,
+                forecast_usd = %alert.forecast_usd,
+                "budget threshold crossed"
+            );
+            if let Some(url) = &self.snap.alert_webhook
+                && let Ok(handle) = tokio::runtime::Handle::try_current()
+            {
+                let request = self.state.client.post(url).json(&alert);
+                handle.spawn(async move {
+                    if let Err(err) = request
+                        .send()
+                        .await
+                        .and_then(reqwest::Response::error_for_status)
+                    {
+                        tracing::error!(error = %err.without_url(), "budget alert webhook failed");
+                    }
+                });
+            }
+        }
     }
 
     /// Remembers which project a new Responses object lives in (and, for background ones,
@@ -303,6 +352,7 @@ impl Call {
             ts_ms: self.wall_ms,
             request_id: self.request_id_str().to_owned(),
             key: self.key.clone(),
+            key_fp: self.key_fp.clone(),
             route: self.route.clone(),
             project: project.map(|p| p.name.clone()),
             project_id: project.map(|p| p.id.clone()),

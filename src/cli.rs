@@ -54,6 +54,12 @@ enum Command {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// Budgets: limit, month-to-date spend, percentage and month-end forecast, from the ledger.
+    Budgets {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Validate a configuration: print a summary, or every problem and exit non-zero.
     Check {
         /// Configuration file (TOML).
@@ -84,6 +90,12 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
+    /// List the configured keys: name, projects, expiry, state and last use (from the ledger).
+    List {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print a fresh random key and the `[[keys]]` block (with its SHA-256) for the config.
     New {
         /// Name of the key in logs and reports.
@@ -105,6 +117,7 @@ pub fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(serve(&config, listen)))
         }
         Command::Check { config } => return check(&config),
+        Command::Budgets { config } => budgets(&config),
         Command::Report {
             config,
             from,
@@ -118,6 +131,9 @@ pub fn main() -> ExitCode {
             keys_new(&name, &projects);
             Ok(())
         }
+        Command::Keys {
+            command: KeysCommand::List { config },
+        } => keys_list(&config),
         Command::Demo { listen } => runtime().and_then(|rt| rt.block_on(demo(listen))),
         Command::Simulate {
             listen,
@@ -159,13 +175,11 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 
 async fn serve(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let config = load(path)?;
-    let upstream_key = std::env::var(&config.upstream.api_key_env)
-        .ok()
-        .filter(|k| !k.is_empty());
-    if upstream_key.is_none() {
+    let upstream_key = crate::reload::upstream_key(&config)?;
+    if upstream_key.is_none() && config.upstream.auth == crate::config::UpstreamAuth::ApiKey {
         tracing::error!(
             env = %config.upstream.api_key_env,
-            "no upstream API key in the environment: calls will fail with upstream_key_missing and /readyz reports not ready"
+            "no upstream API key (upstream.api_key_env / api_key_file): calls will fail with upstream_key_missing and /readyz reports not ready"
         );
     }
     let addr = match listen {
@@ -174,7 +188,7 @@ async fn serve(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     };
     let snapshot = Snapshot::build(&config, upstream_key.as_deref())?;
     let token = admin_token(&config);
-    run(addr, snapshot, &config, token).await
+    run(addr, snapshot, &config, token, Some(path)).await
 }
 
 /// Admin token from `[admin] token_env`, when set and present.
@@ -194,6 +208,7 @@ async fn run(
     snapshot: Snapshot,
     config: &Config,
     admin_token: Option<String>,
+    config_path: Option<&Path>,
 ) -> anyhow::Result<()> {
     tracing::info!(
         projects = snapshot.projects.len(),
@@ -217,11 +232,16 @@ async fn run(
             },
         );
     }
+    state.snapshot.load().budgets.seed_from_ledger(&reader)?;
     let (ledger, writer) = Ledger::start(Box::new(store), config.ledger.queue_capacity)?;
     state.ledger = Some(ledger.clone());
     state.reader = Some(Arc::new(Mutex::new(reader)));
     state.admin_token = admin_token.map(|t| Arc::new(Secret::new(t)));
     tracing::info!(path = %ledger_path.display(), "ledger open");
+    if let Some(path) = config_path {
+        let reloader = Arc::new(crate::reload::Reloader::new(path, state.clone()));
+        tokio::spawn(reloader.watch(Duration::from_secs(2)));
+    }
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -237,6 +257,39 @@ async fn run(
     // Every call that finished has queued its record: write them all before exiting.
     writer.close(&ledger);
     tracing::info!("stopped");
+    Ok(())
+}
+
+fn budgets(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let budgets = crate::budget::Budgets::from_config(&config, now_ms)?;
+    let ledger_path = Path::new(&config.ledger.path);
+    let reader = Reader::new(
+        sqlite::open_read_only(ledger_path)
+            .with_context(|| format!("cannot read the ledger {}", ledger_path.display()))?,
+    );
+    budgets.seed_from_ledger(&reader)?;
+    println!(
+        "{:<24} {:<8} {:<8} {:>14} {:>14} {:>8} {:>14}  scope",
+        "budget", "action", "month", "limit_usd", "spend_usd", "percent", "forecast_usd"
+    );
+    for s in budgets.statuses(now_ms) {
+        println!(
+            "{:<24} {:<8} {:<8} {:>14} {:>14} {:>7}% {:>14}  {} ({})",
+            s.name,
+            s.action,
+            s.month,
+            s.limit_usd,
+            s.spend_usd,
+            s.percent,
+            s.forecast_usd,
+            s.scope,
+            s.timezone
+        );
+    }
+    println!("forecast: {}", crate::budget::FORECAST_METHOD);
+    println!("in-flight reservations live in the running proxy: GET /admin/v1/budgets");
     Ok(())
 }
 
@@ -338,6 +391,49 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
+fn keys_list(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let ledger_path = Path::new(&config.ledger.path);
+    let last_used = match sqlite::open_read_only(ledger_path) {
+        Ok(conn) => Reader::new(conn).last_used()?,
+        Err(_) => std::collections::HashMap::new(),
+    };
+    let now = jiff::Timestamp::now();
+    println!(
+        "{:<24} {:<10} {:<22} {:<24} {:<26} projects",
+        "name", "state", "sha256", "expires_at", "last_used"
+    );
+    for k in &config.keys {
+        let expires = k
+            .expires_at
+            .as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        let state = if k.disabled {
+            "disabled"
+        } else if expires.is_some_and(|e| e <= now) {
+            "expired"
+        } else if k.passthrough {
+            "passthru"
+        } else {
+            "active"
+        };
+        let last = last_used
+            .get(&k.sha256.get(..12).unwrap_or("").to_ascii_lowercase())
+            .and_then(|ms| jiff::Timestamp::from_millisecond(*ms).ok())
+            .map_or_else(|| "never".to_owned(), |t| t.to_string());
+        println!(
+            "{:<24} {:<10} {:<22} {:<24} {:<26} [{}]",
+            k.name,
+            state,
+            format!("{}...", &k.sha256.get(..16).unwrap_or(&k.sha256)),
+            k.expires_at.as_deref().unwrap_or("-"),
+            last,
+            k.projects.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn keys_new(name: &str, projects: &[String]) {
     let key = crate::keys::mint();
     println!("# The key (shown once: hand it to the app, keep it in a secret store):");
@@ -418,7 +514,14 @@ What it cost, by team (the admin API, or: cargo run -- report --config config/de
 Access log lines (JSON, one per call) follow below. Ctrl-C stops the demo.
 "#
     );
-    run(listen, snapshot, &config, Some(DEMO_ADMIN_TOKEN.to_owned())).await
+    run(
+        listen,
+        snapshot,
+        &config,
+        Some(DEMO_ADMIN_TOKEN.to_owned()),
+        None,
+    )
+    .await
 }
 
 async fn simulate(listen: SocketAddr, event_delay_ms: u64) -> anyhow::Result<()> {

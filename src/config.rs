@@ -47,9 +47,119 @@ pub struct Config {
     /// Model prices (USD per million tokens), overriding the shipped list.
     #[serde(default)]
     pub prices: Vec<PriceEntry>,
+    /// Tag rules every project must follow.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Monthly spending limits per project or tag value.
+    #[serde(default)]
+    pub budgets: Vec<BudgetConfig>,
+    /// Request and token rates per project or key.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
+    /// Defaults of admission control.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Where budget alerts go.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     /// Directory of the config file, for relative paths in it (not a TOML field).
     #[serde(skip)]
     pub source_dir: Option<std::path::PathBuf>,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Tags every project must carry.
+    #[serde(default)]
+    pub required_tags: Vec<String>,
+    /// Tag -> the only values it may take.
+    #[serde(default)]
+    pub allowed_values: BTreeMap<String, Vec<String>>,
+    /// Tag -> a regular expression its value must match (anchor it with `^...$`).
+    #[serde(default)]
+    pub patterns: BTreeMap<String, String>,
+}
+
+/// `[[budgets]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Name in errors, alerts and metrics.
+    pub name: String,
+    /// The project (by name) whose calls count; or use `tag`.
+    pub project: Option<String>,
+    /// Tag values whose projects' calls count (all must match); or use `project`.
+    pub tag: Option<BTreeMap<String, String>>,
+    /// Monthly limit in USD, as a decimal string.
+    pub monthly_usd: String,
+    /// `alert` (default: only alerts) or `block` (429 `budget_exceeded` once spent).
+    #[serde(default)]
+    pub action: BudgetAction,
+    /// Fractions of the limit at which to alert, once each per month.
+    #[serde(default = "default_alert_at")]
+    pub alert_at: Vec<f64>,
+    /// IANA time zone whose calendar months the budget follows.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+}
+
+fn default_alert_at() -> Vec<f64> {
+    vec![0.5, 0.8, 1.0]
+}
+fn default_timezone() -> String {
+    "UTC".to_owned()
+}
+
+/// What a budget does when spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetAction {
+    /// Log and notify only.
+    #[default]
+    Alert,
+    /// Refuse calls with 429 `budget_exceeded`.
+    Block,
+}
+
+/// `[[rate_limits]]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// The project (by name) limited; or use `key`.
+    pub project: Option<String>,
+    /// The key (by name) limited; or use `project`.
+    pub key: Option<String>,
+    /// Requests per minute.
+    pub requests_per_minute: Option<u64>,
+    /// Input + output tokens per minute (estimated at admission, corrected at the end).
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Output tokens assumed for a call that sets no `max_tokens` (budget reservations and
+    /// token rate limits).
+    pub default_max_output_tokens: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            default_max_output_tokens: 4096,
+        }
+    }
+}
+
+/// `[alerts]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// URL that receives one JSON POST per budget alert.
+    pub webhook_url: Option<String>,
 }
 
 /// `[ledger]`
@@ -118,9 +228,18 @@ impl Default for ServerConfig {
 pub struct UpstreamConfig {
     /// Scheme and host of bedrock-mantle, with an optional path prefix.
     pub base_url: String,
+    /// How mantlegate authenticates upstream: `api_key` or `sigv4`.
+    #[serde(default)]
+    pub auth: UpstreamAuth,
     /// Environment variable holding the Bedrock API key sent upstream.
     #[serde(default = "default_api_key_env")]
     pub api_key_env: String,
+    /// File holding the Bedrock API key (re-read when it changes); overrides `api_key_env`.
+    pub api_key_file: Option<String>,
+    /// Environment variable holding the key for the Projects API (`mantlegate projects`).
+    pub admin_api_key_env: Option<String>,
+    /// AWS region for SigV4 (default: read from the base URL's host).
+    pub region: Option<String>,
     /// Path prefix models live under unless `model_prefixes` says otherwise.
     #[serde(default = "default_prefix")]
     pub default_prefix: String,
@@ -147,6 +266,17 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_response_timeout() -> Duration {
     Duration::from_mins(5)
+}
+
+/// How mantlegate authenticates to bedrock-mantle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamAuth {
+    /// A Bedrock API key as a bearer token.
+    #[default]
+    ApiKey,
+    /// AWS SigV4 with credentials from the standard AWS chain.
+    Sigv4,
 }
 
 /// `[[upstream.model_prefixes]]`
@@ -205,6 +335,15 @@ pub struct KeyConfig {
     /// Project names the key may use; the first is its default. Empty: none of its own.
     #[serde(default)]
     pub projects: Vec<String>,
+    /// When the key stops working (RFC 3339, e.g. `2027-01-31T00:00:00Z`).
+    pub expires_at: Option<String>,
+    /// A disabled key gets 401 (kept in the file for the record).
+    #[serde(default)]
+    pub disabled: bool,
+    /// The key is the caller's own Bedrock API key: forward it upstream instead of
+    /// mantlegate's, still enforcing the project.
+    #[serde(default)]
+    pub passthrough: bool,
 }
 
 /// `[[routes]]`
@@ -310,7 +449,151 @@ impl Config {
         self.validate_keys(&mut v, &names);
         self.validate_routes(&mut v, &names);
         self.validate_rest(&mut v);
+        self.validate_policy(&mut v);
+        self.validate_governance(&mut v, &names);
         v.problems
+    }
+
+    fn validate_policy(&self, v: &mut Validator) {
+        let policy = &self.policy;
+        let mut patterns = Vec::new();
+        for (tag, pattern) in &policy.patterns {
+            match regex::Regex::new(pattern) {
+                Ok(re) => patterns.push((tag, re)),
+                Err(e) => v.add(
+                    format!("policy.patterns.{tag}"),
+                    format!("`{pattern}` is not a valid regular expression: {e}"),
+                ),
+            }
+        }
+        for (i, p) in self.projects.iter().enumerate() {
+            for (key, value) in &p.tags {
+                let path = format!("projects[{i}].tags.{key}");
+                if let Err(why) = crate::policy::check_tag(key, value) {
+                    v.add(path, format!("project `{}`: {why}", p.name));
+                }
+            }
+            for tag in &policy.required_tags {
+                if !p.tags.contains_key(tag) {
+                    v.add(
+                        format!("projects[{i}].tags"),
+                        format!("project `{}` lacks the required tag `{tag}`", p.name),
+                    );
+                }
+            }
+            for (tag, allowed) in &policy.allowed_values {
+                if let Some(value) = p.tags.get(tag)
+                    && !allowed.contains(value)
+                {
+                    v.add(
+                        format!("projects[{i}].tags.{tag}"),
+                        format!(
+                            "project `{}`: `{value}` is not an allowed {tag}; allowed: {}",
+                            p.name,
+                            allowed.join(", ")
+                        ),
+                    );
+                }
+            }
+            for (tag, re) in &patterns {
+                if let Some(value) = p.tags.get(tag.as_str())
+                    && !re.is_match(value)
+                {
+                    v.add(
+                        format!("projects[{i}].tags.{tag}"),
+                        format!(
+                            "project `{}`: `{value}` does not match the {tag} pattern `{}`",
+                            p.name,
+                            re.as_str()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn validate_governance(&self, v: &mut Validator, names: &HashSet<&str>) {
+        let mut budget_names = HashSet::new();
+        for (i, b) in self.budgets.iter().enumerate() {
+            let path = format!("budgets[{i}]");
+            if b.name.trim().is_empty() || !budget_names.insert(b.name.as_str()) {
+                v.add(format!("{path}.name"), "must be non-empty and unique");
+            }
+            match (&b.project, &b.tag) {
+                (Some(p), None) => check_ref(v, &format!("{path}.project"), p, names),
+                (None, Some(t)) if !t.is_empty() => {}
+                _ => v.add(
+                    path.clone(),
+                    "set exactly one of `project` or `tag = { Name = \"value\" }`",
+                ),
+            }
+            match b.monthly_usd.parse::<rust_decimal::Decimal>() {
+                Ok(d) if d > rust_decimal::Decimal::ZERO => {}
+                _ => v.add(
+                    format!("{path}.monthly_usd"),
+                    format!(
+                        "`{}` is not a positive decimal amount such as \"500\"",
+                        b.monthly_usd
+                    ),
+                ),
+            }
+            if b.alert_at.iter().any(|f| !(*f > 0.0 && *f <= 10.0)) {
+                v.add(
+                    format!("{path}.alert_at"),
+                    "fractions of the limit must be greater than 0 (1.0 = the whole budget)",
+                );
+            }
+            if b.alert_at.len() > 32 {
+                v.add(format!("{path}.alert_at"), "at most 32 thresholds");
+            }
+            if jiff::tz::TimeZone::get(&b.timezone).is_err() {
+                v.add(
+                    format!("{path}.timezone"),
+                    format!(
+                        "`{}` is not an IANA time zone such as Europe/Berlin",
+                        b.timezone
+                    ),
+                );
+            }
+        }
+        for (i, r) in self.rate_limits.iter().enumerate() {
+            let path = format!("rate_limits[{i}]");
+            match (&r.project, &r.key) {
+                (Some(p), None) => check_ref(v, &format!("{path}.project"), p, names),
+                (None, Some(k)) => {
+                    if !self.keys.iter().any(|key| &key.name == k) {
+                        v.add(
+                            format!("{path}.key"),
+                            format!("no [[keys]] entry is named `{k}`"),
+                        );
+                    }
+                }
+                _ => v.add(path.clone(), "set exactly one of `project` or `key`"),
+            }
+            if r.requests_per_minute.is_none() && r.tokens_per_minute.is_none() {
+                v.add(
+                    path.clone(),
+                    "set requests_per_minute, tokens_per_minute or both",
+                );
+            }
+            if r.requests_per_minute == Some(0) || r.tokens_per_minute == Some(0) {
+                v.add(
+                    path,
+                    "a limit of 0 would refuse every call: remove the key's access instead",
+                );
+            }
+        }
+        if self.limits.default_max_output_tokens == 0 {
+            v.add("limits.default_max_output_tokens", "must be greater than 0");
+        }
+        if let Some(url) = &self.alerts.webhook_url
+            && !reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        {
+            v.add(
+                "alerts.webhook_url",
+                format!("`{url}` is not an http(s) URL"),
+            );
+        }
     }
 
     /// The price table this config describes.
@@ -484,6 +767,14 @@ impl Config {
                 v.add(
                     format!("{path}.sha256"),
                     format!("the same key is already declared as keys[{first}]"),
+                );
+            }
+            if let Some(at) = &k.expires_at
+                && at.parse::<jiff::Timestamp>().is_err()
+            {
+                v.add(
+                    format!("{path}.expires_at"),
+                    format!("`{at}` is not an RFC 3339 time such as 2027-01-31T00:00:00Z"),
                 );
             }
             let mut seen = HashSet::new();
@@ -688,6 +979,74 @@ mod tests {
             "keys[0].projects[0]",
             "routes[0].prefix",
             "routes[0].project",
+        ] {
+            assert!(
+                paths.iter().any(|p| p == expected),
+                "{expected} missing from {paths:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tag_policy_violations_of_every_kind() {
+        let text = format!(
+            r#"{MINIMAL}
+            [policy]
+            required_tags = ["Team", "CostCenter"]
+            [policy.allowed_values]
+            Environment = ["Production", "Staging"]
+            [policy.patterns]
+            CostCenter = "^CC-[0-9]{{4}}$"
+            [[projects]]
+            name = "Good"
+            id = "proj_good"
+            tags = {{ Team = "CX", CostCenter = "CC-1001", Environment = "Production" }}
+            [[projects]]
+            name = "Bad"
+            id = "proj_bad"
+            tags = {{ CostCenter = "1001", Environment = "prod", "aws:owner" = "x", Note = "a;b" }}
+            "#
+        );
+        let found: Vec<String> = problems(&text).into_iter().map(|p| p.to_string()).collect();
+        let expect = [
+            "projects[1].tags: project `Bad` lacks the required tag `Team`",
+            "projects[1].tags.Environment: project `Bad`: `prod` is not an allowed Environment",
+            "projects[1].tags.CostCenter: project `Bad`: `1001` does not match the CostCenter pattern",
+            "projects[1].tags.aws:owner: project `Bad`: tag key `aws:owner` starts with `aws:`",
+            "projects[1].tags.Note: project `Bad`: the value of tag `Note` contains `;`",
+        ];
+        for e in expect {
+            assert!(
+                found.iter().any(|f| f.starts_with(e)),
+                "{e}\nnot in {found:#?}"
+            );
+        }
+        assert!(!found.iter().any(|f| f.contains("`Good`")), "{found:#?}");
+        assert_eq!(found.len(), expect.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn governance_entries_are_checked() {
+        let text = format!(
+            r#"{MINIMAL}
+            [[projects]]
+            name = "P"
+            id = "proj_p"
+            [[budgets]]
+            name = "b"
+            monthly_usd = "-3"
+            timezone = "Mars/Olympus"
+            [[rate_limits]]
+            key = "ghost"
+            "#
+        );
+        let paths: Vec<String> = problems(&text).into_iter().map(|p| p.path).collect();
+        for expected in [
+            "budgets[0]",
+            "budgets[0].monthly_usd",
+            "budgets[0].timezone",
+            "rate_limits[0].key",
+            "rate_limits[0]",
         ] {
             assert!(
                 paths.iter().any(|p| p == expected),

@@ -7,12 +7,19 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::budget::Exceeded;
+use crate::ratelimit::Limited;
+
+fn rate_message(l: &Limited) -> String {
+    l.to_string()
+}
+
 /// Everything mantlegate itself refuses or fails with. Upstream errors are relayed, not wrapped.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// No credential, or no key with that SHA-256.
     #[error("{0}")]
-    InvalidApiKey(&'static str),
+    InvalidApiKey(std::borrow::Cow<'static, str>),
     /// The call asked for, or came through a route to, a project its key may not use.
     #[error("{0}")]
     ProjectForbidden(String),
@@ -37,6 +44,12 @@ pub enum ProxyError {
         "the path `{0}` is not in normal form (no `//`, `.`/`..` segments or percent-escaped `/` and `.` are allowed)"
     )]
     InvalidPath(String),
+    /// A rate limit of the call's project or key is reached.
+    #[error("{}", rate_message(.0))]
+    RateLimited(Box<Limited>),
+    /// A block budget the call falls under is spent (or the call's reservation would pass it).
+    #[error("budget `{}` is spent for this month: ${} of ${}. Ask your platform team to raise it, or wait for the next month", .0.name, .0.spend_usd, .0.limit_usd)]
+    BudgetExceeded(Box<Exceeded>),
     /// The body is not valid JSON.
     #[error("the request body is not valid JSON: {0}")]
     InvalidJson(String),
@@ -77,6 +90,7 @@ impl ProxyError {
             | Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::UnknownEndpoint { .. } | Self::ResponseNotFound(_) => StatusCode::NOT_FOUND,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited(_) | Self::BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamKeyMissing => StatusCode::SERVICE_UNAVAILABLE,
@@ -95,6 +109,8 @@ impl ProxyError {
             Self::ResponseNotFound(_) => "response_not_found",
             Self::InvalidPath(_) => "invalid_path",
             Self::InvalidJson(_) => "invalid_json",
+            Self::RateLimited(_) => "rate_limit_exceeded",
+            Self::BudgetExceeded(_) => "budget_exceeded",
             Self::RequestTooLarge(_) => "request_too_large",
             Self::BadBody(_) => "invalid_body",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
@@ -110,6 +126,7 @@ impl ProxyError {
         match self {
             Self::InvalidApiKey(_) => "authentication_error",
             Self::ProjectForbidden(_) => "permission_error",
+            Self::RateLimited(_) | Self::BudgetExceeded(_) => "rate_limit_error",
             Self::ResponseNotFound(_) => "not_found_error",
             Self::UpstreamUnavailable(_) | Self::UpstreamTimeout(_) | Self::UpstreamKeyMissing => {
                 "upstream_error"
@@ -167,9 +184,14 @@ impl IntoResponse for ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        // Retrying cannot fix a refusal; the SDKs honour this header.
-        if self.is_rejection() {
-            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        match &self {
+            // The SDKs back off and retry by themselves with these.
+            Self::RateLimited(limited) => limited.apply(headers),
+            // Retrying cannot fix a refusal; the SDKs honour this header.
+            _ if self.is_rejection() => {
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            _ => {}
         }
         response
     }
@@ -181,7 +203,7 @@ mod tests {
 
     #[test]
     fn body_is_openai_shaped() {
-        let err = ProxyError::InvalidApiKey("no key");
+        let err = ProxyError::InvalidApiKey("no key".into());
         let v: serde_json::Value = serde_json::from_slice(&err.body()).expect("json");
         assert_eq!(v["error"]["message"], "no key");
         assert_eq!(v["error"]["type"], "authentication_error");

@@ -20,6 +20,8 @@ pub struct Record {
     pub request_id: String,
     /// Name of the caller's key.
     pub key: Option<Arc<str>>,
+    /// The key's fingerprint: the first 12 hex digits of its SHA-256.
+    pub key_fp: Option<Arc<str>>,
     /// Route prefix the call came through.
     pub route: Option<Arc<str>>,
     /// Project name.

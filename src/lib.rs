@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod attribution;
+pub mod budget;
 pub mod call;
 pub mod cli;
 pub mod config;
@@ -12,8 +13,11 @@ pub mod keys;
 pub mod ledger;
 pub mod meter;
 pub mod metrics;
+pub mod policy;
 pub mod pricing;
 pub mod proxy;
+pub mod ratelimit;
+pub mod reload;
 pub mod report;
 pub mod secret;
 pub mod state;
@@ -45,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(admin::metrics))
         .route("/admin/v1/costs", get(admin::costs))
+        .route("/admin/v1/budgets", get(admin::budgets))
         .fallback(proxy::handle)
         .with_state(state)
         .layer(CatchPanicLayer::custom(panic_response))

@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::budget::Budgets;
 use crate::ledger::LedgerStats;
 use crate::meter::Usage;
 
@@ -78,6 +79,15 @@ pub struct Metrics {
     ledger_dropped: Gauge,
     ledger_errors: Gauge,
     in_flight: Gauge,
+    budget_limit: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    budget_spend: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    reloads: Counter,
+    reload_failures: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    budget: String,
 }
 
 /// Facts of one finished call for the metrics.
@@ -126,6 +136,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric.
     #[must_use]
+    #[expect(clippy::too_many_lines, reason = "one registration after another")]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mantlegate");
         let requests = Family::default();
@@ -202,6 +213,26 @@ impl Metrics {
         );
         let in_flight = Gauge::default();
         registry.register("in_flight_requests", "Calls in progress", in_flight.clone());
+        let reloads = Counter::default();
+        registry.register("config_reloads", "Config reloads taken", reloads.clone());
+        let reload_failures = Counter::default();
+        registry.register(
+            "config_reload_failures",
+            "Config reloads refused (invalid config; the old one stays)",
+            reload_failures.clone(),
+        );
+        let budget_limit = Family::default();
+        registry.register(
+            "budget_limit_usd",
+            "Monthly limit of each budget",
+            budget_limit.clone(),
+        );
+        let budget_spend = Family::default();
+        registry.register(
+            "budget_spend_usd",
+            "Month-to-date spend of each budget",
+            budget_spend.clone(),
+        );
         Self {
             registry,
             requests,
@@ -218,6 +249,10 @@ impl Metrics {
             ledger_dropped,
             ledger_errors,
             in_flight,
+            budget_limit,
+            budget_spend,
+            reloads,
+            reload_failures,
         }
     }
 
@@ -226,6 +261,15 @@ impl Metrics {
     pub fn in_flight(self: &Arc<Self>) -> InFlight {
         self.in_flight.inc();
         InFlight(self.clone())
+    }
+
+    /// Counts a config reload, taken or refused.
+    pub fn reloaded(&self, ok: bool) {
+        if ok {
+            self.reloads.inc();
+        } else {
+            self.reload_failures.inc();
+        }
     }
 
     /// Records a finished call.
@@ -306,7 +350,22 @@ impl Metrics {
 
     /// The Prometheus text exposition, with ledger gauges read now.
     #[must_use]
-    pub fn render(&self, ledger: Option<&LedgerStats>) -> String {
+    pub fn render(&self, ledger: Option<&LedgerStats>, budgets: &Budgets) -> String {
+        for b in &budgets.list {
+            let labels = BudgetLabels {
+                budget: b.name.clone(),
+            };
+            let to_f64 = |pico: i64| {
+                rust_decimal::prelude::ToPrimitive::to_f64(&crate::pricing::from_pico(pico))
+                    .unwrap_or(0.0)
+            };
+            self.budget_limit
+                .get_or_create(&labels)
+                .set(to_f64(b.limit_pico));
+            self.budget_spend
+                .get_or_create(&labels)
+                .set(to_f64(b.spent_pico()));
+        }
         if let Some(s) = ledger {
             let get = |a: &AtomicU64| i64::try_from(a.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
             self.ledger_queue.set(get(&s.queued));

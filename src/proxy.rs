@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, header, request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header, request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -17,8 +17,9 @@ use http_body_util::BodyExt;
 use crate::attribution;
 use crate::call::{Call, Outcome};
 use crate::error::ProxyError;
+use crate::meter::Usage;
 use crate::meter::stream::{BodyMeter, Kind};
-use crate::state::{AppState, ProjectIdx, Snapshot};
+use crate::state::{AppState, Key, Project, ProjectIdx, Snapshot};
 use endpoint::Endpoint;
 use facts::RequestFacts;
 use relay::RelayBody;
@@ -57,6 +58,9 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
             if meter.rewrites() {
                 // The relayed stream differs from the upstream's in length.
                 parts.headers.remove(header::CONTENT_LENGTH);
+            }
+            if let Some(rate) = &call.rate {
+                rate.headers.apply(&mut parts.headers);
             }
             let success = parts.status.is_success();
             call.overhead = Some(sent.duration_since(call.started()) + head.elapsed());
@@ -109,8 +113,10 @@ async fn forward(
         .filter(|r| r.is_empty() || r.starts_with('/'))
         .ok_or_else(|| endpoint::unknown(&parts.method, path))?;
     // Authenticate before classifying, so a probe of an unforwarded path is logged with its key.
-    let key = attribution::authenticate(snap, &attribution::credential_hash(&parts.headers)?)?;
+    let credential = attribution::credential(&parts.headers)?;
+    let key = attribution::authenticate(snap, credential)?;
     call.key = Some(key.name.clone());
+    call.key_fp = Some(key.fingerprint.clone());
     let endpoint = Endpoint::classify(&parts.method, rest, path)?;
     call.endpoint = Some(endpoint);
 
@@ -130,11 +136,21 @@ async fn forward(
     }
     let project = &snap.projects[project_idx];
     call.project = Some(project_idx);
-    let authorization = snap
-        .upstream
-        .authorization
-        .as_ref()
-        .ok_or(ProxyError::UpstreamKeyMissing)?;
+    // A pass-through key is the caller's own Bedrock API key: it goes upstream as sent.
+    let authorization = if key.passthrough {
+        let mut v = HeaderValue::from_str(&format!("Bearer {credential}")).map_err(|_| {
+            ProxyError::InvalidApiKey("the API key is not valid header text".into())
+        })?;
+        v.set_sensitive(true);
+        v
+    } else {
+        snap.upstream
+            .authorization
+            .as_ref()
+            .ok_or(ProxyError::UpstreamKeyMissing)?
+            .expose()
+            .clone()
+    };
 
     let mut body = if endpoint.forwards_body() {
         read_body(body, snap.max_body_bytes, &parts).await?
@@ -144,9 +160,11 @@ async fn forward(
     call.request_bytes = body.len();
     let mut inject_usage = false;
     let mut model = None;
+    let mut max_output = None;
     if endpoint.has_json_body() {
         let facts = RequestFacts::parse(&body).map_err(ProxyError::InvalidJson)?;
         call.stream = facts.stream;
+        max_output = facts.max_output_tokens;
         inject_usage =
             endpoint == Endpoint::ChatCompletions && facts.stream && !facts.include_usage;
         if inject_usage {
@@ -160,6 +178,7 @@ async fn forward(
     }
     let prefix = snap.upstream.prefix_for(model.as_deref());
     call.model = model;
+    admit(snap, key, project, endpoint, max_output, call)?;
 
     let query = parts.uri.query();
     let mut url = String::with_capacity(
@@ -174,7 +193,7 @@ async fn forward(
     }
     let mut upstream_headers = HeaderMap::with_capacity(parts.headers.len() + 2);
     headers::copy_upstream(&parts.headers, &mut upstream_headers);
-    upstream_headers.insert(header::AUTHORIZATION, authorization.expose().clone());
+    upstream_headers.insert(header::AUTHORIZATION, authorization);
     upstream_headers.insert(OPENAI_PROJECT.clone(), project.id_header.clone());
 
     let mut builder = state
@@ -210,6 +229,60 @@ async fn forward(
         meter: BodyMeter::new(kind, call.request_bytes),
         sent,
     })
+}
+
+/// Admission control: the rate limits of the project and the key, then the budgets the
+/// project falls under, each taking the call's estimate (input from the body size, output
+/// from its cap or `default_max_output_tokens`), corrected when the call ends.
+fn admit(
+    snap: &Snapshot,
+    key: &Key,
+    project: &Project,
+    endpoint: Endpoint,
+    max_output: Option<u64>,
+    call: &mut Call,
+) -> Result<(), ProxyError> {
+    let generates = matches!(
+        endpoint,
+        Endpoint::ChatCompletions | Endpoint::CreateResponse
+    );
+    let estimate = Usage {
+        input: (call.request_bytes / 4) as u64,
+        cached_input: 0,
+        output: if generates {
+            max_output.unwrap_or(snap.default_max_output_tokens)
+        } else {
+            0
+        },
+        reasoning: 0,
+    };
+    if !project.rate_rules.is_empty() || !key.rate_rules.is_empty() {
+        let mut rules = project.rate_rules.clone();
+        rules.extend_from_slice(&key.rate_rules);
+        let tokens = if generates {
+            estimate.input + estimate.output
+        } else {
+            0
+        };
+        match snap.limiter.acquire(&rules, tokens, Instant::now()) {
+            Ok(admission) => call.rate = Some(admission),
+            Err(limited) => return Err(ProxyError::RateLimited(Box::new(limited))),
+        }
+    }
+    if generates && !project.budgets.is_empty() {
+        let reserve = call
+            .model
+            .as_deref()
+            .and_then(|m| snap.prices.lookup(m))
+            .and_then(|price| crate::pricing::to_pico(crate::pricing::cost(price, &estimate)))
+            .unwrap_or(0);
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        match snap.budgets.admit(&project.budgets, reserve, now_ms) {
+            Ok(reservation) => call.reservation = Some(reservation),
+            Err(exceeded) => return Err(ProxyError::BudgetExceeded(Box::new(exceeded))),
+        }
+    }
+    Ok(())
 }
 
 /// What to meter in an answer.

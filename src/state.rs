@@ -8,11 +8,13 @@ use arc_swap::ArcSwap;
 use axum::http::HeaderValue;
 use dashmap::DashMap;
 
+use crate::budget::Budgets;
 use crate::config::{Config, OnMissing, glob_matches, parse_sha256};
 use crate::ledger::Ledger;
 use crate::ledger::sqlite::Reader;
 use crate::metrics::{Metrics, TagLabels};
 use crate::pricing::PriceTable;
+use crate::ratelimit::{RateLimiter, RateRule};
 use crate::secret::Secret;
 
 /// Index of a project in [`Snapshot::projects`].
@@ -33,6 +35,10 @@ pub struct Project {
     pub tags_json: Arc<str>,
     /// The tags exported as metric labels.
     pub metric_tags: TagLabels,
+    /// Budgets its calls fall under (indices into [`Snapshot::budgets`]).
+    pub budgets: Vec<usize>,
+    /// Rate-limit rules on it (indices into the limiter's rules).
+    pub rate_rules: Vec<usize>,
 }
 
 /// A caller key (found by its SHA-256).
@@ -42,6 +48,16 @@ pub struct Key {
     pub name: Arc<str>,
     /// Projects it may use; the first is its default.
     pub projects: Vec<ProjectIdx>,
+    /// Rate-limit rules on it (indices into the limiter's rules).
+    pub rate_rules: Vec<usize>,
+    /// When it stops working.
+    pub expires_at: Option<jiff::Timestamp>,
+    /// Whether it is disabled.
+    pub disabled: bool,
+    /// Forward the caller's own key upstream instead of mantlegate's.
+    pub passthrough: bool,
+    /// First 12 hex digits of its SHA-256 (tells rotated secrets apart in the ledger).
+    pub fingerprint: Arc<str>,
 }
 
 /// A path prefix attributed to one project.
@@ -105,6 +121,30 @@ pub struct Snapshot {
     pub prices: PriceTable,
     /// Tag labels of calls without a project.
     pub no_tags: TagLabels,
+    /// Budgets with their live month-to-date state.
+    pub budgets: Budgets,
+    /// Rate limiter over `[[rate_limits]]` (rule i = entry i).
+    pub limiter: RateLimiter,
+    /// The `[[rate_limits]]` the limiter was built from (a reload with the same rules keeps
+    /// the limiter and its state).
+    pub rate_limit_config: Vec<crate::config::RateLimitConfig>,
+    /// Output tokens assumed when a call sets no cap.
+    pub default_max_output_tokens: u64,
+    /// Where budget alerts are sent (one JSON `POST` each).
+    pub alert_webhook: Option<String>,
+}
+
+fn rate_rules_of(
+    config: &Config,
+    pick: impl Fn(&crate::config::RateLimitConfig) -> bool,
+) -> Vec<usize> {
+    config
+        .rate_limits
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| pick(r))
+        .map(|(i, _)| i)
+        .collect()
 }
 
 impl Snapshot {
@@ -142,6 +182,8 @@ impl Snapshot {
                 tags: p.tags.clone(),
                 tags_json: serde_json::to_string(&p.tags)?.into(),
                 metric_tags,
+                budgets: Vec::new(),
+                rate_rules: rate_rules_of(config, |r| r.project.as_deref() == Some(&p.name)),
             };
             by_handle.insert(project.id.clone(), i);
             by_handle.insert(project.name.clone(), i);
@@ -168,6 +210,11 @@ impl Snapshot {
                 Key {
                     name: k.name.as_str().into(),
                     projects,
+                    rate_rules: rate_rules_of(config, |r| r.key.as_deref() == Some(&k.name)),
+                    expires_at: k.expires_at.as_deref().and_then(|t| t.parse().ok()),
+                    disabled: k.disabled,
+                    passthrough: k.passthrough,
+                    fingerprint: k.sha256.get(..12).unwrap_or("").to_ascii_lowercase().into(),
                 },
             );
         }
@@ -197,6 +244,11 @@ impl Snapshot {
                 Ok::<_, anyhow::Error>(Secret::new(v))
             })
             .transpose()?;
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let budgets = Budgets::from_config(config, now_ms)?;
+        for project in &mut projects {
+            project.budgets = budgets.applicable(project);
+        }
         let up = &config.upstream;
         Ok(Self {
             projects,
@@ -220,6 +272,20 @@ impl Snapshot {
             prices: config
                 .price_table()
                 .map_err(|p| anyhow::anyhow!("invalid prices: {}", p.len()))?,
+            budgets,
+            limiter: RateLimiter::new(
+                config
+                    .rate_limits
+                    .iter()
+                    .map(|r| RateRule {
+                        requests_per_minute: r.requests_per_minute,
+                        tokens_per_minute: r.tokens_per_minute,
+                    })
+                    .collect(),
+            ),
+            rate_limit_config: config.rate_limits.clone(),
+            default_max_output_tokens: config.limits.default_max_output_tokens,
+            alert_webhook: config.alerts.webhook_url.clone(),
             no_tags: config
                 .metrics
                 .tag_labels

@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS calls (
     ts_ms INTEGER NOT NULL,
     request_id TEXT NOT NULL,
     key_name TEXT,
+    key_fp TEXT,
     route TEXT,
     project_name TEXT,
     project_id TEXT,
@@ -39,7 +40,7 @@ CREATE TABLE IF NOT EXISTS calls (
 CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts_ms);
 CREATE INDEX IF NOT EXISTS calls_response ON calls (upstream_response_id)
     WHERE upstream_response_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS calls_key_ts ON calls (key_name, ts_ms);
+CREATE INDEX IF NOT EXISTS calls_key_ts ON calls (key_fp, ts_ms);
 
 -- One row per UTC day and combination of dimensions: reports and budgets read this, so they
 -- stay fast however many calls there are, and it survives deleting old raw rows.
@@ -75,9 +76,9 @@ CREATE TABLE IF NOT EXISTS pending_background (
 const INSERT_CALL: &str = "INSERT INTO calls (ts_ms, request_id, key_name, route, project_name,
     project_id, tags, api, model, stream, status, outcome, error_code, input_tokens,
     cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms,
-    ttfb_ms, upstream_response_id)
+    ttfb_ms, upstream_response_id, key_fp)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-    ?20, ?21, ?22)";
+    ?20, ?21, ?22, ?23)";
 
 const UPSERT_DAILY: &str = "INSERT INTO daily (day, key_name, route, project_name, project_id,
     tags, api, model, outcome, requests, input_tokens, cached_input_tokens, output_tokens,
@@ -213,6 +214,7 @@ impl Store for SqliteStore {
                     r.duration_ms,
                     r.ttfb_ms,
                     r.upstream_response_id,
+                    r.key_fp.as_deref(),
                 ])?;
                 daily.execute(params![
                     utc_day(r.ts_ms),
@@ -294,6 +296,40 @@ impl Reader {
             .conn
             .prepare("SELECT response_id, project_id, model FROM pending_background")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Priced spend between two times, per project and tag set:
+    /// `(project name, tags JSON, pico-dollars)`.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn spend_between(
+        &self,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> anyhow::Result<Vec<(String, String, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT COALESCE(project_name, ''), tags, SUM(cost_pico) FROM calls
+             WHERE ts_ms >= ?1 AND ts_ms < ?2 AND cost_pico IS NOT NULL
+             GROUP BY project_name, tags",
+        )?;
+        let rows = stmt.query_map([start_ms, end_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Last call time (Unix ms) per key fingerprint (the first 12 hex digits of its SHA-256),
+    /// so the old and new secret of a rotation are told apart.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn last_used(&self) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT key_fp, MAX(ts_ms) FROM calls WHERE key_fp IS NOT NULL GROUP BY key_fp",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

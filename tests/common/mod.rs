@@ -23,6 +23,7 @@ use tokio::sync::{Notify, oneshot};
 use mantlegate::config::Config;
 use mantlegate::ledger::sqlite::{self, Reader, SqliteStore};
 use mantlegate::ledger::{Ledger, LedgerStats};
+use mantlegate::reload::Reloader;
 use mantlegate::secret::Secret;
 use mantlegate::state::{AppState, Snapshot};
 
@@ -173,6 +174,16 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
         return json_response(
             &serde_json::json!({"id": "resp_bg1", "object": "response", "status": "completed",
             "background": true, "usage": {"input_tokens": 1000, "output_tokens": 500, "total_tokens": 1500}}),
+        );
+    }
+    if path.ends_with("/chat/completions")
+        && let Some(n) = json["max_tokens"].as_u64()
+    {
+        // Uses its whole output allowance: the worst case a budget reserves for.
+        return json_response(
+            &serde_json::json!({"id": "chatcmpl-2", "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n}}),
         );
     }
     if path.ends_with("/chat/completions") {
@@ -420,8 +431,29 @@ pub async fn spawn_proxy(config_text: &str) -> Proxy {
 pub async fn spawn_proxy_with_key(config_text: &str, upstream_key: Option<&str>) -> Proxy {
     let config = Config::from_toml(config_text).expect("valid test config");
     let snapshot = Snapshot::build(&config, upstream_key).expect("snapshot");
-    let mut state = AppState::new(snapshot, config.upstream.connect_timeout).expect("state");
+    let state = AppState::new(snapshot, config.upstream.connect_timeout).expect("state");
     let dir = tempfile::tempdir().expect("tempdir");
+    start(state, dir).await
+}
+
+/// A proxy whose config lives in a file, with the reloader `serve` would run on it.
+/// The upstream key comes from the file `upstream.key` beside it.
+pub async fn spawn_proxy_from_file(
+    config_text: &str,
+) -> (Proxy, Arc<Reloader>, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    std::fs::write(dir.path().join("upstream.key"), UPSTREAM_KEY).expect("write key");
+    std::fs::write(&path, config_text).expect("write config");
+    let config = Config::load(&path).expect("valid test config");
+    let key = mantlegate::reload::upstream_key(&config).expect("key");
+    let snapshot = Snapshot::build(&config, key.as_deref()).expect("snapshot");
+    let state = AppState::new(snapshot, config.upstream.connect_timeout).expect("state");
+    let reloader = Arc::new(Reloader::new(&path, state.clone()));
+    (start(state, dir).await, reloader, path)
+}
+
+async fn start(mut state: AppState, dir: tempfile::TempDir) -> Proxy {
     let db = dir.path().join("ledger.db");
     let store = SqliteStore::open(&db).expect("ledger");
     let reader = Reader::new(sqlite::open_read_only(&db).expect("reader"));

@@ -56,15 +56,17 @@ def simulator(binary: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def proxy(binary: Path, simulator: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    config = tmp_path_factory.mktemp("mantlegate") / "mantlegate.toml"
-    config.write_text(proxy_config(simulator))
+    workdir = tmp_path_factory.mktemp("mantlegate")
+    config = workdir / "mantlegate.toml"
+    ledger = workdir / "ledger.db"
+    config.write_text(proxy_config(simulator, ledger))
     proc = Process(
         "proxy",
         [str(binary), "serve", "--config", str(config), "--listen", "127.0.0.1:0"],
         env=_child_env(BEDROCK_API_KEY=UPSTREAM_KEY),
     )
     try:
-        yield Proxy(proc, proc.wait_listening())
+        yield Proxy(proc, proc.wait_listening(), ledger)
     finally:
         code = proc.stop()
     # After a started session only: also covers what the proxy printed while shutting down.

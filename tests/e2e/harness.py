@@ -10,8 +10,9 @@ import hashlib
 import json
 import os
 import signal
-import sys
+import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,8 +27,10 @@ CHATBOT_KEY = "mg-e2e-chatbot"
 SEARCH_KEY = "mg-e2e-search"
 UNASSIGNED_KEY = "mg-e2e-unassigned"
 UNKNOWN_KEY = "mg-e2e-not-configured"
+LIMITED_KEY = "mg-e2e-limited"
+CAPPED_KEY = "mg-e2e-capped"
 UPSTREAM_KEY = "e2e-upstream-key"
-SECRETS = (CHATBOT_KEY, SEARCH_KEY, UNASSIGNED_KEY, UNKNOWN_KEY, UPSTREAM_KEY)
+SECRETS = (CHATBOT_KEY, SEARCH_KEY, UNASSIGNED_KEY, UNKNOWN_KEY, LIMITED_KEY, CAPPED_KEY, UPSTREAM_KEY)
 
 START_TIMEOUT = 20.0  # seconds for a process to print its `listening` line
 LOG_TIMEOUT = 10.0  # seconds for an access-log line to appear after its call
@@ -42,8 +45,11 @@ def mantlegate_bin() -> Path:
     return Path(os.environ.get("MANTLEGATE_BIN", REPO / "target" / "debug" / "mantlegate"))
 
 
-def proxy_config(upstream_addr: str) -> str:
+def proxy_config(upstream_addr: str, ledger: Path) -> str:
     return f"""\
+[ledger]
+path = "{ledger}"
+
 [upstream]
 base_url = "http://{upstream_addr}"
 [[upstream.model_prefixes]]
@@ -77,6 +83,27 @@ projects = []
 [[routes]]
 prefix = "/docsearch"
 project = "DocSearch-Dev"
+
+# Governance: a key limited to 2 requests a minute, and a project whose budget is spent.
+[[projects]]
+name = "Capped"
+id = "proj_capped"
+[[keys]]
+name = "limited"
+sha256 = "{sha256_hex(LIMITED_KEY)}"
+projects = ["DocSearch-Dev"]
+[[keys]]
+name = "capped"
+sha256 = "{sha256_hex(CAPPED_KEY)}"
+projects = ["Capped"]
+[[rate_limits]]
+key = "limited"
+requests_per_minute = 2
+[[budgets]]
+name = "capped-monthly"
+project = "Capped"
+monthly_usd = "0.000001"
+action = "block"
 """
 
 
@@ -200,9 +227,24 @@ class Process:
 class Proxy:
     """The running proxy: its address, client factory and access log."""
 
-    def __init__(self, process: Process, addr: str):
+    def __init__(self, process: Process, addr: str, ledger: Path):
         self.process = process
         self.addr = addr
+        self.ledger = ledger
+
+    def ledger_row(self, request_id: str, timeout: float = LOG_TIMEOUT) -> dict[str, Any]:
+        """The ledger record of a call, once the background writer has committed it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with sqlite3.connect(f"file:{self.ledger}?mode=ro", uri=True) as conn:
+                conn.row_factory = sqlite3.Row
+                row = conn.execute("SELECT * FROM calls WHERE request_id = ?", (request_id,)).fetchone()
+            if row is not None:
+                return dict(row)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no ledger record for {request_id} after {timeout}s")
+            # The writer commits within milliseconds; this is a bounded wait for that commit.
+            time.sleep(0.02)
 
     def base_url(self, route: str = "") -> str:
         return f"http://{self.addr}{route}/v1"

@@ -13,7 +13,9 @@ import openai
 import pytest
 
 from harness import (
+    CAPPED_KEY,
     CHATBOT_KEY,
+    LIMITED_KEY,
     SEARCH_KEY,
     SECRETS,
     UNASSIGNED_KEY,
@@ -43,8 +45,11 @@ def assert_openai_error(err: openai.APIStatusError, status: int, code: str, kind
     # The SDK parsed the same body into the exception.
     assert err.body == error
     assert err.code == code
-    # Refusals tell the SDK not to retry.
-    assert err.response.headers.get("x-should-retry") == "false"
+    # Refusals tell the SDK not to retry; a rate limit lets it back off and retry instead.
+    if code == "rate_limit_exceeded":
+        assert "x-should-retry" not in err.response.headers
+    else:
+        assert err.response.headers.get("x-should-retry") == "false"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,3 +387,54 @@ def _calls_with_every_key(proxy: Proxy) -> list[str]:
     # Waiting for the last call's line means every earlier line has been read too.
     proxy.access(ids[-1])
     return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger and governance
+
+
+def test_every_call_lands_in_the_ledger_with_usage_and_cost(proxy: Proxy) -> None:
+    raw = proxy.client(CHATBOT_KEY).chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=MESSAGES
+    )
+    usage = raw.parse().usage
+    row = proxy.ledger_row(raw.headers["x-request-id"])
+    assert (row["key_name"], row["project_id"], row["tags"]) == (
+        "chatbot-backend",
+        "proj_chatbot",
+        '{"Team":"CX"}',
+    )
+    assert (row["input_tokens"], row["output_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+    assert row["usage_source"] == "reported"
+    assert row["cost_pico"] > 0, "gpt-oss-120b is in the shipped price list"
+
+    # A streamed call whose client did not ask for usage is metered all the same.
+    stream = proxy.client(CHATBOT_KEY).chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=MESSAGES, stream=True
+    )
+    chunks = list(stream.parse())
+    assert all(c.usage is None for c in chunks), "the client gets the stream it asked for"
+    row = proxy.ledger_row(stream.headers["x-request-id"])
+    assert row["usage_source"] == "reported" and row["output_tokens"] > 0
+
+
+def test_request_rate_limit_surfaces_as_rate_limit_error(proxy: Proxy) -> None:
+    client = proxy.client(LIMITED_KEY, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as caught:
+        for _ in range(3):  # the key may make 2 calls a minute
+            client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES)
+    assert_openai_error(caught.value, 429, "rate_limit_exceeded", "rate_limit_error")
+    headers = caught.value.response.headers
+    assert headers["x-ratelimit-limit-requests"] == "2"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(headers["retry-after"]) >= 1
+
+
+def test_spent_budget_surfaces_as_rate_limit_error(proxy: Proxy) -> None:
+    with pytest.raises(openai.RateLimitError) as caught:
+        proxy.client(CAPPED_KEY, max_retries=0).chat.completions.create(
+            model=CHAT_MODEL, messages=MESSAGES
+        )
+    assert_openai_error(caught.value, 429, "budget_exceeded", "rate_limit_error")
+    assert "capped-monthly" in caught.value.body["message"]
+    assert caught.value.response.headers["x-should-retry"] == "false"

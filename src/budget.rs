@@ -1,0 +1,670 @@
+//! Monthly budgets: month-to-date spend kept current in memory, reservations at admission so
+//! concurrent calls cannot slip past a limit, alerts at thresholds, and a month-end forecast.
+//!
+//! Each budget keeps one atomic `used` = spent + reserved (pico-dollars). Admission adds the
+//! call's worst-case cost to `used` only if the result stays within the limit (a single
+//! compare-and-swap), so however many calls race at the edge, the sum of what they may spend
+//! never exceeds the limit; at the end of the call the reservation is replaced by the real
+//! cost. Recorded spend can pass the limit only by the reservation estimate's error (a call
+//! that costs more than its reservation: input above the estimate from the body size).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ToSpan};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::config::{BudgetAction, Config};
+use crate::pricing;
+use crate::state::Project;
+
+/// Spend of one project and tag set: `(project name, tags, pico-dollars)`.
+type SpendRow = (String, std::collections::BTreeMap<String, String>, i64);
+
+/// What a budget counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// One project, by name.
+    Project(String),
+    /// Every project carrying all these tag values.
+    Tags(Vec<(String, String)>),
+}
+
+impl Scope {
+    /// Whether calls of a project with `name` and `tags` fall under this scope.
+    #[must_use]
+    pub fn covers(&self, name: &str, tags: &std::collections::BTreeMap<String, String>) -> bool {
+        match self {
+            Self::Project(p) => p == name,
+            Self::Tags(pairs) => pairs.iter().all(|(k, v)| tags.get(k) == Some(v)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Project(p) => format!("project {p}"),
+            Self::Tags(pairs) => pairs
+                .iter()
+                .map(|(k, v)| format!("tag {k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
+/// A calendar month in a time zone, as Unix-millisecond bounds `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Month {
+    /// First day of the month (local).
+    pub first_day: Date,
+    /// Start, Unix ms.
+    pub start_ms: i64,
+    /// End (exclusive), Unix ms.
+    pub end_ms: i64,
+}
+
+impl Month {
+    /// The month containing `at_ms` in `tz`.
+    #[must_use]
+    pub fn containing(at_ms: i64, tz: &TimeZone) -> Self {
+        let at = Timestamp::from_millisecond(at_ms).unwrap_or(Timestamp::UNIX_EPOCH);
+        let local = at.to_zoned_datetime(tz.clone()).date();
+        let first_day = local.first_of_month();
+        let next = first_day.checked_add(1.month()).unwrap_or(first_day);
+        let ms = |d: Date| {
+            d.to_zoned_datetime(tz.clone())
+                .map_or(0, |z| z.timestamp().as_millisecond())
+        };
+        Self {
+            first_day,
+            start_ms: ms(first_day),
+            end_ms: ms(next),
+        }
+    }
+
+    /// `YYYY-MM`.
+    #[must_use]
+    pub fn label(&self) -> String {
+        format!("{:04}-{:02}", self.first_day.year(), self.first_day.month())
+    }
+}
+
+/// One budget's live state.
+pub struct Budget {
+    /// Name.
+    pub name: String,
+    /// What it counts.
+    pub scope: Scope,
+    /// Limit, pico-dollars.
+    pub limit_pico: i64,
+    /// Whether it refuses calls once spent.
+    pub block: bool,
+    /// Alert fractions, ascending.
+    pub alert_at: Vec<f64>,
+    /// Its time zone.
+    pub tz: TimeZone,
+    tz_name: String,
+    month: Mutex<Month>,
+    month_end_ms: AtomicI64,
+    spent: AtomicI64,
+    used: AtomicI64,
+    fired: AtomicU64,
+}
+
+/// A budget refusal: 429 `budget_exceeded`.
+#[derive(Debug, Clone)]
+pub struct Exceeded {
+    /// Budget name.
+    pub name: String,
+    /// Limit in USD.
+    pub limit_usd: Decimal,
+    /// Month-to-date spend in USD.
+    pub spend_usd: Decimal,
+}
+
+/// An alert to send: the budget crossed `fraction` of its limit.
+#[derive(Debug, Clone, Serialize)]
+pub struct Alert {
+    /// Budget name.
+    pub budget: String,
+    /// What it counts, in words.
+    pub scope: String,
+    /// Limit, USD.
+    pub limit_usd: String,
+    /// Month-to-date spend, USD.
+    pub spend_usd: String,
+    /// The threshold crossed.
+    pub fraction: f64,
+    /// Month-end forecast, USD.
+    pub forecast_usd: String,
+    /// `YYYY-MM` in the budget's time zone.
+    pub month: String,
+    /// The budget's time zone.
+    pub timezone: String,
+}
+
+/// The state of a budget for `budgets` and `/admin/v1/budgets`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Name.
+    pub name: String,
+    /// What it counts.
+    pub scope: String,
+    /// `block` or `alert`.
+    pub action: &'static str,
+    /// `YYYY-MM`.
+    pub month: String,
+    /// Time zone.
+    pub timezone: String,
+    /// Limit, USD.
+    pub limit_usd: String,
+    /// Month-to-date spend, USD.
+    pub spend_usd: String,
+    /// Spend as a percentage of the limit.
+    pub percent: String,
+    /// Cost reserved by calls in flight, USD.
+    pub reserved_usd: String,
+    /// Projected spend at month end, USD.
+    pub forecast_usd: String,
+    /// How the forecast is made.
+    pub forecast_method: &'static str,
+}
+
+/// How forecasts are made.
+pub const FORECAST_METHOD: &str = "linear: month-to-date spend / elapsed fraction of the month";
+
+/// Whether `spent` has reached `fraction` of `limit`, in exact integer arithmetic (the
+/// fraction to a millionth).
+fn crossed(spent: i64, limit: i64, fraction: f64) -> bool {
+    // Fractions are validated to (0, 10]: the product fits an i64 comfortably.
+    #[expect(clippy::cast_possible_truncation, reason = "bounded by validation")]
+    let ppm = (fraction * 1_000_000.0).round() as i64;
+    i128::from(spent) * 1_000_000 >= i128::from(ppm) * i128::from(limit)
+}
+
+fn usd(pico: i64) -> Decimal {
+    pricing::from_pico(pico).normalize()
+}
+
+impl Budget {
+    fn roll(&self, now_ms: i64) {
+        if now_ms < self.month_end_ms.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(mut month) = self.month.lock() else {
+            return;
+        };
+        if now_ms < month.end_ms {
+            return; // another thread rolled it
+        }
+        let next = Month::containing(now_ms, &self.tz);
+        let old = self.spent.swap(0, Ordering::AcqRel);
+        self.used.fetch_sub(old, Ordering::AcqRel);
+        self.fired.store(0, Ordering::Release);
+        *month = next;
+        self.month_end_ms.store(next.end_ms, Ordering::Release);
+    }
+
+    fn month(&self) -> Month {
+        self.month.lock().map_or_else(|e| *e.into_inner(), |m| *m)
+    }
+
+    /// Month-to-date spend, pico-dollars.
+    #[must_use]
+    pub fn spent_pico(&self) -> i64 {
+        self.spent.load(Ordering::Acquire)
+    }
+
+    fn forecast_pico(&self, now_ms: i64) -> i64 {
+        let m = self.month();
+        let spent = self.spent_pico();
+        let total = (m.end_ms - m.start_ms).max(1);
+        let elapsed = (now_ms - m.start_ms).clamp(1, total);
+        let projected = i128::from(spent) * i128::from(total) / i128::from(elapsed);
+        i64::try_from(projected).unwrap_or(i64::MAX)
+    }
+
+    /// The budget's status at `now_ms`.
+    #[must_use]
+    pub fn status(&self, now_ms: i64) -> Status {
+        self.roll(now_ms);
+        let spent = self.spent_pico();
+        let reserved = self.used.load(Ordering::Acquire) - spent;
+        let percent = if self.limit_pico > 0 {
+            (Decimal::from(spent) * Decimal::ONE_HUNDRED / Decimal::from(self.limit_pico))
+                .round_dp(2)
+        } else {
+            Decimal::ZERO
+        };
+        Status {
+            name: self.name.clone(),
+            scope: self.scope.describe(),
+            action: if self.block { "block" } else { "alert" },
+            month: self.month().label(),
+            timezone: self.tz_name.clone(),
+            limit_usd: usd(self.limit_pico).to_string(),
+            spend_usd: usd(spent).to_string(),
+            percent: percent.normalize().to_string(),
+            reserved_usd: usd(reserved.max(0)).to_string(),
+            forecast_usd: usd(self.forecast_pico(now_ms)).to_string(),
+            forecast_method: FORECAST_METHOD,
+        }
+    }
+}
+
+/// All budgets of a config.
+#[derive(Default)]
+pub struct Budgets {
+    /// In config order.
+    pub list: Vec<Arc<Budget>>,
+}
+
+/// Cost held by an admitted call in each budget it falls under; settled at the end.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    held: Vec<(Arc<BudgetRef>, i64)>,
+}
+
+/// A budget a reservation points at (the budget itself; a newtype to keep `Debug` short).
+pub struct BudgetRef(Arc<Budget>);
+
+impl std::fmt::Debug for BudgetRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.name)
+    }
+}
+
+impl std::fmt::Debug for Budgets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.list.iter().map(|b| &b.name))
+            .finish()
+    }
+}
+
+impl Budgets {
+    /// Builds the budgets of a validated config at `now_ms`.
+    ///
+    /// # Errors
+    /// Only on values validation rejects.
+    pub fn from_config(config: &Config, now_ms: i64) -> anyhow::Result<Self> {
+        let list = config
+            .budgets
+            .iter()
+            .map(|b| {
+                let tz = TimeZone::get(&b.timezone)?;
+                let limit: Decimal = b.monthly_usd.parse()?;
+                let limit_pico = pricing::to_pico(limit)
+                    .ok_or_else(|| anyhow::anyhow!("budget {} is too large", b.name))?;
+                let scope = match (&b.project, &b.tag) {
+                    (Some(p), _) => Scope::Project(p.clone()),
+                    (None, Some(t)) => {
+                        Scope::Tags(t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    }
+                    (None, None) => anyhow::bail!("budget {} has no scope", b.name),
+                };
+                let mut alert_at = b.alert_at.clone();
+                alert_at.sort_by(f64::total_cmp);
+                let month = Month::containing(now_ms, &tz);
+                Ok(Arc::new(Budget {
+                    name: b.name.clone(),
+                    scope,
+                    limit_pico,
+                    block: b.action == BudgetAction::Block,
+                    alert_at,
+                    tz,
+                    tz_name: b.timezone.clone(),
+                    month_end_ms: AtomicI64::new(month.end_ms),
+                    month: Mutex::new(month),
+                    spent: AtomicI64::new(0),
+                    used: AtomicI64::new(0),
+                    fired: AtomicU64::new(0),
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { list })
+    }
+
+    /// Indices of the budgets a project's calls fall under.
+    #[must_use]
+    pub fn applicable(&self, project: &Project) -> Vec<usize> {
+        self.list
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.scope.covers(&project.name, &project.tags))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Seeds month-to-date spend (e.g. from the ledger at start): `spent(budget)` gives the
+    /// pico-dollars already spent in its current month.
+    pub fn seed(&self, mut spent: impl FnMut(&Budget, &Month) -> i64) {
+        for b in &self.list {
+            let month = b.month();
+            let s = spent(b, &month);
+            b.spent.store(s, Ordering::Release);
+            b.used.store(s, Ordering::Release);
+            // Thresholds already crossed before the restart are not announced again.
+            let bits = b
+                .alert_at
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| crossed(s, b.limit_pico, **f))
+                .fold(0u64, |acc, (i, _)| acc | (1 << i));
+            b.fired.store(bits, Ordering::Release);
+        }
+    }
+
+    /// Seeds month-to-date spend from the ledger.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn seed_from_ledger(&self, reader: &crate::ledger::sqlite::Reader) -> anyhow::Result<()> {
+        let mut cache: std::collections::HashMap<(i64, i64), Vec<SpendRow>> =
+            std::collections::HashMap::new();
+        for b in &self.list {
+            let m = b.month();
+            if let std::collections::hash_map::Entry::Vacant(e) =
+                cache.entry((m.start_ms, m.end_ms))
+            {
+                let rows = reader
+                    .spend_between(m.start_ms, m.end_ms)?
+                    .into_iter()
+                    .map(|(name, tags, pico)| {
+                        (name, serde_json::from_str(&tags).unwrap_or_default(), pico)
+                    })
+                    .collect();
+                e.insert(rows);
+            }
+        }
+        self.seed(|b, m| {
+            cache.get(&(m.start_ms, m.end_ms)).map_or(0, |rows| {
+                rows.iter()
+                    .filter(|(name, tags, _)| b.scope.covers(name, tags))
+                    .map(|(_, _, pico)| *pico)
+                    .fold(0i64, i64::saturating_add)
+            })
+        });
+        Ok(())
+    }
+
+    /// Statuses of every budget at `now_ms`.
+    #[must_use]
+    pub fn statuses(&self, now_ms: i64) -> Vec<Status> {
+        self.list.iter().map(|b| b.status(now_ms)).collect()
+    }
+
+    /// Carries spend, reservations and fired alerts over from `old` for budgets that keep
+    /// their name, scope, limit and time zone (a config reload).
+    pub fn carry_over(&self, old: &Self) {
+        for b in &self.list {
+            if let Some(o) = old
+                .list
+                .iter()
+                .find(|o| o.name == b.name && o.scope == b.scope && o.tz_name == b.tz_name)
+            {
+                b.spent
+                    .store(o.spent.load(Ordering::Acquire), Ordering::Release);
+                b.used
+                    .store(o.used.load(Ordering::Acquire), Ordering::Release);
+                b.fired
+                    .store(o.fired.load(Ordering::Acquire), Ordering::Release);
+            }
+        }
+    }
+
+    /// Admits a call under budgets `applicable`, reserving `reserve_pico` in each. A block
+    /// budget that is spent, or that the reservation would take past its limit, refuses.
+    ///
+    /// # Errors
+    /// The first block budget that refuses; nothing stays reserved then.
+    pub fn admit(
+        &self,
+        applicable: &[usize],
+        reserve_pico: i64,
+        now_ms: i64,
+    ) -> Result<Reservation, Exceeded> {
+        let mut reservation = Reservation::default();
+        for &i in applicable {
+            let b = &self.list[i];
+            b.roll(now_ms);
+            let ok = if b.block {
+                b.spent.load(Ordering::Acquire) < b.limit_pico
+                    && b.used
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                            let next = used.saturating_add(reserve_pico);
+                            (next <= b.limit_pico || reserve_pico == 0).then_some(next)
+                        })
+                        .is_ok()
+            } else {
+                b.used.fetch_add(reserve_pico, Ordering::AcqRel);
+                true
+            };
+            if !ok {
+                let exceeded = Exceeded {
+                    name: b.name.clone(),
+                    limit_usd: usd(b.limit_pico),
+                    spend_usd: usd(b.spent_pico()),
+                };
+                reservation.release();
+                return Err(exceeded);
+            }
+            reservation
+                .held
+                .push((Arc::new(BudgetRef(b.clone())), reserve_pico));
+        }
+        Ok(reservation)
+    }
+}
+
+impl Reservation {
+    /// Replaces the reservation with the real cost (`None`: unpriced, counts as 0) and
+    /// returns the alerts this call's spend triggered.
+    #[must_use = "the alerts must be sent"]
+    pub fn settle(mut self, actual_pico: Option<i64>, now_ms: i64) -> Vec<Alert> {
+        let actual = actual_pico.unwrap_or(0).max(0);
+        let mut alerts = Vec::new();
+        for (b, reserved) in std::mem::take(&mut self.held) {
+            let b = &b.0;
+            b.roll(now_ms);
+            b.used.fetch_add(actual - reserved, Ordering::AcqRel);
+            let spent = b.spent.fetch_add(actual, Ordering::AcqRel) + actual;
+            for (i, f) in b.alert_at.iter().enumerate() {
+                let bit = 1u64 << i;
+                if crossed(spent, b.limit_pico, *f)
+                    && b.fired.fetch_or(bit, Ordering::AcqRel) & bit == 0
+                {
+                    alerts.push(Alert {
+                        budget: b.name.clone(),
+                        scope: b.scope.describe(),
+                        limit_usd: usd(b.limit_pico).to_string(),
+                        spend_usd: usd(spent).to_string(),
+                        fraction: *f,
+                        forecast_usd: usd(b.forecast_pico(now_ms)).to_string(),
+                        month: b.month().label(),
+                        timezone: b.tz_name.clone(),
+                    });
+                }
+            }
+        }
+        alerts
+    }
+
+    /// Gives the reservation back unspent (the call never reached the upstream).
+    pub fn release(&mut self) {
+        for (b, reserved) in self.held.drain(..) {
+            b.0.used.fetch_sub(reserved, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(s: &str) -> i64 {
+        s.parse::<Timestamp>().expect("timestamp").as_millisecond()
+    }
+
+    #[test]
+    fn utc_months_of_28_to_31_days() {
+        let utc = TimeZone::UTC;
+        let feb = Month::containing(ms("2027-02-14T12:00:00Z"), &utc);
+        assert_eq!(
+            (feb.start_ms, feb.end_ms),
+            (ms("2027-02-01T00:00:00Z"), ms("2027-03-01T00:00:00Z"))
+        );
+        assert_eq!((feb.end_ms - feb.start_ms) / 86_400_000, 28);
+        let leap = Month::containing(ms("2028-02-29T23:59:59Z"), &utc);
+        assert_eq!((leap.end_ms - leap.start_ms) / 86_400_000, 29);
+        let dec = Month::containing(ms("2026-12-31T23:59:59.999Z"), &utc);
+        assert_eq!(dec.end_ms, ms("2027-01-01T00:00:00Z"));
+        assert_eq!(dec.label(), "2026-12");
+        let apr = Month::containing(ms("2026-04-30T10:00:00Z"), &utc);
+        assert_eq!((apr.end_ms - apr.start_ms) / 86_400_000, 30);
+        // The first millisecond of a month belongs to it.
+        assert_eq!(
+            Month::containing(ms("2027-01-01T00:00:00Z"), &utc).label(),
+            "2027-01"
+        );
+    }
+
+    #[test]
+    fn zoned_months_follow_local_midnight_across_dst() {
+        let ny = TimeZone::get("America/New_York").expect("tz");
+        // 03:30 UTC on 1 March is still 28 February in New York (EST, UTC-5).
+        let m = Month::containing(ms("2026-03-01T03:30:00Z"), &ny);
+        assert_eq!(m.label(), "2026-02");
+        let march = Month::containing(ms("2026-03-15T12:00:00Z"), &ny);
+        // Starts at EST midnight, ends at EDT midnight: DST began on 8 March.
+        assert_eq!(march.start_ms, ms("2026-03-01T05:00:00Z"));
+        assert_eq!(march.end_ms, ms("2026-04-01T04:00:00Z"));
+        assert_eq!(march.end_ms - march.start_ms, 31 * 86_400_000 - 3_600_000);
+        let berlin = TimeZone::get("Europe/Berlin").expect("tz");
+        let oct = Month::containing(ms("2026-10-31T22:59:59Z"), &berlin);
+        assert_eq!(oct.label(), "2026-10");
+        assert_eq!(
+            oct.end_ms,
+            ms("2026-10-31T23:00:00Z"),
+            "CET midnight after the DST end"
+        );
+        let tokyo = TimeZone::get("Asia/Tokyo").expect("tz");
+        assert_eq!(
+            Month::containing(ms("2026-11-30T15:00:00Z"), &tokyo).label(),
+            "2026-12"
+        );
+    }
+
+    fn budgets(block: bool, limit: &str) -> Budgets {
+        let text = format!(
+            r#"
+            [upstream]
+            base_url = "https://x.example"
+            [[projects]]
+            name = "P"
+            id = "proj_p"
+            tags = {{ Team = "T" }}
+            [[budgets]]
+            name = "b"
+            project = "P"
+            monthly_usd = "{limit}"
+            action = "{}"
+            alert_at = [0.5, 1.0]
+            "#,
+            if block { "block" } else { "alert" }
+        );
+        let config = Config::from_toml(&text).expect("valid");
+        Budgets::from_config(&config, ms("2026-11-10T00:00:00Z")).expect("budgets")
+    }
+
+    const PICO: i64 = 1_000_000_000_000;
+
+    #[test]
+    fn reservations_hold_the_line_under_concurrency() {
+        let b = Arc::new(budgets(true, "10"));
+        let now = ms("2026-11-10T00:00:00Z");
+        // 50 threads each try to reserve $1 against $10: exactly 10 get in.
+        let handles: Vec<_> = (0..50)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || b.admit(&[0], PICO, now).ok())
+            })
+            .collect();
+        let admitted: Vec<Reservation> = handles
+            .into_iter()
+            .filter_map(|h| h.join().expect("thread"))
+            .collect();
+        assert_eq!(admitted.len(), 10);
+        for r in admitted {
+            let _ = r.settle(Some(PICO), now);
+        }
+        assert_eq!(b.list[0].spent_pico(), 10 * PICO);
+        let err = b.admit(&[0], 0, now).expect_err("spent");
+        assert_eq!(err.name, "b");
+        assert_eq!(err.limit_usd, Decimal::from(10));
+    }
+
+    #[test]
+    fn settling_replaces_the_reservation_and_releasing_gives_it_back() {
+        let b = budgets(true, "10");
+        let now = ms("2026-11-10T00:00:00Z");
+        let r = b.admit(&[0], 8 * PICO, now).expect("fits");
+        assert!(b.admit(&[0], 3 * PICO, now).is_err(), "8 + 3 > 10");
+        let _ = r.settle(Some(PICO), now);
+        let r = b.admit(&[0], 9 * PICO, now).expect("1 + 9 fits");
+        drop(r);
+        assert_eq!(b.list[0].status(now).reserved_usd, "0");
+        assert_eq!(b.list[0].status(now).spend_usd, "1");
+    }
+
+    #[test]
+    fn alert_budgets_never_refuse_and_each_threshold_fires_once() {
+        let b = budgets(false, "10");
+        let now = ms("2026-11-10T00:00:00Z");
+        let fired: Vec<f64> = (0..12)
+            .flat_map(|_| {
+                b.admit(&[0], PICO, now)
+                    .expect("alert budgets admit")
+                    .settle(Some(PICO), now)
+            })
+            .map(|a| a.fraction)
+            .collect();
+        assert_eq!(fired, [0.5, 1.0]);
+    }
+
+    #[test]
+    fn a_new_month_starts_from_zero() {
+        let b = budgets(true, "10");
+        let now = ms("2026-11-30T23:00:00Z");
+        let _ = b
+            .admit(&[0], 0, now)
+            .expect("ok")
+            .settle(Some(10 * PICO), now);
+        assert!(b.admit(&[0], 0, now).is_err());
+        let december = ms("2026-12-01T00:00:00Z");
+        assert!(b.admit(&[0], PICO, december).is_ok());
+        assert_eq!(b.list[0].status(december).month, "2026-12");
+    }
+
+    #[test]
+    fn forecast_is_linear_over_the_month() {
+        let b = budgets(false, "100");
+        // November has 30 days; a third of it gone with $10 spent projects $30.
+        let now = ms("2026-11-11T00:00:00Z");
+        let _ = b
+            .admit(&[0], 0, now)
+            .expect("ok")
+            .settle(Some(10 * PICO), now);
+        assert_eq!(b.list[0].status(now).forecast_usd, "30");
+    }
+}

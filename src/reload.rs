@@ -1,0 +1,148 @@
+//! Live reload: SIGHUP or a change of the config file (or of the upstream key file) loads,
+//! validates and swaps in a new config snapshot; an invalid one is refused and the old stays.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::state::{AppState, Snapshot};
+
+/// Reloads one config file into one app state.
+pub struct Reloader {
+    path: PathBuf,
+    state: AppState,
+    fingerprint: AtomicU64,
+}
+
+/// The Bedrock API key a config names: the file's content, else the environment variable.
+///
+/// # Errors
+/// When `api_key_file` is set but cannot be read.
+pub fn upstream_key(config: &Config) -> anyhow::Result<Option<String>> {
+    if let Some(file) = &config.upstream.api_key_file {
+        let path = resolve(config, file);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!("cannot read upstream.api_key_file {}: {e}", path.display())
+        })?;
+        let key = text.trim().to_owned();
+        return Ok((!key.is_empty()).then_some(key));
+    }
+    Ok(std::env::var(&config.upstream.api_key_env)
+        .ok()
+        .filter(|k| !k.is_empty()))
+}
+
+fn resolve(config: &Config, file: &str) -> PathBuf {
+    let p = Path::new(file);
+    match &config.source_dir {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// A hash of everything a reload reads: the config file and the key file it names.
+fn fingerprint(path: &Path) -> u64 {
+    let mut h = DefaultHasher::new();
+    let text = std::fs::read(path).unwrap_or_default();
+    text.hash(&mut h);
+    if let Ok(config) = Config::from_toml_in(&String::from_utf8_lossy(&text), path.parent())
+        && let Some(file) = &config.upstream.api_key_file
+    {
+        std::fs::read(resolve(&config, file))
+            .unwrap_or_default()
+            .hash(&mut h);
+    }
+    h.finish()
+}
+
+impl Reloader {
+    /// A reloader of `path` into `state` (whose snapshot was built from that file).
+    #[must_use]
+    pub fn new(path: &Path, state: AppState) -> Self {
+        Self {
+            fingerprint: AtomicU64::new(fingerprint(path)),
+            path: path.to_path_buf(),
+            state,
+        }
+    }
+
+    /// Loads, validates and swaps in the config. Calls in flight keep the snapshot they
+    /// started with; budget and rate-limit state carries over for what still exists.
+    /// Returns whether the new config was taken.
+    pub fn reload(&self, reason: &str) -> bool {
+        self.fingerprint
+            .store(fingerprint(&self.path), Ordering::Relaxed);
+        let built = Config::load(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| {
+                let key = upstream_key(&config).map_err(|e| format!("{e:#}"))?;
+                Snapshot::build(&config, key.as_deref()).map_err(|e| format!("{e:#}"))
+            });
+        match built {
+            Ok(mut next) => {
+                let old = self.state.snapshot.load();
+                next.budgets.carry_over(&old.budgets);
+                if next.rate_limit_config == old.rate_limit_config {
+                    next.limiter = old.limiter.clone();
+                }
+                tracing::info!(
+                    reason,
+                    projects = next.projects.len(),
+                    keys = next.key_count,
+                    routes = next.routes.len(),
+                    "config reloaded"
+                );
+                self.state.snapshot.store(Arc::new(next));
+                self.state.metrics.reloaded(true);
+                true
+            }
+            Err(problems) => {
+                for line in problems.lines() {
+                    tracing::error!(reason, problem = %line.trim(), "config reload refused; keeping the running config");
+                }
+                self.state.metrics.reloaded(false);
+                false
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP, and when the file (or its key file) changes, checked every
+    /// `interval`. Polling the content is simpler and sturdier than file-system events: it
+    /// sees editors' rename-and-replace and Kubernetes' `ConfigMap` symlink swaps alike.
+    pub async fn watch(self: Arc<Self>, interval: Duration) {
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hangup = std::future::pending::<()>();
+            tokio::select! {
+                () = hangup => {
+                    self.reload("SIGHUP");
+                }
+                () = tokio::time::sleep(interval) => {
+                    let this = self.clone();
+                    let changed = tokio::task::spawn_blocking(move || {
+                        fingerprint(&this.path) != this.fingerprint.load(Ordering::Relaxed)
+                    })
+                    .await
+                    .unwrap_or(false);
+                    if changed {
+                        self.reload("file changed");
+                    }
+                }
+            }
+        }
+    }
+}
