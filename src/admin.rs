@@ -138,10 +138,7 @@ pub async fn costs(
         );
     };
     let result = tokio::task::spawn_blocking(move || {
-        let reader = reader
-            .lock()
-            .map_err(|_| anyhow::anyhow!("ledger reader poisoned"))?;
-        let rows = report::load_daily(reader.conn(), &period)?;
+        let rows = reader.daily(&period)?;
         Ok::<_, anyhow::Error>(report::render(
             &report::aggregate(&rows, &dims, period),
             format,

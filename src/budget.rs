@@ -363,7 +363,7 @@ impl Budgets {
     ///
     /// # Errors
     /// Storage errors.
-    pub fn seed_from_ledger(&self, reader: &crate::ledger::sqlite::Reader) -> anyhow::Result<()> {
+    pub fn seed_from_ledger(&self, reader: &dyn crate::ledger::LedgerRead) -> anyhow::Result<()> {
         let mut cache: std::collections::HashMap<(i64, i64), Vec<SpendRow>> =
             std::collections::HashMap::new();
         for b in &self.list {

@@ -9,11 +9,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
-use crate::ledger::Ledger;
 use crate::ledger::sqlite::{self, Reader, SqliteStore};
+use crate::ledger::{Ledger, LedgerRead};
 use crate::secret::Secret;
 use crate::state::{AppState, PendingBackground, Snapshot};
 
@@ -235,7 +235,7 @@ async fn run(
     state.snapshot.load().budgets.seed_from_ledger(&reader)?;
     let (ledger, writer) = Ledger::start(Box::new(store), config.ledger.queue_capacity)?;
     state.ledger = Some(ledger.clone());
-    state.reader = Some(Arc::new(Mutex::new(reader)));
+    state.reader = Some(Arc::new(reader));
     state.admin_token = admin_token.map(|t| Arc::new(Secret::new(t)));
     tracing::info!(path = %ledger_path.display(), "ledger open");
     if let Some(path) = config_path {
@@ -308,9 +308,11 @@ fn report(
         .date();
     let period = crate::report::period(from, to, today).map_err(|e| anyhow::anyhow!(e))?;
     let ledger_path = Path::new(&config.ledger.path);
-    let conn = sqlite::open_read_only(ledger_path)
-        .with_context(|| format!("cannot read the ledger {}", ledger_path.display()))?;
-    let rows = crate::report::load_daily(&conn, &period)?;
+    let reader = Reader::new(
+        sqlite::open_read_only(ledger_path)
+            .with_context(|| format!("cannot read the ledger {}", ledger_path.display()))?,
+    );
+    let rows = reader.daily(&period)?;
     print!(
         "{}",
         crate::report::render(&crate::report::aggregate(&rows, &dims, period), format)

@@ -77,6 +77,47 @@ pub trait Store: Send {
     fn write_batch(&mut self, records: &[Record]) -> anyhow::Result<()>;
 }
 
+/// Read access to a ledger, shared by the server (lookups, budgets, reports) and the CLI.
+/// Blocking: call from a blocking thread (`spawn_blocking`) on the server.
+pub trait LedgerRead: Send + Sync {
+    /// The project id a Responses object was created under.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn project_of_response(&self, response_id: &str) -> anyhow::Result<Option<String>>;
+    /// Background responses not yet metered: `(response id, project id, model)`.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn pending_background(&self) -> anyhow::Result<Vec<(String, String, Option<String>)>>;
+    /// Priced spend in `[start_ms, end_ms)` per project and tag set:
+    /// `(project name, tags JSON, pico-dollars)`.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn spend_between(
+        &self,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> anyhow::Result<Vec<(String, String, i64)>>;
+    /// Last call time (Unix ms) per key fingerprint.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn last_used(&self) -> anyhow::Result<std::collections::HashMap<String, i64>>;
+    /// The per-day roll-up rows of a period.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn daily(&self, period: &crate::report::Period)
+    -> anyhow::Result<Vec<crate::report::DailyRow>>;
+    /// Number of call records.
+    ///
+    /// # Errors
+    /// Storage errors.
+    fn count(&self) -> anyhow::Result<i64>;
+}
+
 /// Ledger statistics exported as metrics.
 #[derive(Debug, Default)]
 pub struct LedgerStats {

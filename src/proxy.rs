@@ -325,13 +325,10 @@ async fn owner_of_response(state: &AppState, snap: &Snapshot, id: &str) -> Optio
     } else if let Some(reader) = &state.reader {
         let reader = reader.clone();
         let id = id.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let reader = reader.lock().ok()?;
-            reader.project_of_response(&id).ok().flatten()
-        })
-        .await
-        .ok()
-        .flatten()
+        tokio::task::spawn_blocking(move || reader.project_of_response(&id).ok().flatten())
+            .await
+            .ok()
+            .flatten()
     } else {
         None
     };

@@ -11,7 +11,7 @@ use dashmap::DashMap;
 use crate::budget::Budgets;
 use crate::config::{Config, OnMissing, glob_matches, parse_sha256};
 use crate::ledger::Ledger;
-use crate::ledger::sqlite::Reader;
+use crate::ledger::LedgerRead;
 use crate::metrics::{Metrics, TagLabels};
 use crate::pricing::PriceTable;
 use crate::ratelimit::{RateLimiter, RateRule};
@@ -340,7 +340,7 @@ pub struct AppState {
     /// The ledger writer's queue (None: no ledger, e.g. in some tests).
     pub ledger: Option<Ledger>,
     /// Read access to the ledger, for response-id lookups and reports.
-    pub reader: Option<Arc<std::sync::Mutex<Reader>>>,
+    pub reader: Option<Arc<dyn LedgerRead>>,
     /// Response id -> project id of Responses objects created through this process.
     pub responses: Arc<DashMap<String, Arc<str>>>,
     /// Background responses not yet metered (response id -> what created them).

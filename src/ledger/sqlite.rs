@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::{Background, Record, Store};
+use std::sync::Mutex;
+
+use super::{Background, LedgerRead, Record, Store};
 
 /// Schema version this build writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 1;
@@ -254,92 +256,86 @@ impl Store for SqliteStore {
     }
 }
 
-/// Read-side queries shared by the server (lookups) and the CLI (reports).
+/// The SQLite [`LedgerRead`]: one read-only connection behind a mutex (reads are short).
 pub struct Reader {
-    conn: Connection,
+    conn: Mutex<Connection>,
 }
 
 impl Reader {
     /// Wraps a read connection.
     #[must_use]
     pub fn new(conn: Connection) -> Self {
-        Self { conn }
+        Self {
+            conn: Mutex::new(conn),
+        }
     }
 
-    /// The connection, for report queries.
-    #[must_use]
-    pub fn conn(&self) -> &Connection {
-        &self.conn
-    }
-
-    /// The project id a Responses object was created under.
-    ///
-    /// # Errors
-    /// Storage errors.
-    pub fn project_of_response(&self, response_id: &str) -> anyhow::Result<Option<String>> {
-        Ok(self
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let conn = self
             .conn
-            .prepare_cached(
+            .lock()
+            .map_err(|_| anyhow::anyhow!("ledger reader poisoned"))?;
+        f(&conn)
+    }
+}
+
+impl LedgerRead for Reader {
+    fn project_of_response(&self, response_id: &str) -> anyhow::Result<Option<String>> {
+        self.with(|c| {
+            Ok(c.prepare_cached(
                 "SELECT project_id FROM calls WHERE upstream_response_id = ?1
                  AND project_id IS NOT NULL ORDER BY id LIMIT 1",
             )?
             .query_row([response_id], |r| r.get(0))
             .optional()?)
+        })
     }
 
-    /// Background responses not yet metered: `(response id, project id, model)`.
-    ///
-    /// # Errors
-    /// Storage errors.
-    pub fn pending_background(&self) -> anyhow::Result<Vec<(String, String, Option<String>)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT response_id, project_id, model FROM pending_background")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    fn pending_background(&self) -> anyhow::Result<Vec<(String, String, Option<String>)>> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT response_id, project_id, model FROM pending_background")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
-    /// Priced spend between two times, per project and tag set:
-    /// `(project name, tags JSON, pico-dollars)`.
-    ///
-    /// # Errors
-    /// Storage errors.
-    pub fn spend_between(
+    fn spend_between(
         &self,
         start_ms: i64,
         end_ms: i64,
     ) -> anyhow::Result<Vec<(String, String, i64)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT COALESCE(project_name, ''), tags, SUM(cost_pico) FROM calls
-             WHERE ts_ms >= ?1 AND ts_ms < ?2 AND cost_pico IS NOT NULL
-             GROUP BY project_name, tags",
-        )?;
-        let rows = stmt.query_map([start_ms, end_ms], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT COALESCE(project_name, ''), tags, SUM(cost_pico) FROM calls
+                 WHERE ts_ms >= ?1 AND ts_ms < ?2 AND cost_pico IS NOT NULL
+                 GROUP BY project_name, tags",
+            )?;
+            let rows = stmt.query_map([start_ms, end_ms], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
-    /// Last call time (Unix ms) per key fingerprint (the first 12 hex digits of its SHA-256),
-    /// so the old and new secret of a rotation are told apart.
-    ///
-    /// # Errors
-    /// Storage errors.
-    pub fn last_used(&self) -> anyhow::Result<std::collections::HashMap<String, i64>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT key_fp, MAX(ts_ms) FROM calls WHERE key_fp IS NOT NULL GROUP BY key_fp",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    fn last_used(&self) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT key_fp, MAX(ts_ms) FROM calls WHERE key_fp IS NOT NULL GROUP BY key_fp",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
-    /// Number of call records.
-    ///
-    /// # Errors
-    /// Storage errors.
-    pub fn count(&self) -> anyhow::Result<i64> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))?)
+    fn daily(
+        &self,
+        period: &crate::report::Period,
+    ) -> anyhow::Result<Vec<crate::report::DailyRow>> {
+        self.with(|c| crate::report::load_daily(c, period))
+    }
+
+    fn count(&self) -> anyhow::Result<i64> {
+        self.with(|c| Ok(c.query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))?))
     }
 }

@@ -460,7 +460,7 @@ async fn start(mut state: AppState, dir: tempfile::TempDir) -> Proxy {
     let (ledger, _writer) = Ledger::start(Box::new(store), 10_000).expect("writer");
     let ledger_stats = ledger.stats.clone();
     state.ledger = Some(ledger);
-    state.reader = Some(Arc::new(Mutex::new(reader)));
+    state.reader = Some(Arc::new(reader));
     state.admin_token = Some(Arc::new(Secret::new(ADMIN_TOKEN.to_owned())));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
