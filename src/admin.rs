@@ -14,9 +14,11 @@ use crate::state::AppState;
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let snap = state.snapshot.load();
-    let text = state
-        .metrics
-        .render(state.ledger.as_ref().map(|l| &*l.stats), &snap.budgets);
+    let text = state.metrics.render(
+        state.ledger.as_ref().map(|l| &*l.stats),
+        &snap.budgets,
+        state.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+    );
     (
         [(
             header::CONTENT_TYPE,

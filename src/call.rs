@@ -15,7 +15,7 @@ use crate::budget::Reservation;
 use crate::ledger::{Background, Record};
 use crate::meter::stream::Metered;
 use crate::meter::{Usage, UsageSource};
-use crate::metrics::{CallLabels, InFlight, Observation, status_class};
+use crate::metrics::{CallLabels, Observation, status_class};
 use crate::pricing;
 use crate::proxy::endpoint::Endpoint;
 use crate::ratelimit::Admission;
@@ -53,7 +53,7 @@ pub struct Call {
     wall_ms: i64,
     state: AppState,
     snap: Arc<Snapshot>,
-    _in_flight: InFlight,
+    _in_flight: InFlightSlot,
     /// HTTP method.
     pub method: Method,
     /// Request URI (cheap to clone: shares the request's bytes).
@@ -90,6 +90,8 @@ pub struct Call {
     pub metered: Option<Metered>,
     /// The response id a GET/DELETE/cancel names.
     pub target_response: Option<String>,
+    /// Upstream attempts retried before the answer.
+    pub retries: u32,
     /// What the rate limiter granted, corrected with the real tokens at the end.
     pub rate: Option<Admission>,
     /// What the budgets reserved, replaced by the real cost at the end.
@@ -98,7 +100,8 @@ pub struct Call {
 }
 
 impl Call {
-    /// Starts the context of a call that arrived at `started`, under `snap`.
+    /// Starts the context of a call that arrived at `started`, under `snap`. The caller has
+    /// already counted it in `state.in_flight`; the call gives that back when dropped.
     #[must_use]
     pub fn new(
         started: Instant,
@@ -110,7 +113,7 @@ impl Call {
         let wall_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let in_flight = state.metrics.in_flight();
+        let in_flight = InFlightSlot(state.in_flight.clone());
         Self {
             started,
             wall_ms,
@@ -136,6 +139,7 @@ impl Call {
             metered: None,
             target_response: None,
             rate: None,
+            retries: 0,
             reservation: None,
             committed: false,
         }
@@ -307,6 +311,7 @@ impl Call {
             usage_source = bill.source.as_str(),
             cost_usd = cost_text.as_deref(),
             response_id = bill.response_id.as_deref(),
+            retries = self.retries,
             "access"
         );
     }
@@ -427,6 +432,15 @@ impl Drop for Call {
         // Not committed by now means the request future or the response body was dropped
         // before the end: the client hung up.
         self.commit(Outcome::ClientDisconnect);
+    }
+}
+
+/// One call counted in flight (`server.max_in_flight`) until it is dropped.
+pub struct InFlightSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -242,6 +242,15 @@ async fn run(
         let reloader = Arc::new(crate::reload::Reloader::new(path, state.clone()));
         tokio::spawn(reloader.watch(Duration::from_secs(2)));
     }
+    if let Some(metrics_addr) = &config.server.metrics_listen {
+        let metrics_listener = TcpListener::bind(metrics_addr.as_str())
+            .await
+            .with_context(|| format!("cannot listen on {metrics_addr} for metrics"))?;
+        tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
+        state.metrics_on_main = false;
+        let app = crate::metrics_router(state.clone());
+        tokio::spawn(async move { axum::serve(metrics_listener, app).await });
+    }
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;

@@ -210,6 +210,10 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish before exit.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Most calls in flight at once; past it, 503 `overloaded` at once (never a queue).
+    pub max_in_flight: usize,
+    /// Serve `/metrics` on this address instead of the main listener.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -218,6 +222,8 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".to_owned(),
             max_body_bytes: 10 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
+            max_in_flight: 10_000,
+            metrics_listen: None,
         }
     }
 }
@@ -253,6 +259,23 @@ pub struct UpstreamConfig {
     /// Non-streamed calls send their head only when generation ends, so keep it generous.
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
+    /// Longest gap between two body frames of an answer; after it the answer is ended.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Longest a whole call may take, head and body; after it the answer is ended.
+    #[serde(default = "default_total_timeout", with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// Extra attempts on connection failures and on 429/503 answers, before anything was
+    /// sent to the client.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First retry delay; doubled each attempt, with jitter.
+    #[serde(default = "default_retry_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Longest delay between attempts; an upstream `retry-after` longer than this is not
+    /// waited for (the answer is relayed instead).
+    #[serde(default = "default_retry_max_delay", with = "humantime_serde")]
+    pub retry_max_delay: Duration,
 }
 
 fn default_api_key_env() -> String {
@@ -262,6 +285,21 @@ fn default_prefix() -> String {
     "/v1".to_owned()
 }
 fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_mins(2)
+}
+fn default_total_timeout() -> Duration {
+    Duration::from_mins(30)
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_retry_backoff() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_retry_max_delay() -> Duration {
     Duration::from_secs(5)
 }
 fn default_response_timeout() -> Duration {
@@ -649,6 +687,17 @@ impl Config {
                 ),
             );
         }
+        if self.server.max_in_flight == 0 {
+            v.add("server.max_in_flight", "must be greater than 0");
+        }
+        if let Some(m) = &self.server.metrics_listen
+            && m.parse::<SocketAddr>().is_err()
+        {
+            v.add(
+                "server.metrics_listen",
+                format!("`{m}` is not an IP address and port, e.g. 127.0.0.1:9090"),
+            );
+        }
         if self.server.max_body_bytes == 0 {
             v.add("server.max_body_bytes", "must be greater than 0");
         }
@@ -690,6 +739,17 @@ impl Config {
         }
         if up.connect_timeout.is_zero() {
             v.add("upstream.connect_timeout", "must be greater than 0");
+        }
+        for (name, d) in [
+            ("idle_timeout", up.idle_timeout),
+            ("total_timeout", up.total_timeout),
+        ] {
+            if d.is_zero() {
+                v.add(format!("upstream.{name}"), "must be greater than 0");
+            }
+        }
+        if up.retries > 10 {
+            v.add("upstream.retries", "at most 10 extra attempts");
         }
         if up.response_timeout.is_zero() {
             v.add("upstream.response_timeout", "must be greater than 0");

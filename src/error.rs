@@ -72,6 +72,9 @@ pub enum ProxyError {
         "mantlegate has no upstream API key: set the environment variable named by upstream.api_key_env"
     )]
     UpstreamKeyMissing,
+    /// Too many calls in flight (`server.max_in_flight`).
+    #[error("mantlegate is at its limit of {0} calls in flight; retry shortly")]
+    Overloaded(usize),
     /// A bug: the request could not be handled.
     #[error("mantlegate failed to handle this request; it has been logged")]
     Internal,
@@ -93,7 +96,7 @@ impl ProxyError {
             Self::RateLimited(_) | Self::BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamKeyMissing => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamKeyMissing | Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -116,6 +119,7 @@ impl ProxyError {
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamKeyMissing => "upstream_key_missing",
+            Self::Overloaded(_) => "overloaded",
             Self::Internal => "internal_error",
         }
     }
@@ -132,6 +136,7 @@ impl ProxyError {
                 "upstream_error"
             }
             Self::Internal => "server_error",
+            Self::Overloaded(_) => "service_unavailable_error",
             _ => "invalid_request_error",
         }
     }
@@ -139,7 +144,7 @@ impl ProxyError {
     /// Whether the outcome is a rejection of the caller (as opposed to an upstream failure).
     #[must_use]
     pub fn is_rejection(&self) -> bool {
-        self.status().is_client_error()
+        self.status().is_client_error() || matches!(self, Self::Overloaded(_))
     }
 
     /// The JSON body: `{"error":{"message","type","param","code"}}`.
@@ -187,6 +192,9 @@ impl IntoResponse for ProxyError {
         match &self {
             // The SDKs back off and retry by themselves with these.
             Self::RateLimited(limited) => limited.apply(headers),
+            Self::Overloaded(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             // Retrying cannot fix a refusal; the SDKs honour this header.
             _ if self.is_rejection() => {
                 headers.insert("x-should-retry", HeaderValue::from_static("false"));

@@ -44,15 +44,24 @@ use crate::state::AppState;
 /// everything else goes to [`proxy::handle`],
 /// which classifies the path itself so that routes and endpoints can change on reload.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(admin::metrics))
-        .route("/admin/v1/costs", get(admin::costs))
+        .route("/readyz", get(readyz));
+    if state.metrics_on_main {
+        app = app.route("/metrics", get(admin::metrics));
+    }
+    app.route("/admin/v1/costs", get(admin::costs))
         .route("/admin/v1/budgets", get(admin::budgets))
         .fallback(proxy::handle)
         .with_state(state)
         .layer(CatchPanicLayer::custom(panic_response))
+}
+
+/// The router of a separate metrics listener (`server.metrics_listen`): `/metrics` only.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(admin::metrics))
+        .with_state(state)
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` resolves, then lets calls in flight

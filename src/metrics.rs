@@ -256,13 +256,6 @@ impl Metrics {
         }
     }
 
-    /// Counts a call in flight until the returned guard drops.
-    #[must_use]
-    pub fn in_flight(self: &Arc<Self>) -> InFlight {
-        self.in_flight.inc();
-        InFlight(self.clone())
-    }
-
     /// Counts a config reload, taken or refused.
     pub fn reloaded(&self, ok: bool) {
         if ok {
@@ -350,7 +343,14 @@ impl Metrics {
 
     /// The Prometheus text exposition, with ledger gauges read now.
     #[must_use]
-    pub fn render(&self, ledger: Option<&LedgerStats>, budgets: &Budgets) -> String {
+    pub fn render(
+        &self,
+        ledger: Option<&LedgerStats>,
+        budgets: &Budgets,
+        in_flight: usize,
+    ) -> String {
+        self.in_flight
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         for b in &budgets.list {
             let labels = BudgetLabels {
                 budget: b.name.clone(),
@@ -378,15 +378,6 @@ impl Metrics {
             out.clear();
         }
         out
-    }
-}
-
-/// Decrements the in-flight gauge when dropped.
-pub struct InFlight(Arc<Metrics>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
     }
 }
 

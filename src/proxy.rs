@@ -5,6 +5,7 @@ pub mod facts;
 pub mod headers;
 pub mod relay;
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -32,6 +33,7 @@ static OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
 pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     // One snapshot for the whole call: a reload mid-call does not change its rules.
     let snap = state.snapshot.load_full();
+    let in_flight = state.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
     let mut call = Call::new(
         Instant::now(),
         req.method().clone(),
@@ -39,7 +41,13 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         state.clone(),
         snap.clone(),
     );
-    match forward(&state, &snap, req, &mut call).await {
+    let forwarded = if in_flight > snap.max_in_flight {
+        // Refused at once: an unbounded queue would only turn overload into timeouts.
+        Err(ProxyError::Overloaded(snap.max_in_flight))
+    } else {
+        forward(&state, &snap, req, &mut call).await
+    };
+    match forwarded {
         Ok(upstream) => {
             let Upstream {
                 mut parts,
@@ -64,7 +72,17 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
             }
             let success = parts.status.is_success();
             call.overhead = Some(sent.duration_since(call.started()) + head.elapsed());
-            Response::from_parts(parts, Body::new(RelayBody::new(body, meter, call, success)))
+            let deadline =
+                tokio::time::Instant::from_std(call.started()) + snap.upstream.total_timeout;
+            let relay = RelayBody::new(
+                body,
+                meter,
+                call,
+                success,
+                snap.upstream.idle_timeout,
+                deadline,
+            );
+            Response::from_parts(parts, Body::new(relay))
         }
         Err(err) => {
             call.status = err.status().as_u16();
@@ -203,13 +221,8 @@ async fn forward(
     if endpoint.forwards_body() {
         builder = builder.body(body);
     }
-    let timeout = snap.upstream.response_timeout;
     let sent = Instant::now();
-    let response = match tokio::time::timeout(timeout, builder.send()).await {
-        Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
-        Ok(Err(err)) => return Err(upstream_error(&err)),
-        Ok(Ok(response)) => response,
-    };
+    let response = send_with_retries(&snap.upstream, builder, call).await?;
     call.upstream_status = Some(response.status().as_u16());
     let (mut parts, body) = axum::http::Response::<reqwest::Body>::from(response).into_parts();
     headers::strip_response(&mut parts.headers);
@@ -283,6 +296,86 @@ fn admit(
         }
     }
     Ok(())
+}
+
+/// Sends the request, retrying (before anything reached the client) on connection failures
+/// and on 429/503 answers, at most `retries` more times, with exponential backoff and
+/// jitter, honouring the upstream's `retry-after` when it is no longer than
+/// `retry_max_delay` (a longer one is relayed to the client instead).
+async fn send_with_retries(
+    up: &crate::state::Upstream,
+    builder: reqwest::RequestBuilder,
+    call: &mut Call,
+) -> Result<reqwest::Response, ProxyError> {
+    let deadline = tokio::time::Instant::from_std(call.started()) + up.total_timeout;
+    let mut attempt = 0u32;
+    let mut pending = Some(builder);
+    loop {
+        let Some(current) = pending.take() else {
+            return Err(ProxyError::Internal);
+        };
+        // Keep a copy for another attempt only while one is allowed (bodies are shared bytes).
+        let spare = if attempt < up.retries {
+            current.try_clone()
+        } else {
+            None
+        };
+        let timeout = up.response_timeout;
+        let outcome = tokio::time::timeout(timeout, current.send()).await;
+        let retry_after = match &outcome {
+            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+            Ok(Err(err)) if err.is_connect() => Some(None),
+            Ok(Err(err)) => return Err(upstream_error(err)),
+            Ok(Ok(r)) if matches!(r.status().as_u16(), 429 | 503) => Some(retry_after(r.headers())),
+            Ok(Ok(_)) => None,
+        };
+        let delay = retry_after.and_then(|asked| {
+            let backoff = up.retry_backoff.saturating_mul(1 << attempt.min(16));
+            // Full jitter between half and all of the backoff spreads out synchronized clients.
+            let jitter = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+            match asked {
+                Some(a) if a > up.retry_max_delay => None,
+                Some(a) => Some(a.max(jitter)),
+                None => Some(jitter.min(up.retry_max_delay)),
+            }
+        });
+        match (spare, delay) {
+            (Some(next), Some(delay)) if tokio::time::Instant::now() + delay < deadline => {
+                call.retries += 1;
+                tracing::debug!(
+                    attempt,
+                    delay_ms = delay.as_millis(),
+                    "retrying upstream call"
+                );
+                tokio::time::sleep(delay).await;
+                pending = Some(next);
+                attempt += 1;
+            }
+            _ => {
+                return match outcome {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(err)) => Err(upstream_error(&err)),
+                    Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+                };
+            }
+        }
+    }
+}
+
+/// `retry-after` in seconds (an HTTP date is not honoured: backoff applies instead).
+fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let ms = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|ms| std::time::Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 86_400.0)));
+    ms.or_else(|| {
+        headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(std::time::Duration::from_secs)
+    })
 }
 
 /// What to meter in an answer.

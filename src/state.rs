@@ -82,6 +82,16 @@ pub struct Upstream {
     pub authorization: Option<Secret<HeaderValue>>,
     /// Time allowed for the response head.
     pub response_timeout: Duration,
+    /// Longest gap between body frames.
+    pub idle_timeout: Duration,
+    /// Longest whole call.
+    pub total_timeout: Duration,
+    /// Extra attempts before the first byte.
+    pub retries: u32,
+    /// First retry delay.
+    pub retry_backoff: Duration,
+    /// Longest retry delay.
+    pub retry_max_delay: Duration,
 }
 
 impl Upstream {
@@ -115,6 +125,8 @@ pub struct Snapshot {
     pub fallback_project: Option<ProjectIdx>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Most calls in flight.
+    pub max_in_flight: usize,
     /// Number of `[[keys]]` entries.
     pub key_count: usize,
     /// Model prices.
@@ -266,9 +278,15 @@ impl Snapshot {
                     .collect(),
                 authorization,
                 response_timeout: up.response_timeout,
+                idle_timeout: up.idle_timeout,
+                total_timeout: up.total_timeout,
+                retries: up.retries,
+                retry_backoff: up.retry_backoff,
+                retry_max_delay: up.retry_max_delay,
             },
             fallback_project,
             max_body_bytes: config.server.max_body_bytes,
+            max_in_flight: config.server.max_in_flight,
             prices: config
                 .price_table()
                 .map_err(|p| anyhow::anyhow!("invalid prices: {}", p.len()))?,
@@ -347,6 +365,10 @@ pub struct AppState {
     pub pending_background: Arc<DashMap<String, PendingBackground>>,
     /// The admin API bearer token (None: the admin API is off).
     pub admin_token: Option<Arc<Secret<String>>>,
+    /// Calls in flight now (admission against `max_in_flight`).
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether `/metrics` is served on the main listener.
+    pub metrics_on_main: bool,
 }
 
 impl AppState {
@@ -371,6 +393,8 @@ impl AppState {
             responses: Arc::new(DashMap::new()),
             pending_background: Arc::new(DashMap::new()),
             admin_token: None,
+            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            metrics_on_main: true,
         })
     }
 }

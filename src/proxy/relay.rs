@@ -2,8 +2,12 @@
 //! the usage chunk mantlegate asked for on the client's behalf), while the meter watches them
 //! and the call commits when the body ends, fails or is dropped.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -19,17 +23,33 @@ pub struct RelayBody<B> {
     /// The upstream answered 2xx (only then is usage read).
     success: bool,
     done: bool,
+    /// Fires at the idle deadline (reset on every frame) or the total deadline, if sooner.
+    timer: Pin<Box<Sleep>>,
+    idle: Duration,
+    deadline: Instant,
 }
 
 impl<B> RelayBody<B> {
-    /// Relays `inner`, metering it with `meter` and committing `call` when it ends.
-    pub fn new(inner: B, meter: BodyMeter, call: Call, success: bool) -> Self {
+    /// Relays `inner`, metering it with `meter` and committing `call` when it ends. The answer
+    /// is ended when no frame comes for `idle`, or at `deadline`.
+    pub fn new(
+        inner: B,
+        meter: BodyMeter,
+        call: Call,
+        success: bool,
+        idle: Duration,
+        deadline: Instant,
+    ) -> Self {
+        let first = (Instant::now() + idle).min(deadline);
         Self {
             inner,
             meter,
             call,
             success,
             done: false,
+            timer: Box::pin(tokio::time::sleep_until(first)),
+            idle,
+            deadline,
         }
     }
 
@@ -70,7 +90,24 @@ where
             if this.done {
                 return Poll::Ready(None);
             }
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    ready!(this.timer.as_mut().poll(cx));
+                    // The upstream went quiet too long, or the call ran out of time: end the
+                    // answer cleanly (the client sees the stream end) and drop the upstream.
+                    this.call.error_code = Some(if Instant::now() >= this.deadline {
+                        "upstream_total_timeout"
+                    } else {
+                        "upstream_idle_timeout"
+                    });
+                    this.finish(Outcome::UpstreamError);
+                    continue;
+                }
+            };
+            let next = (Instant::now() + this.idle).min(this.deadline);
+            this.timer.as_mut().reset(next);
+            match polled {
                 Some(Ok(frame)) => {
                     this.call.mark_first_byte();
                     let Some(data) = frame.data_ref() else {
