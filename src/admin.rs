@@ -174,3 +174,56 @@ pub async fn costs(
         ),
     }
 }
+
+/// `GET /admin/v1/projects`: each project with its id, tags, the keys and routes that use it,
+/// and its month-to-date spend (UTC month, from the ledger; zero when there is none).
+pub async fn projects(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    let snapshot = state.snapshot.load_full();
+    let mut spend = std::collections::HashMap::new();
+    if let Some(reader) = state.reader.clone() {
+        let today = jiff::Timestamp::now()
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .date();
+        let rows = tokio::task::spawn_blocking(move || {
+            let period = report::period(None, None, today).map_err(anyhow::Error::msg)?;
+            reader.daily(&period)
+        })
+        .await;
+        match rows {
+            Ok(Ok(rows)) => {
+                for r in rows {
+                    *spend
+                        .entry(r.project_id)
+                        .or_insert(rust_decimal::Decimal::ZERO) +=
+                        rust_decimal::Decimal::new(r.cost_pico, 12);
+                }
+            }
+            Ok(Err(err)) => {
+                tracing::error!(error = %format!("{err:#}"), "project spend query failed");
+                return admin_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "report_failed",
+                    "the spend could not be read from the ledger; see the server log",
+                );
+            }
+            Err(_) => {
+                return admin_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "report_failed",
+                    "the spend task failed",
+                );
+            }
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        crate::projects::overview(&snapshot, &spend).to_string(),
+    )
+        .into_response()
+}

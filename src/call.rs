@@ -263,7 +263,9 @@ impl Call {
             return;
         }
         let project = &self.snap.projects[p];
-        self.state.responses.insert(id.clone(), project.id.clone());
+        self.state
+            .responses
+            .insert(id.clone(), (project.id.clone(), Instant::now()));
         if background == Some(&Background::Pending) {
             self.state.pending_background.insert(
                 id.clone(),

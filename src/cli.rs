@@ -77,6 +77,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Projects as code: compare `[[projects]]` with the account's Bedrock projects and apply.
+    Projects {
+        #[command(subcommand)]
+        command: ProjectsCommand,
+    },
     /// Only the simulated bedrock-mantle (for trying configurations and for tests).
     Simulate {
         /// Listen address (port 0 picks a free port).
@@ -85,6 +90,28 @@ enum Command {
         /// Delay between streamed events, in milliseconds.
         #[arg(long, default_value_t = 30)]
         event_delay_ms: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectsCommand {
+    /// Print what `apply` would do: creates, tag changes, archives, unmanaged projects.
+    Plan {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Archive active projects that no `[[projects]]` entry names (never `default`).
+        #[arg(long)]
+        archive_missing: bool,
+    },
+    /// Do it, then write the ids of new projects into the config file.
+    Apply {
+        /// Configuration file (TOML); rewritten in place, comments and layout kept.
+        #[arg(long)]
+        config: PathBuf,
+        /// Archive active projects that no `[[projects]]` entry names (never `default`).
+        #[arg(long)]
+        archive_missing: bool,
     },
 }
 
@@ -111,7 +138,7 @@ enum KeysCommand {
 #[must_use]
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let _log_flush = init_tracing();
     let result = match cli.command {
         Command::Serve { config, listen } => {
             runtime().and_then(|rt| rt.block_on(serve(&config, listen)))
@@ -134,6 +161,7 @@ pub fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::List { config },
         } => keys_list(&config),
+        Command::Projects { command } => runtime().and_then(|rt| rt.block_on(projects(command))),
         Command::Demo { listen } => runtime().and_then(|rt| rt.block_on(demo(listen))),
         Command::Simulate {
             listen,
@@ -149,6 +177,20 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `mantlegate projects plan|apply`.
+async fn projects(command: ProjectsCommand) -> anyhow::Result<()> {
+    match command {
+        ProjectsCommand::Plan {
+            config,
+            archive_missing,
+        } => crate::projects::plan_command(&config, archive_missing).await,
+        ProjectsCommand::Apply {
+            config,
+            archive_missing,
+        } => crate::projects::apply_command(&config, archive_missing).await,
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -157,16 +199,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// JSON lines on stdout; level from `MANTLEGATE_LOG` (default `info`).
-fn init_tracing() {
+/// JSON lines on stdout; level from `MANTLEGATE_LOG` (default `info`). Lines are written by a
+/// background thread, so a slow log reader never stalls calls; if it falls 128k lines behind,
+/// lines are dropped rather than blocking (the ledger, not the log, is the record of calls).
+/// The returned guard flushes what is queued when dropped, at exit.
+fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MANTLEGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(writer)
         .init();
+    guard
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {

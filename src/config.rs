@@ -452,6 +452,40 @@ impl Config {
         })
     }
 
+    /// Like [`Config::load`], except that a `[[projects]]` entry without an `id` is not a
+    /// problem: `mantlegate projects plan/apply` creates those projects and writes their ids back.
+    ///
+    /// # Errors
+    /// Returns every other problem found; see [`ConfigError`].
+    pub fn load_for_projects(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config: Self = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+        config.source_dir = path.parent().map(Path::to_path_buf);
+        // The only problem reported at `projects[i].id` of an entry without an id is that it
+        // has none.
+        let no_id: HashSet<String> = config
+            .projects
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.id.is_none())
+            .map(|(i, _)| format!("projects[{i}].id"))
+            .collect();
+        let problems: Vec<Problem> = config
+            .validate()
+            .into_iter()
+            .filter(|p| !no_id.contains(&p.path))
+            .collect();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
     /// Parses and validates a configuration from TOML text.
     ///
     /// # Errors

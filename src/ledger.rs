@@ -154,7 +154,10 @@ pub struct LedgerWriter {
 }
 
 /// Most records one transaction takes.
-const MAX_BATCH: usize = 2048;
+const MAX_BATCH: usize = 4096;
+
+/// How long the writer gathers records after the first before committing them together.
+const LINGER: Duration = Duration::from_millis(50);
 
 impl Ledger {
     /// Starts the writer thread over `store`, with a queue of `capacity` records.
@@ -208,9 +211,12 @@ fn write_loop(mut store: Box<dyn Store>, rx: &Receiver<Msg>, stats: &LedgerStats
             Ok(Msg::Record(r)) => batch.push(*r),
             Ok(Msg::Stop) | Err(_) => break,
         }
-        // Take what else is queued now: under load, one transaction for many calls.
+        // Gather for up to LINGER (or a full batch): under load, one transaction for many
+        // calls; the wait is far inside the one-second durability promise.
+        let until = std::time::Instant::now() + LINGER;
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
                 Ok(Msg::Record(r)) => batch.push(*r),
                 Ok(Msg::Stop) => {
                     stop = true;

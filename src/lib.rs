@@ -15,6 +15,7 @@ pub mod meter;
 pub mod metrics;
 pub mod policy;
 pub mod pricing;
+pub mod projects;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
@@ -30,11 +31,15 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::ProxyError;
 use crate::state::AppState;
+
+/// How long the in-process response-id index keeps an entry.
+const RESPONSE_INDEX_TTL: Duration = Duration::from_hours(1);
 
 /// The whole app. Layers, outermost first:
 /// 1. `CatchPanicLayer`: a bug answers 500 `internal_error` (OpenAI-shaped, no panic text,
@@ -52,6 +57,7 @@ pub fn router(state: AppState) -> Router {
     }
     app.route("/admin/v1/costs", get(admin::costs))
         .route("/admin/v1/budgets", get(admin::budgets))
+        .route("/admin/v1/projects", get(admin::projects))
         .fallback(proxy::handle)
         .with_state(state)
         .layer(CatchPanicLayer::custom(panic_response))
@@ -76,6 +82,26 @@ pub async fn serve(
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    // The in-process index of response ids only bridges the moment until the ledger has the
+    // record: entries older than an hour are dropped (lookups then go to the ledger).
+    let responses = state.responses.clone();
+    let pruner = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_mins(1));
+        loop {
+            tick.tick().await;
+            let cutoff = std::time::Instant::now().checked_sub(RESPONSE_INDEX_TTL);
+            if let Some(cutoff) = cutoff {
+                responses.retain(|_, (_, at)| *at >= cutoff);
+            }
+        }
+    });
+    // Small writes (stream events) leave at once: without TCP_NODELAY, Nagle's algorithm and
+    // delayed ACKs hold them back by up to 40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!(
@@ -91,12 +117,22 @@ pub async fn serve(
             std::future::pending::<()>().await;
         }
     };
+    let _stop_pruner = AbortOnDrop(pruner);
     tokio::select! {
         result = server.into_future() => result,
         () = deadline => {
             tracing::warn!("drain timeout reached: closing calls still in flight");
             Ok(())
         }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

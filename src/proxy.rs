@@ -414,7 +414,7 @@ fn meter_kind(
 /// The project that created a stored response: this process's index first, then the ledger.
 async fn owner_of_response(state: &AppState, snap: &Snapshot, id: &str) -> Option<ProjectIdx> {
     let project_id = if let Some(p) = state.responses.get(id) {
-        Some(p.value().to_string())
+        Some(p.value().0.to_string())
     } else if let Some(reader) = &state.reader {
         let reader = reader.clone();
         let id = id.to_owned();

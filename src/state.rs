@@ -321,6 +321,11 @@ impl Snapshot {
         self.keys.get(hash)
     }
 
+    /// Every key (two entries share a name while a key is rotated), in no particular order.
+    pub fn keys_iter(&self) -> impl Iterator<Item = &Key> {
+        self.keys.values()
+    }
+
     /// The project a client names in `OpenAI-Project` (by id or by name).
     #[must_use]
     pub fn project_by_handle(&self, handle: &str) -> Option<ProjectIdx> {
@@ -360,7 +365,7 @@ pub struct AppState {
     /// Read access to the ledger, for response-id lookups and reports.
     pub reader: Option<Arc<dyn LedgerRead>>,
     /// Response id -> project id of Responses objects created through this process.
-    pub responses: Arc<DashMap<String, Arc<str>>>,
+    pub responses: Arc<DashMap<String, (Arc<str>, std::time::Instant)>>,
     /// Background responses not yet metered (response id -> what created them).
     pub pending_background: Arc<DashMap<String, PendingBackground>>,
     /// The admin API bearer token (None: the admin API is off).

@@ -85,9 +85,9 @@ const INSERT_CALL: &str = "INSERT INTO calls (ts_ms, request_id, key_name, route
 const UPSERT_DAILY: &str = "INSERT INTO daily (day, key_name, route, project_name, project_id,
     tags, api, model, outcome, requests, input_tokens, cached_input_tokens, output_tokens,
     reasoning_tokens, cost_pico, unpriced_requests)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11, ?12, ?13, ?14, ?15)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?16, ?10, ?11, ?12, ?13, ?14, ?15)
     ON CONFLICT (day, key_name, route, project_name, project_id, tags, api, model, outcome)
-    DO UPDATE SET requests = requests + 1,
+    DO UPDATE SET requests = requests + excluded.requests,
         input_tokens = input_tokens + excluded.input_tokens,
         cached_input_tokens = cached_input_tokens + excluded.cached_input_tokens,
         output_tokens = output_tokens + excluded.output_tokens,
@@ -148,6 +148,32 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A roll-up row's identity.
+#[derive(Hash, PartialEq, Eq)]
+struct DailyKey {
+    day: String,
+    key: String,
+    route: String,
+    project: String,
+    project_id: String,
+    tags: String,
+    api: &'static str,
+    model: String,
+    outcome: &'static str,
+}
+
+/// What a batch adds to a roll-up row.
+#[derive(Default)]
+struct DailyDelta {
+    requests: i64,
+    input: i64,
+    cached: i64,
+    output: i64,
+    reasoning: i64,
+    cost: i64,
+    unpriced: i64,
+}
+
 /// The SQLite [`Store`].
 pub struct SqliteStore {
     conn: Connection,
@@ -191,6 +217,10 @@ impl Store for SqliteStore {
             )?;
             let mut settle =
                 tx.prepare_cached("DELETE FROM pending_background WHERE response_id = ?1")?;
+            // The day's roll-up rows a batch touches are few: add the batch up first, then
+            // one upsert per row rather than one per record.
+            let mut rollup: std::collections::HashMap<DailyKey, DailyDelta> =
+                std::collections::HashMap::new();
             for r in records {
                 let u = &r.usage;
                 insert.execute(params![
@@ -218,23 +248,26 @@ impl Store for SqliteStore {
                     r.upstream_response_id,
                     r.key_fp.as_deref(),
                 ])?;
-                daily.execute(params![
-                    utc_day(r.ts_ms),
-                    r.key.as_deref().unwrap_or(""),
-                    r.route.as_deref().unwrap_or(""),
-                    r.project.as_deref().unwrap_or(""),
-                    r.project_id.as_deref().unwrap_or(""),
-                    r.tags.as_deref().unwrap_or("{}"),
-                    r.api.unwrap_or(""),
-                    r.model.as_deref().unwrap_or(""),
-                    r.outcome,
-                    to_i64(u.input),
-                    to_i64(u.cached_input),
-                    to_i64(u.output),
-                    to_i64(u.reasoning),
-                    r.cost_pico.unwrap_or(0),
-                    i64::from(r.cost_pico.is_none()),
-                ])?;
+                let d = rollup
+                    .entry(DailyKey {
+                        day: utc_day(r.ts_ms),
+                        key: r.key.as_deref().unwrap_or("").to_owned(),
+                        route: r.route.as_deref().unwrap_or("").to_owned(),
+                        project: r.project.as_deref().unwrap_or("").to_owned(),
+                        project_id: r.project_id.as_deref().unwrap_or("").to_owned(),
+                        tags: r.tags.as_deref().unwrap_or("{}").to_owned(),
+                        api: r.api.unwrap_or(""),
+                        model: r.model.as_deref().unwrap_or("").to_owned(),
+                        outcome: r.outcome,
+                    })
+                    .or_default();
+                d.requests += 1;
+                d.input += to_i64(u.input);
+                d.cached += to_i64(u.cached_input);
+                d.output += to_i64(u.output);
+                d.reasoning += to_i64(u.reasoning);
+                d.cost = d.cost.saturating_add(r.cost_pico.unwrap_or(0));
+                d.unpriced += i64::from(r.cost_pico.is_none());
                 match (&r.background, &r.upstream_response_id) {
                     (Some(Background::Pending), Some(id)) => {
                         pending.execute(params![
@@ -249,6 +282,26 @@ impl Store for SqliteStore {
                     }
                     _ => {}
                 }
+            }
+            for (k, d) in rollup {
+                daily.execute(params![
+                    k.day,
+                    k.key,
+                    k.route,
+                    k.project,
+                    k.project_id,
+                    k.tags,
+                    k.api,
+                    k.model,
+                    k.outcome,
+                    d.input,
+                    d.cached,
+                    d.output,
+                    d.reasoning,
+                    d.cost,
+                    d.unpriced,
+                    d.requests
+                ])?;
             }
         }
         tx.commit()?;

@@ -63,6 +63,8 @@ pub struct BodyMeter {
     out: VecDeque<Bytes>,
     /// Estimated input tokens, from the request body's size.
     input_estimate: u64,
+    /// The stream's own end was seen (`[DONE]`, or a Responses terminal event).
+    ended: bool,
 }
 
 impl BodyMeter {
@@ -82,7 +84,15 @@ impl BodyMeter {
             out: VecDeque::new(),
             // About four bytes per token, the usual rule of thumb for English text and JSON.
             input_estimate: (request_bytes / 4) as u64,
+            ended: false,
         }
+    }
+
+    /// Whether the stream's own end (`[DONE]`, a Responses terminal event) has been relayed:
+    /// a client that hangs up after it has had the whole answer.
+    #[must_use]
+    pub fn saw_end(&self) -> bool {
+        self.ended
     }
 
     /// Whether frames must go through [`BodyMeter::relay`] (they may be cut or held).
@@ -104,17 +114,19 @@ impl BodyMeter {
                 }
             }
             Kind::ChatStream { .. } => {
-                let (usage, content) = (&mut self.usage, &mut self.content_events);
+                let (usage, content, ended) =
+                    (&mut self.usage, &mut self.content_events, &mut self.ended);
                 self.scanner.feed(chunk, |ev| {
-                    chat_event(ev.data, usage, content);
+                    chat_event(ev.data, usage, content, ended);
                 });
             }
             Kind::ResponsesStream => {
-                let (usage, content, id, status) = (
+                let (usage, content, id, status, ended) = (
                     &mut self.usage,
                     &mut self.content_events,
                     &mut self.response_id,
                     &mut self.response_status,
+                    &mut self.ended,
                 );
                 self.scanner.feed(chunk, |ev| {
                     match usage::responses_event(ev.event, ev.data) {
@@ -128,6 +140,7 @@ impl BodyMeter {
                                 *id = terminal_id;
                             }
                             *status = Some(s);
+                            *ended = true;
                             if u.is_some() {
                                 *usage = u;
                             }
@@ -144,9 +157,9 @@ impl BodyMeter {
     /// injected usage chunk removed). Read the result with [`BodyMeter::next_out`].
     pub fn relay(&mut self, chunk: &Bytes) {
         let mut cuts: Vec<(usize, bool)> = Vec::new();
-        let (usage, content) = (&mut self.usage, &mut self.content_events);
+        let (usage, content, ended) = (&mut self.usage, &mut self.content_events, &mut self.ended);
         self.scanner.feed(chunk, |ev| {
-            let drop = chat_event(ev.data, usage, content);
+            let drop = chat_event(ev.data, usage, content, ended);
             cuts.push((ev.end, drop));
         });
         let mut start = 0;
@@ -155,16 +168,23 @@ impl BodyMeter {
             if drop {
                 self.carry.clear();
             } else if self.carry.is_empty() {
-                self.out.push_back(piece);
+                self.out.push_back(without_null_usage(piece));
             } else {
                 self.carry.extend_from_slice(&piece);
-                self.out.push_back(self.carry.split().freeze());
+                self.out
+                    .push_back(without_null_usage(self.carry.split().freeze()));
             }
             start = end;
         }
         if start < chunk.len() {
             self.carry.extend_from_slice(&chunk[start..]);
         }
+    }
+
+    /// Whether pieces wait to be handed to the client.
+    #[must_use]
+    pub fn has_out(&self) -> bool {
+        !self.out.is_empty()
     }
 
     /// Queues a piece for the client after those already queued.
@@ -179,10 +199,10 @@ impl BodyMeter {
 
     /// End of the upstream body: bytes still held (a last event without its blank line).
     pub fn finish_relay(&mut self) -> Option<Bytes> {
-        let (usage, content) = (&mut self.usage, &mut self.content_events);
+        let (usage, content, ended) = (&mut self.usage, &mut self.content_events, &mut self.ended);
         let mut dropped = false;
         self.scanner.finish(|ev| {
-            dropped = chat_event(ev.data, usage, content);
+            dropped = chat_event(ev.data, usage, content, ended);
         });
         if dropped || self.carry.is_empty() {
             self.carry.clear();
@@ -274,8 +294,27 @@ impl BodyMeter {
     }
 }
 
+/// Removes the `"usage":null` member that `include_usage` adds to every chunk, so a client
+/// that did not ask for usage gets chunks as it would have without it. Only that exact
+/// member is cut: inside a JSON string the quotes would be escaped, so it cannot match text.
+fn without_null_usage(piece: Bytes) -> Bytes {
+    const WITH_COMMA_BEFORE: &[u8] = b",\"usage\":null";
+    const WITH_COMMA_AFTER: &[u8] = b"\"usage\":null,";
+    let (at, len) = if let Some(i) = memchr::memmem::find(&piece, WITH_COMMA_BEFORE) {
+        (i, WITH_COMMA_BEFORE.len())
+    } else if let Some(i) = memchr::memmem::find(&piece, WITH_COMMA_AFTER) {
+        (i, WITH_COMMA_AFTER.len())
+    } else {
+        return piece;
+    };
+    let mut out = BytesMut::with_capacity(piece.len() - len);
+    out.extend_from_slice(&piece[..at]);
+    out.extend_from_slice(&piece[at + len..]);
+    out.freeze()
+}
+
 /// Applies one chat stream event to the meter; returns whether it is the usage-only chunk.
-fn chat_event(data: &[u8], usage: &mut Option<Usage>, content: &mut u64) -> bool {
+fn chat_event(data: &[u8], usage: &mut Option<Usage>, content: &mut u64, ended: &mut bool) -> bool {
     match usage::chat_chunk(data) {
         ChatChunk::Usage {
             usage: u,
@@ -291,6 +330,65 @@ fn chat_event(data: &[u8], usage: &mut Option<Usage>, content: &mut u64) -> bool
             *content += 1;
             false
         }
-        ChatChunk::Done | ChatChunk::Error | ChatChunk::Other => false,
+        ChatChunk::Done => {
+            *ended = true;
+            false
+        }
+        ChatChunk::Error | ChatChunk::Other => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WITH_USAGE: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi \\\"usage\\\":null\"}}],\"usage\":null}\n\n\
+data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n\
+data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n\
+data: [DONE]\n\n";
+
+    const WITHOUT_USAGE: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi \\\"usage\\\":null\"}}]}\n\n\
+data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+data: [DONE]\n\n";
+
+    fn relay_all(chunks: &[&[u8]]) -> (Vec<u8>, Metered) {
+        let mut m = BodyMeter::new(Kind::ChatStream { strip_usage: true }, 40);
+        let mut out = Vec::new();
+        for c in chunks {
+            m.relay(&Bytes::copy_from_slice(c));
+            while let Some(p) = m.next_out() {
+                out.extend_from_slice(&p);
+            }
+        }
+        if let Some(rest) = m.finish_relay() {
+            out.extend_from_slice(&rest);
+        }
+        assert!(m.saw_end());
+        (out, m.result(true, true))
+    }
+
+    #[test]
+    fn injected_usage_is_removed_at_any_split() {
+        let bytes = WITH_USAGE.as_bytes();
+        for cut in 0..bytes.len() {
+            let (out, metered) = relay_all(&[&bytes[..cut], &bytes[cut..]]);
+            assert_eq!(String::from_utf8_lossy(&out), WITHOUT_USAGE, "cut at {cut}");
+            assert_eq!(metered.usage.input, 5);
+            assert_eq!(metered.usage.output, 2);
+            assert_eq!(metered.source, Some(UsageSource::Reported));
+        }
+    }
+
+    #[test]
+    fn a_stream_cut_short_is_estimated() {
+        let bytes = WITH_USAGE.as_bytes();
+        let first_event_end = WITH_USAGE.find("\n\n").expect("event") + 2;
+        let mut m = BodyMeter::new(Kind::ChatStream { strip_usage: true }, 400);
+        m.relay(&Bytes::copy_from_slice(&bytes[..first_event_end]));
+        assert!(!m.saw_end());
+        let metered = m.result(true, false);
+        assert_eq!(metered.source, Some(UsageSource::Estimated));
+        assert_eq!(metered.usage.output, 1);
+        assert_eq!(metered.usage.input, 100);
     }
 }

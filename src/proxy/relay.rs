@@ -64,8 +64,15 @@ impl<B> RelayBody<B> {
 impl<B> Drop for RelayBody<B> {
     fn drop(&mut self) {
         if !self.done {
-            // The client went away mid-answer: meter what was relayed, then commit.
-            self.finish(Outcome::ClientDisconnect);
+            // The client went away before the upstream body ended. If the stream's own end
+            // was relayed (clients stop reading at `[DONE]`), the call is complete; otherwise
+            // the client left mid-answer: meter what was relayed, then commit.
+            let outcome = if self.meter.saw_end() && self.out_is_empty() {
+                Outcome::Forwarded
+            } else {
+                Outcome::ClientDisconnect
+            };
+            self.finish(outcome);
         }
     }
 }
@@ -161,6 +168,10 @@ where
 }
 
 impl<B> RelayBody<B> {
+    fn out_is_empty(&self) -> bool {
+        !self.meter.has_out()
+    }
+
     /// The upstream body ended while rewriting: flush what is held, then commit.
     fn end_of_upstream(&mut self) {
         if let Some(rest) = self.meter.finish_relay() {

@@ -504,3 +504,383 @@ pub async fn error_of(response: reqwest::Response) -> serde_json::Value {
 
 pub const CHAT_BODY: &str =
     r#"{"model":"openai.gpt-oss-120b","messages":[{"role":"user","content":"hi"}]}"#;
+
+// ---- The fault-injecting upstream and helpers of the attack tests (faults, bad_clients, load).
+
+/// What a [`FaultUpstream`] does with one request.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Reads the request and never answers: waits for the proxy to hang up.
+    Stall,
+    /// Answers `head` (status line and headers, without the blank line) and `body`, then
+    /// closes the connection. `connection: close` is added to the head.
+    Answer { head: String, body: Vec<u8> },
+    /// A chunked answer: `head`, then each piece as one chunk, then `end` (a `Reset` or a
+    /// `Finish` after [`FaultUpstream::release`] when `hold` is set).
+    Stream {
+        head: String,
+        pieces: Vec<Vec<u8>>,
+        end: StreamEnd,
+        hold: bool,
+    },
+    /// A chunked answer sending `piece` every `every`, for ever (until the proxy hangs up).
+    Endless {
+        head: String,
+        piece: Vec<u8>,
+        every: Duration,
+    },
+}
+
+/// How a [`Fault::Stream`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The terminating chunk: a complete answer.
+    Finish,
+    /// Nothing more, connection kept open: waits for the proxy to hang up.
+    Stall,
+    /// The connection is aborted with a TCP RST.
+    Reset,
+}
+
+impl Fault {
+    /// A JSON answer with `status` (e.g. `"200 OK"`), extra header lines and `body`.
+    pub fn json(status: &str, headers: &str, body: &str) -> Self {
+        Self::Answer {
+            head: format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{headers}",
+                body.len()
+            ),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    /// An SSE stream of `pieces` that ends with `end`.
+    pub fn sse(pieces: Vec<Vec<u8>>, end: StreamEnd) -> Self {
+        Self::Stream {
+            head: SSE_HEAD.to_owned(),
+            pieces,
+            end,
+            hold: false,
+        }
+    }
+
+    /// An SSE stream of `pieces` that waits for [`FaultUpstream::release`] before its `end`.
+    pub fn sse_held(pieces: Vec<Vec<u8>>, end: StreamEnd) -> Self {
+        Self::Stream {
+            head: SSE_HEAD.to_owned(),
+            pieces,
+            end,
+            hold: true,
+        }
+    }
+}
+
+/// The head of a chunked SSE answer.
+pub const SSE_HEAD: &str =
+    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n";
+
+/// One request as a [`FaultUpstream`] read it.
+#[derive(Debug, Clone)]
+pub struct RawRecorded {
+    /// Request line and headers, as text.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+#[derive(Default)]
+struct FaultState {
+    requests: Mutex<Vec<RawRecorded>>,
+    /// When the proxy hung up on an answer that was waiting (stall, endless, stalled stream).
+    hung_up: Mutex<Vec<std::time::Instant>>,
+    changed: Notify,
+    release: Notify,
+}
+
+/// A raw-TCP fake bedrock-mantle that misbehaves on purpose. The n-th request (counted from 0)
+/// gets `plan[min(n, plan.len() - 1)]`; every answer closes its connection.
+pub struct FaultUpstream {
+    pub url: String,
+    state: Arc<FaultState>,
+    plan: Arc<Vec<Fault>>,
+}
+
+impl FaultUpstream {
+    pub async fn start(plan: Vec<Fault>) -> Self {
+        assert!(!plan.is_empty(), "a plan needs at least one fault");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(FaultState::default());
+        let plan = Arc::new(plan);
+        let (st, pl) = (state.clone(), plan.clone());
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(fault_conn(conn, st.clone(), pl.clone()));
+            }
+        });
+        Self {
+            url: format!("http://{addr}"),
+            state,
+            plan,
+        }
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> Vec<RawRecorded> {
+        self.state.requests.lock().expect("lock").clone()
+    }
+
+    /// Number of requests (attempts) received so far.
+    pub fn attempts(&self) -> usize {
+        self.state.requests.lock().expect("lock").len()
+    }
+
+    /// Waits (up to `within`) until the proxy has hung up on `n` waiting answers; returns when
+    /// the n-th hang-up was seen.
+    pub async fn wait_hung_up(&self, n: usize, within: Duration) -> std::time::Instant {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.state.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(at) = self.state.hung_up.lock().expect("lock").get(n - 1) {
+                return *at;
+            }
+            assert!(
+                tokio::time::timeout_at(deadline, notified).await.is_ok(),
+                "the proxy did not hang up on the upstream within {within:?}"
+            );
+        }
+    }
+
+    /// Hang-ups seen so far.
+    pub fn hang_ups(&self) -> usize {
+        self.state.hung_up.lock().expect("lock").len()
+    }
+
+    /// Waits (up to `within`) until `n` requests have arrived.
+    pub async fn wait_requests(&self, n: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.state.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.attempts() >= n {
+                return;
+            }
+            assert!(
+                tokio::time::timeout_at(deadline, notified).await.is_ok(),
+                "{} of {n} upstream requests arrived within {within:?}",
+                self.attempts()
+            );
+        }
+    }
+
+    /// Lets one held stream ([`Fault::sse_held`]) go on to its end.
+    pub fn release(&self) {
+        self.state.release.notify_one();
+    }
+
+    /// The plan this upstream follows.
+    pub fn plan(&self) -> &[Fault] {
+        &self.plan
+    }
+}
+
+/// Reads one HTTP/1.1 request (head and `content-length` body) from `conn`.
+pub async fn read_raw_request(conn: &mut tokio::net::TcpStream) -> Option<RawRecorded> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(at) = memchr::memmem::find(&buf, b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < length {
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some(RawRecorded { head, body })
+}
+
+async fn fault_conn(
+    mut conn: tokio::net::TcpStream,
+    state: Arc<FaultState>,
+    plan: Arc<Vec<Fault>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(request) = read_raw_request(&mut conn).await else {
+        return;
+    };
+    let n = {
+        let mut requests = state.requests.lock().expect("lock");
+        requests.push(request);
+        requests.len() - 1
+    };
+    state.changed.notify_waiters();
+    let fault = plan[n.min(plan.len() - 1)].clone();
+    // Waits for the proxy to close its side, then notes when it did.
+    let wait_hang_up = |mut conn: tokio::net::TcpStream, state: Arc<FaultState>| async move {
+        let mut sink = [0u8; 1024];
+        while matches!(conn.read(&mut sink).await, Ok(n) if n > 0) {}
+        state
+            .hung_up
+            .lock()
+            .expect("lock")
+            .push(std::time::Instant::now());
+        state.changed.notify_waiters();
+    };
+    match fault {
+        Fault::Stall => wait_hang_up(conn, state).await,
+        Fault::Answer { head, body } => {
+            let _ = conn
+                .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
+                .await;
+            let _ = conn.write_all(&body).await;
+            let _ = conn.shutdown().await;
+        }
+        Fault::Stream {
+            head,
+            pieces,
+            end,
+            hold,
+        } => {
+            if conn
+                .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            for piece in pieces {
+                if conn.write_all(&chunked(&piece)).await.is_err() {
+                    return;
+                }
+            }
+            if hold {
+                state.release.notified().await;
+            }
+            match end {
+                StreamEnd::Finish => {
+                    let _ = conn.write_all(b"0\r\n\r\n").await;
+                    let _ = conn.shutdown().await;
+                }
+                StreamEnd::Stall => wait_hang_up(conn, state).await,
+                StreamEnd::Reset => {
+                    let _ = conn.set_zero_linger();
+                    drop(conn);
+                }
+            }
+        }
+        Fault::Endless { head, piece, every } => {
+            if conn
+                .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let frame = chunked(&piece);
+            loop {
+                if conn.write_all(&frame).await.is_err() {
+                    break;
+                }
+                // Pacing of the endless stream: behaviour of this upstream, not synchronisation.
+                tokio::time::sleep(every).await;
+            }
+            state
+                .hung_up
+                .lock()
+                .expect("lock")
+                .push(std::time::Instant::now());
+            state.changed.notify_waiters();
+        }
+    }
+}
+
+/// `data` as one HTTP/1.1 chunk.
+pub fn chunked(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:X}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The standard test config (`on_missing = "reject"`) with lines added to `[server]` and to
+/// `[upstream]`; a `max_body_bytes` or `response_timeout` line given replaces the standard one.
+pub fn config_tuned(upstream_url: &str, server: &str, upstream: &str, extra: &str) -> String {
+    let mut text = config(upstream_url, "reject", extra);
+    let server_line = "max_body_bytes = 4096\n";
+    let upstream_line = "response_timeout = \"1s\"\n";
+    assert!(text.contains(server_line) && text.contains(upstream_line));
+    let keep_server = if server.contains("max_body_bytes") {
+        ""
+    } else {
+        server_line
+    };
+    let keep_upstream = if upstream.contains("response_timeout") {
+        ""
+    } else {
+        upstream_line
+    };
+    text = text.replacen(server_line, &format!("{keep_server}{server}\n"), 1);
+    text.replacen(upstream_line, &format!("{keep_upstream}{upstream}\n"), 1)
+}
+
+impl Proxy {
+    /// The ledger record of the call the client saw as `request_id` (waits for `n` records first).
+    pub async fn record_of(&self, n: u64, request_id: &str) -> serde_json::Value {
+        self.wait_for_records(n).await;
+        let records = self.records();
+        records
+            .iter()
+            .find(|r| r["request_id"] == request_id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no ledger record for {request_id}: {records:#?}"))
+    }
+
+    /// Asserts that `/healthz` answers 200 within 5 s.
+    pub async fn assert_healthy(&self) {
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            client().get(format!("{}/healthz", self.url)).send(),
+        )
+        .await
+        .expect("/healthz answered within 5 s")
+        .expect("/healthz");
+        assert_eq!(r.status(), 200, "/healthz");
+    }
+
+    /// `host:port` of the proxy, for raw TCP clients.
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+}
+
+/// Peak resident memory of this process (`VmHWM`), in KiB.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
