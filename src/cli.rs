@@ -267,6 +267,22 @@ async fn run(
         "config loaded"
     );
     let mut state = AppState::new(snapshot, config.upstream.connect_timeout)?;
+    if config.upstream.auth == crate::config::UpstreamAuth::Sigv4 {
+        let region = config
+            .upstream
+            .signing_region()
+            .context("upstream.region is required with auth = \"sigv4\"")?;
+        let signer = crate::sigv4::Signer::from_environment(region).await?;
+        // A missing credential source shows now, not on the first call; the chain may still
+        // provide credentials later (e.g. the instance metadata service not up yet).
+        if let Err(err) = signer.preload().await {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "no AWS credentials yet: calls fail with upstream_credentials_unavailable and /readyz reports not ready until the AWS chain provides some"
+            );
+        }
+        state.signer = Some(signer);
+    }
     let ledger_path = Path::new(&config.ledger.path);
     let store = SqliteStore::open(ledger_path)
         .with_context(|| format!("cannot open the ledger {}", ledger_path.display()))?;

@@ -306,6 +306,16 @@ fn default_response_timeout() -> Duration {
     Duration::from_mins(5)
 }
 
+impl UpstreamConfig {
+    /// The region SigV4 signs for: `region`, else the one in the base URL's host.
+    #[must_use]
+    pub fn signing_region(&self) -> Option<String> {
+        self.region
+            .clone()
+            .or_else(|| crate::sigv4::region_from_url(&self.base_url))
+    }
+}
+
 /// How mantlegate authenticates to bedrock-mantle.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -758,6 +768,23 @@ impl Config {
                 "upstream.base_url",
                 format!("`{}` is not a URL: {e}", up.base_url),
             ),
+        }
+        if up.auth == UpstreamAuth::Sigv4 {
+            match up.region.as_deref() {
+                Some(r)
+                    if r.is_empty()
+                        || !r
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+                {
+                    v.add("upstream.region", "must be an AWS region such as us-east-1");
+                }
+                None if crate::sigv4::region_from_url(&up.base_url).is_none() => v.add(
+                    "upstream.region",
+                    "is required with auth = \"sigv4\" when base_url is not https://bedrock-mantle.<region>.api.aws",
+                ),
+                _ => {}
+            }
         }
         if up.api_key_env.is_empty() {
             v.add("upstream.api_key_env", "must name an environment variable");

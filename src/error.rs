@@ -72,6 +72,10 @@ pub enum ProxyError {
         "mantlegate has no upstream API key: set the environment variable named by upstream.api_key_env"
     )]
     UpstreamKeyMissing,
+    /// SigV4 mode: no AWS credentials could be had (the detail goes to the log only: it can
+    /// name profiles, role ARNs and files).
+    #[error("mantlegate has no AWS credentials for bedrock-mantle right now; retry shortly")]
+    UpstreamCredentials(String),
     /// Too many calls in flight (`server.max_in_flight`).
     #[error("mantlegate is at its limit of {0} calls in flight; retry shortly")]
     Overloaded(usize),
@@ -96,7 +100,9 @@ impl ProxyError {
             Self::RateLimited(_) | Self::BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamKeyMissing | Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamKeyMissing | Self::Overloaded(_) | Self::UpstreamCredentials(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -119,6 +125,7 @@ impl ProxyError {
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamKeyMissing => "upstream_key_missing",
+            Self::UpstreamCredentials(_) => "upstream_credentials_unavailable",
             Self::Overloaded(_) => "overloaded",
             Self::Internal => "internal_error",
         }
@@ -132,9 +139,10 @@ impl ProxyError {
             Self::ProjectForbidden(_) => "permission_error",
             Self::RateLimited(_) | Self::BudgetExceeded(_) => "rate_limit_error",
             Self::ResponseNotFound(_) => "not_found_error",
-            Self::UpstreamUnavailable(_) | Self::UpstreamTimeout(_) | Self::UpstreamKeyMissing => {
-                "upstream_error"
-            }
+            Self::UpstreamUnavailable(_)
+            | Self::UpstreamTimeout(_)
+            | Self::UpstreamKeyMissing
+            | Self::UpstreamCredentials(_) => "upstream_error",
             Self::Internal => "server_error",
             Self::Overloaded(_) => "service_unavailable_error",
             _ => "invalid_request_error",

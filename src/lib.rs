@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod report;
 pub mod secret;
+pub mod sigv4;
 pub mod state;
 
 use std::future::Future;
@@ -141,12 +142,16 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.snapshot.load().upstream.authorization.is_some() {
+    let ready = match &state.signer {
+        Some(signer) => signer.preload().await.is_ok(),
+        None => state.snapshot.load().upstream.authorization.is_some(),
+    };
+    if ready {
         json_status(StatusCode::OK, r#"{"status":"ready"}"#)
     } else {
         json_status(
             StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"status":"not_ready","reason":"no upstream API key: set the variable named by upstream.api_key_env"}"#,
+            r#"{"status":"not_ready","reason":"no upstream credentials: set the variable named by upstream.api_key_env (or, with auth = \"sigv4\", give the AWS credential chain credentials)"}"#,
         )
     }
 }

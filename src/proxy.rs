@@ -154,20 +154,30 @@ async fn forward(
     }
     let project = &snap.projects[project_idx];
     call.project = Some(project_idx);
-    // A pass-through key is the caller's own Bedrock API key: it goes upstream as sent.
+    // A pass-through key is the caller's own Bedrock API key: it goes upstream as sent, never
+    // signed. Otherwise SigV4 (when configured) or mantlegate's own API key.
+    let signer = if key.passthrough {
+        None
+    } else {
+        state.signer.as_ref()
+    };
     let authorization = if key.passthrough {
         let mut v = HeaderValue::from_str(&format!("Bearer {credential}")).map_err(|_| {
             ProxyError::InvalidApiKey("the API key is not valid header text".into())
         })?;
         v.set_sensitive(true);
-        v
+        Some(v)
+    } else if signer.is_some() {
+        None
     } else {
-        snap.upstream
-            .authorization
-            .as_ref()
-            .ok_or(ProxyError::UpstreamKeyMissing)?
-            .expose()
-            .clone()
+        Some(
+            snap.upstream
+                .authorization
+                .as_ref()
+                .ok_or(ProxyError::UpstreamKeyMissing)?
+                .expose()
+                .clone(),
+        )
     };
 
     let mut body = if endpoint.forwards_body() {
@@ -211,18 +221,20 @@ async fn forward(
     }
     let mut upstream_headers = HeaderMap::with_capacity(parts.headers.len() + 2);
     headers::copy_upstream(&parts.headers, &mut upstream_headers);
-    upstream_headers.insert(header::AUTHORIZATION, authorization);
+    if let Some(authorization) = authorization {
+        upstream_headers.insert(header::AUTHORIZATION, authorization);
+    }
     upstream_headers.insert(OPENAI_PROJECT.clone(), project.id_header.clone());
 
-    let mut builder = state
-        .client
-        .request(parts.method, url)
-        .headers(upstream_headers);
-    if endpoint.forwards_body() {
-        builder = builder.body(body);
-    }
+    let outgoing = Outgoing {
+        method: parts.method,
+        url,
+        headers: upstream_headers,
+        body: endpoint.forwards_body().then_some(body),
+        signer,
+    };
     let sent = Instant::now();
-    let response = send_with_retries(&snap.upstream, builder, call).await?;
+    let response = send_with_retries(&snap.upstream, &state.client, &outgoing, call).await?;
     call.upstream_status = Some(response.status().as_u16());
     let (mut parts, body) = axum::http::Response::<reqwest::Body>::from(response).into_parts();
     headers::strip_response(&mut parts.headers);
@@ -304,22 +316,15 @@ fn admit(
 /// `retry_max_delay` (a longer one is relayed to the client instead).
 async fn send_with_retries(
     up: &crate::state::Upstream,
-    builder: reqwest::RequestBuilder,
+    client: &reqwest::Client,
+    outgoing: &Outgoing<'_>,
     call: &mut Call,
 ) -> Result<reqwest::Response, ProxyError> {
     let deadline = tokio::time::Instant::from_std(call.started()) + up.total_timeout;
     let mut attempt = 0u32;
-    let mut pending = Some(builder);
     loop {
-        let Some(current) = pending.take() else {
-            return Err(ProxyError::Internal);
-        };
-        // Keep a copy for another attempt only while one is allowed (bodies are shared bytes).
-        let spare = if attempt < up.retries {
-            current.try_clone()
-        } else {
-            None
-        };
+        // A fresh request (and signature: SigV4 refuses stale ones) for every attempt.
+        let current = outgoing.builder(client).await?;
         let timeout = up.response_timeout;
         let outcome = tokio::time::timeout(timeout, current.send()).await;
         let retry_after = match &outcome {
@@ -339,8 +344,10 @@ async fn send_with_retries(
                 None => Some(jitter.min(up.retry_max_delay)),
             }
         });
-        match (spare, delay) {
-            (Some(next), Some(delay)) if tokio::time::Instant::now() + delay < deadline => {
+        match delay {
+            Some(delay)
+                if attempt < up.retries && tokio::time::Instant::now() + delay < deadline =>
+            {
                 call.retries += 1;
                 tracing::debug!(
                     attempt,
@@ -348,7 +355,6 @@ async fn send_with_retries(
                     "retrying upstream call"
                 );
                 tokio::time::sleep(delay).await;
-                pending = Some(next);
                 attempt += 1;
             }
             _ => {
@@ -359,6 +365,40 @@ async fn send_with_retries(
                 };
             }
         }
+    }
+}
+
+/// What is sent upstream, unsigned; one request is built from it per attempt.
+struct Outgoing<'a> {
+    method: axum::http::Method,
+    url: String,
+    headers: HeaderMap,
+    /// `None`: the endpoint forwards no body.
+    body: Option<Bytes>,
+    signer: Option<&'a crate::sigv4::Signer>,
+}
+
+impl Outgoing<'_> {
+    async fn builder(
+        &self,
+        client: &reqwest::Client,
+    ) -> Result<reqwest::RequestBuilder, ProxyError> {
+        let mut headers = self.headers.clone();
+        if let Some(signer) = self.signer {
+            let body = self.body.as_deref().unwrap_or_default();
+            signer
+                .sign(&self.method, &self.url, &mut headers, body)
+                .await
+                .map_err(|err| ProxyError::UpstreamCredentials(format!("{err:#}")))?;
+        }
+        let builder = client
+            .request(self.method.clone(), self.url.as_str())
+            .headers(headers);
+        Ok(match &self.body {
+            // Bytes: a reference count, not a copy.
+            Some(body) => builder.body(body.clone()),
+            None => builder,
+        })
     }
 }
 

@@ -374,6 +374,8 @@ pub struct AppState {
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Whether `/metrics` is served on the main listener.
     pub metrics_on_main: bool,
+    /// Signs upstream calls when `upstream.auth = "sigv4"` (None: API-key mode).
+    pub signer: Option<crate::sigv4::Signer>,
 }
 
 impl AppState {
@@ -400,6 +402,7 @@ impl AppState {
             admin_token: None,
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             metrics_on_main: true,
+            signer: None,
         })
     }
 }
