@@ -103,6 +103,7 @@ impl Dims {
             request_id: format!("req_{n:024x}"),
             key: Some(self.keys[i].clone()),
             key_fp: None,
+            budget_months: Vec::new(),
             route: None,
             project: Some(project.clone()),
             project_id: Some(project_id.clone()),

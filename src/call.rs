@@ -377,6 +377,16 @@ impl Call {
             ttfb_ms: self.ttfb.map(ms),
             upstream_response_id: bill.response_id,
             background,
+            budget_months: project.map_or_else(Vec::new, |p| {
+                p.budgets
+                    .iter()
+                    .map(|&i| {
+                        let b = &self.snap.budgets.list[i];
+                        let month = crate::budget::Month::containing(self.wall_ms, &b.tz).label();
+                        (Arc::from(b.name.as_str()), Arc::from(month))
+                    })
+                    .collect()
+            }),
         });
     }
 

@@ -12,8 +12,9 @@ use tokio::net::TcpListener;
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
+use crate::ledger::postgres::{PgReader, PostgresStore};
 use crate::ledger::sqlite::{self, Reader, SqliteStore};
-use crate::ledger::{Ledger, LedgerRead};
+use crate::ledger::{Ledger, LedgerRead, Store, transfer};
 use crate::secret::Secret;
 use crate::state::{AppState, PendingBackground, Snapshot};
 
@@ -59,6 +60,17 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Apply the ledger's schema migrations (`serve` applies them too).
+    Migrate {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Move ledger records between SQLite and PostgreSQL.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
     },
     /// Validate a configuration: print a summary, or every problem and exit non-zero.
     Check {
@@ -116,6 +128,32 @@ enum ProjectsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Write the calls of a period to stdout as JSON lines (one call per line, every column).
+    Export {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// First UTC day, YYYY-MM-DD (default: the first of this month).
+        #[arg(long)]
+        from: Option<String>,
+        /// Day after the last, YYYY-MM-DD, exclusive (default: tomorrow).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Read JSON lines written by `ledger export` (stdin, or --input FILE) into the
+    /// configured ledger.
+    Import {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// File to read (default: stdin).
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum KeysCommand {
     /// List the configured keys: name, projects, expiry, state and last use (from the ledger).
     List {
@@ -145,6 +183,13 @@ pub fn main() -> ExitCode {
         }
         Command::Check { config } => return check(&config),
         Command::Budgets { config } => budgets(&config),
+        Command::Migrate { config } => migrate(&config),
+        Command::Ledger {
+            command: LedgerCommand::Export { config, from, to },
+        } => ledger_export(&config, from.as_deref(), to.as_deref()),
+        Command::Ledger {
+            command: LedgerCommand::Import { config, input },
+        } => ledger_import(&config, input.as_deref()),
         Command::Report {
             config,
             from,
@@ -283,10 +328,7 @@ async fn run(
         }
         state.signer = Some(signer);
     }
-    let ledger_path = Path::new(&config.ledger.path);
-    let store = SqliteStore::open(ledger_path)
-        .with_context(|| format!("cannot open the ledger {}", ledger_path.display()))?;
-    let reader = Reader::new(sqlite::open_read_only(ledger_path)?);
+    let (store, reader, pg) = open_ledger(config)?;
     for (id, project, model) in reader.pending_background()? {
         state.pending_background.insert(
             id,
@@ -296,12 +338,24 @@ async fn run(
             },
         );
     }
-    state.snapshot.load().budgets.seed_from_ledger(&reader)?;
-    let (ledger, writer) = Ledger::start(Box::new(store), config.ledger.queue_capacity)?;
+    match &pg {
+        // The fleet's shared month-to-date figures, seeded from the calls where missing.
+        Some(pg) => seed_budgets_from_postgres(&state.snapshot.load().budgets, pg)?,
+        None => state.snapshot.load().budgets.seed_from_ledger(&*reader)?,
+    }
+    if let (Some(months), Some(pg)) = (config.ledger.retention_months, pg.clone()) {
+        tokio::spawn(retention(pg, months));
+    }
+    let ledger_path = config
+        .ledger
+        .url
+        .as_ref()
+        .map_or_else(|| config.ledger.path.clone(), |_| "postgresql".to_owned());
+    let (ledger, writer) = Ledger::start(store, config.ledger.queue_capacity)?;
     state.ledger = Some(ledger.clone());
-    state.reader = Some(Arc::new(reader));
+    state.reader = Some(reader);
     state.admin_token = admin_token.map(|t| Arc::new(Secret::new(t)));
-    tracing::info!(path = %ledger_path.display(), "ledger open");
+    tracing::info!(ledger = %ledger_path, "ledger open");
     if let Some(path) = config_path {
         let reloader = Arc::new(crate::reload::Reloader::new(path, state.clone()));
         tokio::spawn(reloader.watch(Duration::from_secs(2)));
@@ -337,12 +391,8 @@ fn budgets(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let budgets = crate::budget::Budgets::from_config(&config, now_ms)?;
-    let ledger_path = Path::new(&config.ledger.path);
-    let reader = Reader::new(
-        sqlite::open_read_only(ledger_path)
-            .with_context(|| format!("cannot read the ledger {}", ledger_path.display()))?,
-    );
-    budgets.seed_from_ledger(&reader)?;
+    let reader = open_reader(&config)?;
+    budgets.seed_from_ledger(&*reader)?;
     println!(
         "{:<24} {:<8} {:<8} {:>14} {:>14} {:>8} {:>14}  scope",
         "budget", "action", "month", "limit_usd", "spend_usd", "percent", "forecast_usd"
@@ -380,16 +430,188 @@ fn report(
         .to_zoned_datetime(jiff::tz::TimeZone::UTC)
         .date();
     let period = crate::report::period(from, to, today).map_err(|e| anyhow::anyhow!(e))?;
-    let ledger_path = Path::new(&config.ledger.path);
-    let reader = Reader::new(
-        sqlite::open_read_only(ledger_path)
-            .with_context(|| format!("cannot read the ledger {}", ledger_path.display()))?,
-    );
-    let rows = reader.daily(&period)?;
+    let rows = open_reader(&config)?.daily(&period)?;
     print!(
         "{}",
         crate::report::render(&crate::report::aggregate(&rows, &dims, period), format)
     );
+    Ok(())
+}
+
+/// The writer's store and a reader of the configured ledger (and the `PostgreSQL` reader for
+/// the fleet-only jobs: retention, shared budget figures).
+fn open_ledger(config: &Config) -> anyhow::Result<OpenLedger> {
+    if let Some(url) = &config.ledger.url {
+        // Applies pending migrations under an advisory lock; refuses a newer schema.
+        let store =
+            PostgresStore::connect(url.expose()).context("cannot open the postgresql ledger")?;
+        let reader =
+            Arc::new(PgReader::connect(url.expose()).context("cannot read the postgresql ledger")?);
+        Ok((Box::new(store), reader.clone(), Some(reader)))
+    } else {
+        let path = Path::new(&config.ledger.path);
+        let store = SqliteStore::open(path)
+            .with_context(|| format!("cannot open the ledger {}", path.display()))?;
+        Ok((
+            Box::new(store),
+            Arc::new(Reader::new(sqlite::open_read_only(path)?)),
+            None,
+        ))
+    }
+}
+
+/// The writer's store, a reader, and the `PostgreSQL` reader when there is one.
+type OpenLedger = (Box<dyn Store>, Arc<dyn LedgerRead>, Option<Arc<PgReader>>);
+
+/// A reader only (report, budgets, keys list): never migrates.
+fn open_reader(config: &Config) -> anyhow::Result<Arc<dyn LedgerRead>> {
+    if let Some(url) = &config.ledger.url {
+        return Ok(Arc::new(PgReader::connect(url.expose())?));
+    }
+    let path = Path::new(&config.ledger.path);
+    Ok(Arc::new(Reader::new(
+        sqlite::open_read_only(path)
+            .with_context(|| format!("cannot read the ledger {}", path.display()))?,
+    )))
+}
+
+/// Seeds the in-memory budgets from the fleet's shared figures (creating missing rows from
+/// the calls of the month).
+fn seed_budgets_from_postgres(
+    budgets: &crate::budget::Budgets,
+    pg: &PgReader,
+) -> anyhow::Result<()> {
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let seeds = budgets
+        .list
+        .iter()
+        .map(|b| {
+            let m = crate::budget::Month::containing(now_ms, &b.tz);
+            let scope = b.scope.clone();
+            crate::ledger::postgres::BudgetSeed {
+                budget: b.name.clone(),
+                month: m.label(),
+                start_ms: m.start_ms,
+                end_ms: m.end_ms,
+                covers: Box::new(move |name, tags| {
+                    scope.covers(name, &serde_json::from_str(tags).unwrap_or_default())
+                }),
+            }
+        })
+        .collect();
+    let figures = pg.seed_budget_spend(seeds)?;
+    let mut i = 0;
+    budgets.seed(|_, _| {
+        let f = figures.get(i).copied().unwrap_or(0);
+        i += 1;
+        f
+    });
+    Ok(())
+}
+
+/// Drops raw call partitions older than `months`, hourly (every replica may; they take turns).
+async fn retention(pg: Arc<PgReader>, months: u32) {
+    let mut tick = tokio::time::interval(Duration::from_hours(1));
+    loop {
+        tick.tick().await;
+        let pg = pg.clone();
+        let now = jiff::Timestamp::now().as_millisecond();
+        match tokio::task::spawn_blocking(move || pg.apply_retention(months, now)).await {
+            Ok(Ok(dropped)) if !dropped.is_empty() => {
+                tracing::info!(?dropped, "ledger retention applied");
+            }
+            Ok(Err(err)) => tracing::warn!(error = %format!("{err:#}"), "ledger retention failed"),
+            _ => {}
+        }
+    }
+}
+
+fn migrate(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let Some(url) = &config.ledger.url else {
+        sqlite::open(Path::new(&config.ledger.path))?;
+        println!(
+            "sqlite ledger {} is current (it migrates itself when opened)",
+            config.ledger.path
+        );
+        return Ok(());
+    };
+    let applied = crate::ledger::postgres::migrate(url.expose())?;
+    if applied.is_empty() {
+        println!(
+            "postgresql ledger schema is current (version {})",
+            crate::ledger::postgres::SCHEMA_VERSION
+        );
+    } else {
+        println!(
+            "applied migrations {applied:?}: schema version {}",
+            crate::ledger::postgres::SCHEMA_VERSION
+        );
+    }
+    Ok(())
+}
+
+fn ledger_export(path: &Path, from: Option<&str>, to: Option<&str>) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let today = jiff::Timestamp::now()
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .date();
+    let period = crate::report::period(from, to, today).map_err(|e| anyhow::anyhow!(e))?;
+    let (from_ms, to_ms) = transfer::period_ms(&period)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let n = match &config.ledger.url {
+        Some(url) => transfer::export(&PgReader::connect(url.expose())?, from_ms, to_ms, &mut out)?,
+        None => transfer::export(
+            &sqlite::open_read_only(Path::new(&config.ledger.path))?,
+            from_ms,
+            to_ms,
+            &mut out,
+        )?,
+    };
+    eprintln!(
+        "exported {n} calls from {} to {} (exclusive)",
+        period.from, period.to
+    );
+    Ok(())
+}
+
+fn ledger_import(path: &Path, input: Option<&Path>) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let budgets =
+        crate::budget::Budgets::from_config(&config, jiff::Timestamp::now().as_millisecond())?;
+    let mut store: Box<dyn Store> = match &config.ledger.url {
+        Some(url) => Box::new(PostgresStore::connect(url.expose())?),
+        None => Box::new(SqliteStore::open(Path::new(&config.ledger.path))?),
+    };
+    let mut reader: Box<dyn std::io::BufRead> = match input {
+        Some(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?,
+        )),
+        None => Box::new(std::io::stdin().lock()),
+    };
+    // Budget months are not columns: recompute them from this config so the shared budget
+    // figures count the imported spend.
+    let mut annotate = |r: &mut crate::ledger::Record| {
+        let tags = r
+            .tags
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or_default();
+        let name = r.project.as_deref().unwrap_or("");
+        r.budget_months = budgets
+            .list
+            .iter()
+            .filter(|b| r.project.is_some() && b.scope.covers(name, &tags))
+            .map(|b| {
+                (
+                    Arc::from(b.name.as_str()),
+                    Arc::from(crate::budget::Month::containing(r.ts_ms, &b.tz).label()),
+                )
+            })
+            .collect();
+    };
+    let n = transfer::import(store.as_mut(), &mut reader, &mut annotate)?;
+    eprintln!("imported {n} calls");
     Ok(())
 }
 
@@ -468,9 +690,8 @@ fn check(path: &Path) -> ExitCode {
 
 fn keys_list(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
-    let ledger_path = Path::new(&config.ledger.path);
-    let last_used = match sqlite::open_read_only(ledger_path) {
-        Ok(conn) => Reader::new(conn).last_used()?,
+    let last_used = match open_reader(&config) {
+        Ok(reader) => reader.last_used()?,
         Err(_) => std::collections::HashMap::new(),
     };
     let now = jiff::Timestamp::now();

@@ -170,6 +170,12 @@ pub struct LedgerConfig {
     pub path: String,
     /// Records that may wait for the writer; past it new records are dropped and counted.
     pub queue_capacity: usize,
+    /// The `PostgreSQL` ledger replicas share (`postgres://...`; `?sslmode=require` for TLS,
+    /// checked against the system trust store). Unset: the SQLite ledger at `path`.
+    pub url: Option<crate::secret::Secret<String>>,
+    /// `PostgreSQL` only: months of raw call records kept; older whole months are dropped
+    /// hourly (per-day totals and budget figures stay). Unset: kept forever.
+    pub retention_months: Option<u32>,
 }
 
 impl Default for LedgerConfig {
@@ -177,6 +183,8 @@ impl Default for LedgerConfig {
         Self {
             path: "mantlegate.db".to_owned(),
             queue_capacity: 100_000,
+            url: None,
+            retention_months: None,
         }
     }
 }
@@ -696,6 +704,22 @@ impl Config {
     fn validate_rest(&self, v: &mut Validator) {
         if self.ledger.path.trim().is_empty() {
             v.add("ledger.path", "must name a file");
+        }
+        if let Some(url) = &self.ledger.url {
+            let url = url.expose();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                v.add("ledger.url", "must be a postgres:// or postgresql:// URL");
+            } else if let Err(err) = url.parse::<tokio_postgres::Config>() {
+                v.add("ledger.url", format!("not a valid PostgreSQL URL: {err}"));
+            }
+        }
+        match (self.ledger.retention_months, &self.ledger.url) {
+            (Some(0), _) => v.add("ledger.retention_months", "must be at least 1"),
+            (Some(_), None) => v.add(
+                "ledger.retention_months",
+                "needs ledger.url: only the PostgreSQL ledger drops old records",
+            ),
+            _ => {}
         }
         if self.ledger.queue_capacity == 0 {
             v.add("ledger.queue_capacity", "must be greater than 0");

@@ -1,7 +1,9 @@
 //! The cost ledger: one record per call, written in batches by one background writer, off the
 //! request path, behind a small storage trait.
 
+pub mod postgres;
 pub mod sqlite;
+pub mod transfer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +58,10 @@ pub struct Record {
     pub upstream_response_id: Option<String>,
     /// A background response this call created (`pending`) or whose usage it settles.
     pub background: Option<Background>,
+    /// The budgets the call counts against, each with its month (`YYYY-MM` in the budget's
+    /// time zone): the `PostgreSQL` ledger adds the call's cost to each in the same
+    /// transaction as the call (the fleet's shared month-to-date figure). SQLite ignores it.
+    pub budget_months: Vec<(Arc<str>, Arc<str>)>,
 }
 
 /// The background-response bookkeeping a record carries.

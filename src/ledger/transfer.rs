@@ -1,0 +1,445 @@
+//! Moving records between ledgers: every column of `calls` out as JSON lines, from SQLite or
+//! `PostgreSQL`, and back in through any [`Store`].
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use super::{Record, Store};
+use crate::meter::{Usage, UsageSource};
+use crate::report::Period;
+
+/// One call as exported: every column of the `calls` table, one JSON object per line. Text
+/// columns a call did not have are `null`; `cost_pico` is `null` for an unpriced call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallRow {
+    /// Arrival time, Unix milliseconds (UTC).
+    pub ts_ms: i64,
+    /// The id the client saw in `x-request-id`.
+    pub request_id: String,
+    /// Name of the caller's key.
+    pub key_name: Option<String>,
+    /// The key's fingerprint.
+    pub key_fp: Option<String>,
+    /// Route prefix.
+    pub route: Option<String>,
+    /// Project name.
+    pub project_name: Option<String>,
+    /// Bedrock project ID.
+    pub project_id: Option<String>,
+    /// The project's tags at call time, a JSON object (`{}` when none).
+    pub tags: String,
+    /// API family.
+    pub api: Option<String>,
+    /// Model named in the body.
+    pub model: Option<String>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Status sent to the client.
+    pub status: u16,
+    /// How the call ended.
+    pub outcome: String,
+    /// mantlegate's error code.
+    pub error_code: Option<String>,
+    /// Input tokens, cached ones included.
+    pub input_tokens: i64,
+    /// Input tokens from the prompt cache.
+    pub cached_input_tokens: i64,
+    /// Output tokens, reasoning ones included.
+    pub output_tokens: i64,
+    /// Reasoning tokens.
+    pub reasoning_tokens: i64,
+    /// `reported`, `estimated`, `missing` or `none`.
+    pub usage_source: String,
+    /// Cost in pico-dollars; `null` when the model had no price.
+    pub cost_pico: Option<i64>,
+    /// Total duration, ms.
+    pub duration_ms: f64,
+    /// Time to the first body byte, ms.
+    pub ttfb_ms: Option<f64>,
+    /// The upstream's response id.
+    pub upstream_response_id: Option<String>,
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl CallRow {
+    /// The columns a ledger stores for `r`.
+    #[must_use]
+    pub fn from_record(r: &Record) -> Self {
+        Self {
+            ts_ms: r.ts_ms,
+            request_id: r.request_id.clone(),
+            key_name: r.key.as_deref().map(str::to_owned),
+            key_fp: r.key_fp.as_deref().map(str::to_owned),
+            route: r.route.as_deref().map(str::to_owned),
+            project_name: r.project.as_deref().map(str::to_owned),
+            project_id: r.project_id.as_deref().map(str::to_owned),
+            tags: r.tags.as_deref().unwrap_or("{}").to_owned(),
+            api: r.api.map(str::to_owned),
+            model: r.model.clone(),
+            stream: r.stream,
+            status: r.status,
+            outcome: r.outcome.to_owned(),
+            error_code: r.error_code.map(str::to_owned),
+            input_tokens: to_i64(r.usage.input),
+            cached_input_tokens: to_i64(r.usage.cached_input),
+            output_tokens: to_i64(r.usage.output),
+            reasoning_tokens: to_i64(r.usage.reasoning),
+            usage_source: r.usage_source.as_str().to_owned(),
+            cost_pico: r.cost_pico,
+            duration_ms: r.duration_ms,
+            ttfb_ms: r.ttfb_ms,
+            upstream_response_id: r.upstream_response_id.clone(),
+        }
+    }
+
+    /// The record these columns came from (without background bookkeeping or budget months,
+    /// which are not columns of `calls`).
+    ///
+    /// # Errors
+    /// A negative token count, an unknown `usage_source`, or too many distinct values in a
+    /// low-cardinality column.
+    fn into_record(self, names: &mut Names) -> anyhow::Result<Record> {
+        let count = |n: i64, what: &str| {
+            u64::try_from(n).map_err(|_| anyhow::anyhow!("{what} is negative: {n}"))
+        };
+        let usage_source = match self.usage_source.as_str() {
+            "reported" => UsageSource::Reported,
+            "estimated" => UsageSource::Estimated,
+            "missing" => UsageSource::Missing,
+            "none" => UsageSource::None,
+            other => anyhow::bail!(
+                "unknown usage_source \"{other}\": expected reported, estimated, missing or none"
+            ),
+        };
+        anyhow::ensure!(
+            jiff::Timestamp::from_millisecond(self.ts_ms).is_ok(),
+            "ts_ms {} is out of range",
+            self.ts_ms
+        );
+        Ok(Record {
+            ts_ms: self.ts_ms,
+            request_id: self.request_id,
+            key: self.key_name.map(Arc::from),
+            key_fp: self.key_fp.map(Arc::from),
+            route: self.route.map(Arc::from),
+            project: self.project_name.map(Arc::from),
+            project_id: self.project_id.map(Arc::from),
+            tags: Some(Arc::from(self.tags)),
+            api: self.api.map(|s| names.get(s)).transpose()?,
+            model: self.model,
+            stream: self.stream,
+            status: self.status,
+            outcome: names.get(self.outcome)?,
+            error_code: self.error_code.map(|s| names.get(s)).transpose()?,
+            usage: Usage {
+                input: count(self.input_tokens, "input_tokens")?,
+                cached_input: count(self.cached_input_tokens, "cached_input_tokens")?,
+                output: count(self.output_tokens, "output_tokens")?,
+                reasoning: count(self.reasoning_tokens, "reasoning_tokens")?,
+            },
+            usage_source,
+            cost_pico: self.cost_pico,
+            duration_ms: self.duration_ms,
+            ttfb_ms: self.ttfb_ms,
+            upstream_response_id: self.upstream_response_id,
+            background: None,
+            budget_months: Vec::new(),
+        })
+    }
+}
+
+/// Turns the text of the low-cardinality columns (api, outcome, error code) back into the
+/// `&'static str` a [`Record`] holds. The names mantlegate writes are matched; another value
+/// (an error code of a newer version) is leaked once, which an import, a one-shot command,
+/// can afford for a bounded number of values.
+struct Names(HashMap<String, &'static str>);
+
+/// Distinct unknown values an import accepts in the low-cardinality columns.
+const MAX_NAMES: usize = 1000;
+
+const KNOWN_NAMES: &[&str] = &[
+    "chat.completions",
+    "responses",
+    "models",
+    "forwarded",
+    "rejected",
+    "upstream_error",
+    "client_disconnect",
+];
+
+impl Names {
+    fn new() -> Self {
+        Self(KNOWN_NAMES.iter().map(|&s| (s.to_owned(), s)).collect())
+    }
+
+    fn get(&mut self, s: String) -> anyhow::Result<&'static str> {
+        if let Some(&name) = self.0.get(&s) {
+            return Ok(name);
+        }
+        anyhow::ensure!(
+            self.0.len() < MAX_NAMES + KNOWN_NAMES.len(),
+            "more than {MAX_NAMES} distinct api, outcome or error_code values"
+        );
+        let name: &'static str = Box::leak(s.clone().into_boxed_str());
+        self.0.insert(s, name);
+        Ok(name)
+    }
+}
+
+/// A ledger whose calls can be read back, column by column.
+pub trait RecordSource {
+    /// Calls `each` with every call in `[from_ms, to_ms)`, oldest first.
+    ///
+    /// # Errors
+    /// Storage errors, or the first error of `each` (which stops the reading).
+    fn rows_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        each: &mut dyn FnMut(CallRow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()>;
+}
+
+const SQLITE_ROWS_SQL: &str = "SELECT ts_ms, request_id, key_name, key_fp, route, project_name,
+    project_id, tags, api, model, stream, status, outcome, error_code, input_tokens,
+    cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms,
+    ttfb_ms, upstream_response_id
+    FROM calls WHERE ts_ms >= ?1 AND ts_ms < ?2 ORDER BY ts_ms, id";
+
+fn sqlite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallRow> {
+    let status: i64 = r.get(11)?;
+    Ok(CallRow {
+        ts_ms: r.get(0)?,
+        request_id: r.get(1)?,
+        key_name: r.get(2)?,
+        key_fp: r.get(3)?,
+        route: r.get(4)?,
+        project_name: r.get(5)?,
+        project_id: r.get(6)?,
+        tags: r.get(7)?,
+        api: r.get(8)?,
+        model: r.get(9)?,
+        stream: r.get(10)?,
+        status: u16::try_from(status).unwrap_or(0),
+        outcome: r.get(12)?,
+        error_code: r.get(13)?,
+        input_tokens: r.get(14)?,
+        cached_input_tokens: r.get(15)?,
+        output_tokens: r.get(16)?,
+        reasoning_tokens: r.get(17)?,
+        usage_source: r.get(18)?,
+        cost_pico: r.get(19)?,
+        duration_ms: r.get(20)?,
+        ttfb_ms: r.get(21)?,
+        upstream_response_id: r.get(22)?,
+    })
+}
+
+/// A SQLite ledger connection (e.g. from `sqlite::open_read_only`) read in one streaming query.
+impl RecordSource for rusqlite::Connection {
+    fn rows_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        each: &mut dyn FnMut(CallRow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut stmt = self
+            .prepare(SQLITE_ROWS_SQL)
+            .context("preparing the export query")?;
+        let mut rows = stmt.query([from_ms, to_ms])?;
+        while let Some(row) = rows.next()? {
+            each(sqlite_row(row)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The Unix-millisecond bounds `[from, to)` of a period of UTC days.
+///
+/// # Errors
+/// A day jiff cannot place in time.
+pub fn period_ms(period: &Period) -> anyhow::Result<(i64, i64)> {
+    let ms = |d: jiff::civil::Date| -> anyhow::Result<i64> {
+        Ok(d.to_zoned_datetime(jiff::tz::TimeZone::UTC)?
+            .timestamp()
+            .as_millisecond())
+    };
+    Ok((ms(period.from)?, ms(period.to)?))
+}
+
+/// Writes every call of `[from_ms, to_ms)` to `out`, one JSON object ([`CallRow`]) per line,
+/// oldest first; returns how many.
+///
+/// # Errors
+/// Storage or output errors.
+pub fn export(
+    source: &dyn RecordSource,
+    from_ms: i64,
+    to_ms: i64,
+    out: &mut dyn Write,
+) -> anyhow::Result<u64> {
+    let mut n = 0u64;
+    source.rows_between(from_ms, to_ms, &mut |row| {
+        serde_json::to_writer(&mut *out, &row)?;
+        out.write_all(b"\n")?;
+        n += 1;
+        Ok(())
+    })?;
+    out.flush()?;
+    Ok(n)
+}
+
+/// Records an import writes per transaction.
+const IMPORT_BATCH: usize = 1000;
+
+/// Reads JSON lines written by [`export`] (blank lines are skipped) and writes them through
+/// `store`, in batches; `annotate` may complete each record first (e.g. its budget months, so
+/// that a `PostgreSQL` ledger counts imported spend in `budget_spend`). Returns how many
+/// records were read. Into `PostgreSQL` an import is idempotent (a call already there is
+/// skipped); into SQLite, importing the same lines twice counts them twice.
+///
+/// # Errors
+/// The first unreadable line (with its number: the lines before it, in whole batches, are
+/// written), or a storage error.
+pub fn import(
+    store: &mut dyn Store,
+    input: &mut dyn BufRead,
+    annotate: &mut dyn FnMut(&mut Record),
+) -> anyhow::Result<u64> {
+    let mut names = Names::new();
+    let mut batch = Vec::with_capacity(IMPORT_BATCH);
+    let mut n = 0u64;
+    let mut line = String::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        if input.read_line(&mut line).context("reading the import")? == 0 {
+            break;
+        }
+        number += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut record = serde_json::from_str::<CallRow>(&line)
+            .map_err(anyhow::Error::from)
+            .and_then(|row| row.into_record(&mut names))
+            .with_context(|| format!("import line {number}"))?;
+        annotate(&mut record);
+        batch.push(record);
+        n += 1;
+        if batch.len() == IMPORT_BATCH {
+            store.write_batch(&batch)?;
+            batch.clear();
+        }
+    }
+    if !batch.is_empty() {
+        store.write_batch(&batch)?;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CallRow, Names, export, import};
+    use crate::ledger::sqlite::SqliteStore;
+    use crate::ledger::{Record, Store};
+    use crate::meter::{Usage, UsageSource};
+    use std::sync::Arc;
+
+    fn record(n: i64) -> Record {
+        Record {
+            ts_ms: 1_780_000_000_000 + n,
+            request_id: format!("mg_{n}"),
+            key: Some(Arc::from("alice")),
+            key_fp: Some(Arc::from("abcdef012345")),
+            route: None,
+            project: Some(Arc::from("search")),
+            project_id: Some(Arc::from("proj_1")),
+            tags: Some(Arc::from(r#"{"team":"core"}"#)),
+            api: Some("chat.completions"),
+            model: Some("gpt-x".to_owned()),
+            stream: n % 2 == 0,
+            status: 200,
+            outcome: "forwarded",
+            error_code: (n == 3).then_some("some_new_code"),
+            usage: Usage {
+                input: 10,
+                cached_input: 2,
+                output: 5,
+                reasoning: 1,
+            },
+            usage_source: UsageSource::Reported,
+            cost_pico: (n != 2).then_some(1_234_567),
+            duration_ms: 12.345_678_901_234_5,
+            ttfb_ms: Some(0.1 + 0.2),
+            upstream_response_id: None,
+            background: None,
+            budget_months: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sqlite_export_import_export_is_identical() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a.db");
+        let b = dir.path().join("b.db");
+        let records: Vec<Record> = (0..5).map(record).collect();
+        SqliteStore::open(&a)
+            .expect("open")
+            .write_batch(&records)
+            .expect("write");
+        let mut first = Vec::new();
+        let conn = crate::ledger::sqlite::open_read_only(&a).expect("read");
+        assert_eq!(export(&conn, 0, i64::MAX, &mut first).expect("export"), 5);
+        let mut store = SqliteStore::open(&b).expect("open");
+        let mut annotated = 0;
+        let n = import(&mut store, &mut first.as_slice(), &mut |_| annotated += 1).expect("import");
+        assert_eq!((n, annotated), (5, 5));
+        let mut second = Vec::new();
+        let conn = crate::ledger::sqlite::open_read_only(&b).expect("read");
+        export(&conn, 0, i64::MAX, &mut second).expect("export");
+        assert_eq!(
+            String::from_utf8_lossy(&first),
+            String::from_utf8_lossy(&second)
+        );
+        let line: CallRow =
+            serde_json::from_slice(first.split(|&b| b == b'\n').next().expect("line"))
+                .expect("json");
+        assert_eq!(line, CallRow::from_record(&records[0]));
+    }
+
+    #[test]
+    fn bad_lines_are_refused_with_their_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SqliteStore::open(&dir.path().join("c.db")).expect("open");
+        let good = serde_json::to_string(&CallRow::from_record(&record(1))).expect("json");
+        let mut bad = CallRow::from_record(&record(2));
+        bad.usage_source = "guessed".to_owned();
+        let bad = serde_json::to_string(&bad).expect("json");
+        let input = format!("{good}\n\n{bad}\n");
+        let err = import(&mut store, &mut input.as_bytes(), &mut |_| {}).expect_err("refused");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("line 3") && msg.contains("guessed"), "{msg}");
+        let input = format!("{good}\n{{\"ts_ms\":1,\"extra\":true}}\n");
+        let err = import(&mut store, &mut input.as_bytes(), &mut |_| {}).expect_err("refused");
+        assert!(format!("{err:#}").contains("line 2"), "{err:#}");
+    }
+
+    #[test]
+    fn names_are_matched_then_interned_once() {
+        let mut names = Names::new();
+        let a = names.get("forwarded".to_owned()).expect("known");
+        assert_eq!(a, "forwarded");
+        let b = names.get("brand_new".to_owned()).expect("new");
+        let c = names.get("brand_new".to_owned()).expect("again");
+        assert!(std::ptr::eq(b, c));
+    }
+}

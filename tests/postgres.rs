@@ -1,0 +1,952 @@
+//! The `PostgreSQL` ledger against a real server: the same reports as SQLite, idempotent
+//! retries, partitions and retention, migrations, export and import, reconnection. Each test
+//! makes its own database; all are skipped when `MANTLEGATE_TEST_POSTGRES_URL` is unset.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use mantlegate::ledger::postgres::{self, PgReader, PostgresStore};
+use mantlegate::ledger::sqlite::{self, Reader, SqliteStore};
+use mantlegate::ledger::transfer::{self, CallRow};
+use mantlegate::ledger::{Background, Ledger, LedgerRead, LedgerStats, Record, Store};
+use mantlegate::meter::{Usage, UsageSource};
+use mantlegate::report::{self, DailyRow, Period};
+use tokio_postgres::NoTls;
+
+const ENV: &str = "MANTLEGATE_TEST_POSTGRES_URL";
+
+/// `base` with its database name replaced by `db` (query parameters kept).
+fn with_db(base: &str, db: &str) -> String {
+    let (head, query) = base
+        .split_once('?')
+        .map_or((base, None), |(h, q)| (h, Some(q)));
+    let authority = head.find("://").map_or(0, |i| i + 3);
+    let path = head[authority..]
+        .find('/')
+        .map_or(head.len(), |i| authority + i);
+    let mut url = format!("{}/{db}", &head[..path]);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Runs `sql` (any number of statements) on the database of `url`.
+fn exec(url: &str, sql: &str) {
+    runtime().block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+        let task = tokio::spawn(conn);
+        client.batch_execute(sql).await.expect(sql);
+        drop(client);
+        let _ = task.await;
+    });
+}
+
+/// The single `BIGINT` (or `count`) value `sql` returns.
+fn scalar(url: &str, sql: &str) -> i64 {
+    runtime().block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+        let task = tokio::spawn(conn);
+        let v: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
+        drop(client);
+        let _ = task.await;
+        v
+    })
+}
+
+/// A database of its own for one test, dropped at the end.
+struct TestDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// `None` (and a note) when no server is configured: the test is skipped.
+    fn create(test: &str) -> Option<Self> {
+        let Ok(admin) = std::env::var(ENV) else {
+            eprintln!("skipped {test}: {ENV} is not set");
+            return None;
+        };
+        let name = format!("mg_test_{:016x}", rand::random::<u64>());
+        exec(&admin, &format!("CREATE DATABASE {name}"));
+        let url = with_db(&admin, &name);
+        Some(Self { admin, name, url })
+    }
+
+    /// Closes every connection to this database but the caller's.
+    fn terminate_connections(&self) {
+        exec(
+            &self.admin,
+            &format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                self.name
+            ),
+        );
+    }
+
+    fn allow_connections(&self, allow: bool) {
+        exec(
+            &self.admin,
+            &format!(
+                "ALTER DATABASE {} WITH ALLOW_CONNECTIONS {allow}",
+                self.name
+            ),
+        );
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        exec(
+            &self.admin,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn ms(s: &str) -> i64 {
+    s.parse::<jiff::Timestamp>()
+        .expect("timestamp")
+        .as_millisecond()
+}
+
+fn day(s: &str) -> jiff::civil::Date {
+    s.parse().expect("date")
+}
+
+fn period(from: &str, to: &str) -> Period {
+    Period {
+        from: day(from),
+        to: day(to),
+    }
+}
+
+/// A deterministic mix of calls over four days around a month boundary: projects with and
+/// without tags, unpriced models, rejections, streams, background responses created and
+/// settled, budgets.
+fn fixture(n: u64) -> Vec<Record> {
+    let projects: [(Option<&str>, Option<&str>, Option<&str>); 3] = [
+        (
+            Some("search"),
+            Some("proj_search"),
+            Some(r#"{"env":"prod","team":"core"}"#),
+        ),
+        (Some("ads"), Some("proj_ads"), Some(r#"{"team":"ads"}"#)),
+        (None, None, None),
+    ];
+    let keys = [Some("alice"), Some("bob"), None];
+    let models = [Some("gpt-x"), Some("unpriced-model"), None];
+    let outcomes = [
+        "forwarded",
+        "forwarded",
+        "rejected",
+        "upstream_error",
+        "client_disconnect",
+    ];
+    let start = ms("2026-01-30T22:00:00Z");
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    (0..n)
+        .map(|i| {
+            let r = next();
+            let (project, project_id, tags) = pick(&projects, r);
+            let model = pick(&models, r >> 8);
+            let outcome = pick(&outcomes, r >> 16);
+            let priced = model == Some("gpt-x");
+            let api = pick(&["chat.completions", "responses"], r >> 20);
+            let key = pick(&keys, r >> 4);
+            let input = (r >> 24) % 5000;
+            let output = (r >> 36) % 3000;
+            let background = match i % 17 {
+                3 => Some(Background::Pending),
+                // Every other one is settled two calls later; the rest stay pending.
+                _ if i % 34 == 5 => Some(Background::Settled),
+                _ => None,
+            };
+            let response = match background {
+                Some(Background::Pending) => Some(format!("resp_bg_{i}")),
+                Some(Background::Settled) => Some(format!("resp_bg_{}", i - 2)),
+                None => (api == "responses").then(|| format!("resp_{i}")),
+            };
+            let ts_ms = start + i64::try_from(r % (4 * 86_400_000)).expect("ts");
+            let budget_months = match project {
+                Some(p) => vec![
+                    (
+                        Arc::from(format!("{p}-monthly")),
+                        Arc::from(month_of(ts_ms)),
+                    ),
+                    (Arc::from("everything"), Arc::from(month_of(ts_ms))),
+                ],
+                None => Vec::new(),
+            };
+            Record {
+                ts_ms,
+                request_id: format!("mg_{i:024x}"),
+                key: key.map(Arc::from),
+                key_fp: key.map(|k| Arc::from(format!("fp_{k}"))),
+                route: (r % 7 == 0).then(|| Arc::from("/team-a")),
+                project: project.map(Arc::from),
+                project_id: project_id.map(Arc::from),
+                tags: tags.map(Arc::from),
+                api: Some(api),
+                model: model.map(str::to_owned),
+                stream: r % 2 == 0,
+                status: if outcome == "rejected" { 429 } else { 200 },
+                outcome,
+                error_code: (outcome == "rejected").then_some("rate_limit_exceeded"),
+                usage: Usage {
+                    input,
+                    cached_input: input / 3,
+                    output,
+                    reasoning: output / 4,
+                },
+                usage_source: if outcome == "client_disconnect" {
+                    UsageSource::Estimated
+                } else {
+                    UsageSource::Reported
+                },
+                cost_pico: priced
+                    .then(|| i64::try_from(input * 150_000 + output * 600_000).expect("cost")),
+                duration_ms: f64::from(u32::try_from(r % 100_000).expect("small")) / 7.0,
+                ttfb_ms: (r % 3 != 0).then_some(12.5),
+                upstream_response_id: response,
+                background,
+                budget_months,
+            }
+        })
+        .collect()
+}
+
+/// The item `r` points at.
+fn pick<T: Copy>(items: &[T], r: u64) -> T {
+    let len = u64::try_from(items.len()).expect("len");
+    items[usize::try_from(r % len).expect("index")]
+}
+
+/// `YYYY-MM` (UTC) of a time.
+fn month_of(ts_ms: i64) -> String {
+    sqlite::utc_day(ts_ms)[..7].to_owned()
+}
+
+fn sorted(mut rows: Vec<DailyRow>) -> Vec<DailyRow> {
+    rows.sort_by(|a, b| {
+        let key = |r: &DailyRow| {
+            (
+                r.day.clone(),
+                r.key_name.clone(),
+                r.route.clone(),
+                r.project_name.clone(),
+                r.project_id.clone(),
+                r.tags.clone(),
+                r.api.clone(),
+                r.model.clone(),
+                r.outcome.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    rows
+}
+
+fn write_in_batches(store: &mut dyn Store, records: &[Record], size: usize) {
+    for chunk in records.chunks(size) {
+        store.write_batch(chunk).expect("write batch");
+    }
+}
+
+/// Both ledgers answer every read alike, and every report is the same.
+fn assert_same_ledger(sqlite: &dyn LedgerRead, pg: &dyn LedgerRead, span: Period) {
+    let a = sorted(sqlite.daily(&span).expect("sqlite daily"));
+    let b = sorted(pg.daily(&span).expect("pg daily"));
+    assert!(!a.is_empty());
+    assert_eq!(a, b, "daily roll-ups differ");
+    for dims in [
+        "project",
+        "model,key",
+        "tag:team,day",
+        "month,outcome,api,route",
+        "tag:env,project,model",
+    ] {
+        let dims = report::parse_dims(dims).expect("dims");
+        let ra = report::aggregate(&a, &dims, span);
+        let rb = report::aggregate(&b, &dims, span);
+        assert_eq!(ra, rb);
+        for format in ["csv", "json", "focus"] {
+            let f: report::Format = format.parse().expect("format");
+            assert_eq!(report::render(&ra, f), report::render(&rb, f));
+        }
+    }
+    let narrow = period("2026-01-31", "2026-02-02");
+    assert_eq!(
+        sorted(sqlite.daily(&narrow).expect("daily")),
+        sorted(pg.daily(&narrow).expect("daily"))
+    );
+    assert_eq!(sqlite.count().expect("count"), pg.count().expect("count"));
+    let (from, to) = (ms("2026-01-31T00:00:00Z"), ms("2026-02-01T00:00:00Z"));
+    let mut sa = sqlite.spend_between(from, to).expect("spend");
+    let mut sb = pg.spend_between(from, to).expect("spend");
+    sa.sort();
+    sb.sort();
+    assert!(!sa.is_empty());
+    assert_eq!(sa, sb);
+    assert_eq!(
+        sqlite.last_used().expect("last used"),
+        pg.last_used().expect("last used")
+    );
+    let mut pa = sqlite.pending_background().expect("pending");
+    let mut pb = pg.pending_background().expect("pending");
+    pa.sort();
+    pb.sort();
+    assert!(!pa.is_empty());
+    assert_eq!(pa, pb);
+    for id in ["resp_bg_3", "resp_1", "resp_2", "resp_7", "resp_none"] {
+        assert_eq!(
+            sqlite.project_of_response(id).expect("lookup"),
+            pg.project_of_response(id).expect("lookup"),
+            "{id}"
+        );
+    }
+}
+
+fn whole() -> Period {
+    period("2026-01-01", "2026-03-01")
+}
+
+#[test]
+fn the_same_calls_give_the_same_reports_from_sqlite_and_postgres() {
+    let Some(db) = TestDb::create("same reports") else {
+        return;
+    };
+    let records = fixture(400);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ledger.db");
+    let mut lite = SqliteStore::open(&path).expect("sqlite");
+    write_in_batches(&mut lite, &records, 37);
+    let mut pg = PostgresStore::connect(&db.url).expect("postgres");
+    // Other batch boundaries: the roll-ups must not depend on them.
+    write_in_batches(&mut pg, &records, 61);
+    let lite_reader = Reader::new(sqlite::open_read_only(&path).expect("read"));
+    let pg_reader = PgReader::connect(&db.url).expect("reader");
+    assert_eq!(pg_reader.count().expect("count"), 400);
+    assert_same_ledger(&lite_reader, &pg_reader, whole());
+}
+
+/// Sum of the priced cost of `records` per `(budget, month)`.
+fn expected_budgets(records: &[Record]) -> BTreeMap<(String, String), i64> {
+    let mut out = BTreeMap::new();
+    for r in records {
+        for (b, m) in &r.budget_months {
+            if let Some(c) = r.cost_pico {
+                *out.entry((b.to_string(), m.to_string())).or_insert(0) += c;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_retried_batch_is_counted_once() {
+    let Some(db) = TestDb::create("retried batch") else {
+        return;
+    };
+    let records = fixture(120);
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    store.write_batch(&records).expect("write");
+    let reader = PgReader::connect(&db.url).expect("reader");
+    let daily = sorted(reader.daily(&whole()).expect("daily"));
+    let expected = expected_budgets(&records);
+    let keys: Vec<(String, String)> = expected
+        .keys()
+        .cloned()
+        .chain([("nobody".to_owned(), "2026-01".to_owned())])
+        .collect();
+    let mut want: Vec<i64> = expected.values().copied().collect();
+    want.push(0);
+    assert!(want.iter().filter(|&&v| v > 0).count() >= 4);
+    assert_eq!(reader.budget_spend(&keys).expect("budgets"), want);
+
+    // The same batch again (a retry after a lost commit answer), then again from a new
+    // connection (a restarted writer), then a batch holding one record twice.
+    store.write_batch(&records).expect("retry");
+    PostgresStore::connect(&db.url)
+        .expect("second writer")
+        .write_batch(&records[10..50])
+        .expect("overlap");
+    let doubled = [records[0].clone(), records[0].clone()];
+    store.write_batch(&doubled).expect("doubled");
+    assert_eq!(reader.count().expect("count"), 120);
+    assert_eq!(sorted(reader.daily(&whole()).expect("daily")), daily);
+    assert_eq!(reader.budget_spend(&keys).expect("budgets"), want);
+
+    // A genuinely new call in the same day and group is still added.
+    let mut fresh = records[0].clone();
+    fresh.request_id = "mg_fresh".to_owned();
+    store.write_batch(&[fresh.clone()]).expect("fresh");
+    assert_eq!(reader.count().expect("count"), 121);
+    let requests = |rows: &[DailyRow]| rows.iter().map(|r| r.requests).sum::<i64>();
+    assert_eq!(
+        requests(&reader.daily(&whole()).expect("daily")),
+        requests(&daily) + 1
+    );
+    let first = &fresh.budget_months[0];
+    let idx = keys
+        .iter()
+        .position(|k| k.0 == first.0.as_ref() && k.1 == first.1.as_ref())
+        .expect("budget key");
+    let after = reader.budget_spend(&keys).expect("budgets");
+    assert_eq!(after[idx], want[idx] + fresh.cost_pico.unwrap_or(0));
+}
+
+fn simple(request_id: &str, ts: &str) -> Record {
+    let mut r = fixture(1).remove(0);
+    request_id.clone_into(&mut r.request_id);
+    r.ts_ms = ms(ts);
+    r.background = None;
+    r.upstream_response_id = None;
+    r
+}
+
+#[test]
+fn new_months_get_partitions_and_retention_drops_old_ones_but_not_daily() {
+    let Some(db) = TestDb::create("partitions and retention") else {
+        return;
+    };
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    let reader = PgReader::connect(&db.url).expect("reader");
+    let now = mantlegate_now_partition();
+    let parts = reader.partitions().expect("partitions");
+    assert!(parts.contains(&now), "{parts:?} lacks {now}");
+
+    // A month far ahead: its partition (and the next month's) is made on the way.
+    store
+        .write_batch(&[simple("far", "2031-03-15T10:00:00Z")])
+        .expect("far month");
+    let parts = reader.partitions().expect("partitions");
+    assert!(parts.contains(&"calls_2031_03".to_owned()), "{parts:?}");
+    assert!(parts.contains(&"calls_2031_04".to_owned()), "{parts:?}");
+
+    let old = [
+        simple("jan", "2030-01-10T00:00:00Z"),
+        simple("feb", "2030-02-10T00:00:00Z"),
+        simple("mar", "2030-03-31T23:59:59.999Z"),
+    ];
+    store.write_batch(&old).expect("old months");
+    let span = period("2030-01-01", "2030-04-01");
+    let daily = sorted(reader.daily(&span).expect("daily"));
+    assert_eq!(daily.len(), 3);
+    assert_eq!(reader.count().expect("count"), 4);
+
+    // Keep 2 months on 2030-04-15: February, March and April stay; January and before go.
+    let dropped = reader
+        .apply_retention(2, ms("2030-04-15T00:00:00Z"))
+        .expect("retention");
+    assert!(dropped.contains(&"calls_2030_01".to_owned()), "{dropped:?}");
+    assert!(
+        dropped.iter().all(|p| p.as_str() < "calls_2030_02"),
+        "{dropped:?}"
+    );
+    let parts = reader.partitions().expect("partitions");
+    assert!(!parts.contains(&"calls_2030_01".to_owned()));
+    assert!(parts.contains(&"calls_2030_02".to_owned()));
+    assert_eq!(reader.count().expect("count"), 3);
+    assert_eq!(sorted(reader.daily(&span).expect("daily")), daily);
+    assert!(
+        reader
+            .apply_retention(0, ms("2030-04-15T00:00:00Z"))
+            .is_err()
+    );
+    assert!(
+        reader
+            .apply_retention(2, ms("2030-04-15T00:00:00Z"))
+            .expect("again")
+            .is_empty()
+    );
+
+    // A late record of the dropped month: this writer thought its partition existed.
+    store
+        .write_batch(&[simple("late", "2030-01-20T00:00:00Z")])
+        .expect("late record");
+    assert!(
+        reader
+            .partitions()
+            .expect("partitions")
+            .contains(&"calls_2030_01".to_owned())
+    );
+    assert_eq!(reader.count().expect("count"), 4);
+}
+
+/// `calls_YYYY_MM` of the current UTC month.
+fn mantlegate_now_partition() -> String {
+    let now = jiff::Timestamp::now().as_millisecond();
+    format!("calls_{}", month_of(now).replace('-', "_"))
+}
+
+#[test]
+fn two_concurrent_migrators_apply_each_migration_once() {
+    let Some(db) = TestDb::create("concurrent migrations") else {
+        return;
+    };
+    let barrier = Arc::new(Barrier::new(3));
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            let url = db.url.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                postgres::migrate(&url).expect("migrate")
+            })
+        })
+        .collect();
+    let mut applied: Vec<Vec<u32>> = runs
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    applied.sort();
+    let all: Vec<u32> = (1..=postgres::SCHEMA_VERSION).collect();
+    assert_eq!(applied, vec![vec![], vec![], all]);
+    assert!(postgres::migrate(&db.url).expect("again").is_empty());
+    assert_eq!(
+        scalar(&db.url, "SELECT count(*) FROM schema_migrations"),
+        i64::from(postgres::SCHEMA_VERSION)
+    );
+    // And a writer starting on a migrated database applies nothing either.
+    PostgresStore::connect(&db.url).expect("writer");
+    assert_eq!(
+        scalar(&db.url, "SELECT count(*) FROM schema_migrations"),
+        i64::from(postgres::SCHEMA_VERSION)
+    );
+}
+
+#[test]
+fn a_newer_schema_is_refused_and_an_empty_database_is_not_read() {
+    let Some(db) = TestDb::create("newer schema") else {
+        return;
+    };
+    let err = PgReader::connect(&db.url).err().expect("no schema yet");
+    assert!(format!("{err:#}").contains("mantlegate migrate"), "{err:#}");
+    postgres::migrate(&db.url).expect("migrate");
+    exec(
+        &db.url,
+        "INSERT INTO schema_migrations (version) VALUES (999)",
+    );
+    for err in [
+        postgres::migrate(&db.url).expect_err("migrate refuses"),
+        PostgresStore::connect(&db.url)
+            .err()
+            .expect("writer refuses"),
+        PgReader::connect(&db.url).err().expect("reader refuses"),
+    ] {
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("schema version 999") && msg.contains("newer") && msg.contains("upgrade"),
+            "{msg}"
+        );
+    }
+    // Refusing changed nothing.
+    assert_eq!(
+        scalar(&db.url, "SELECT count(*) FROM schema_migrations"),
+        i64::from(postgres::SCHEMA_VERSION) + 1
+    );
+}
+
+#[test]
+fn export_from_sqlite_and_import_into_postgres_keeps_the_report() {
+    let Some(db) = TestDb::create("export and import") else {
+        return;
+    };
+    let records = fixture(300);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ledger.db");
+    write_in_batches(
+        &mut SqliteStore::open(&path).expect("sqlite"),
+        &records,
+        100,
+    );
+    let conn = sqlite::open_read_only(&path).expect("read");
+    let (from, to) = transfer::period_ms(&whole()).expect("period");
+    let mut lines = Vec::new();
+    assert_eq!(
+        transfer::export(&conn, from, to, &mut lines).expect("export"),
+        300
+    );
+
+    // The budget months are not columns: the importer recomputes them (here as the fixture
+    // did), so that the shared budget figures count the imported spend.
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    let mut annotate = |r: &mut Record| {
+        if let Some(p) = &r.project {
+            let month: Arc<str> = Arc::from(month_of(r.ts_ms));
+            r.budget_months = vec![
+                (Arc::from(format!("{p}-monthly")), month.clone()),
+                (Arc::from("everything"), month),
+            ];
+        }
+    };
+    let n = transfer::import(&mut store, &mut lines.as_slice(), &mut annotate).expect("import");
+    assert_eq!(n, 300);
+    let pg = PgReader::connect(&db.url).expect("reader");
+    let lite = Reader::new(sqlite::open_read_only(&path).expect("read"));
+    let span = whole();
+    let a = sorted(lite.daily(&span).expect("daily"));
+    let b = sorted(pg.daily(&span).expect("daily"));
+    assert_eq!(a, b);
+    let dims = report::parse_dims("project,tag:team,model").expect("dims");
+    assert_eq!(
+        report::aggregate(&a, &dims, span),
+        report::aggregate(&b, &dims, span)
+    );
+    let expected = expected_budgets(&records);
+    let keys: Vec<(String, String)> = expected.keys().cloned().collect();
+    assert_eq!(
+        pg.budget_spend(&keys).expect("budgets"),
+        expected.values().copied().collect::<Vec<_>>()
+    );
+
+    // Out of PostgreSQL: the same lines (the order of calls in the same millisecond aside).
+    let mut back = Vec::new();
+    transfer::export(&pg, from, to, &mut back).expect("export back");
+    let parse = |bytes: &[u8]| {
+        let mut rows: Vec<String> = String::from_utf8_lossy(bytes)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        rows.sort();
+        rows
+    };
+    assert_eq!(parse(&lines), parse(&back));
+    let row: CallRow = serde_json::from_str(
+        String::from_utf8_lossy(&back)
+            .lines()
+            .next()
+            .expect("a line"),
+    )
+    .expect("json");
+    assert!(row.ts_ms >= from);
+
+    // Importing again adds nothing: PostgreSQL skips calls it has.
+    transfer::import(&mut store, &mut lines.as_slice(), &mut annotate).expect("import again");
+    assert_eq!(pg.count().expect("count"), 300);
+    assert_eq!(sorted(pg.daily(&span).expect("daily")), b);
+
+    // A range export: only the calls of one day.
+    let (d0, d1) = transfer::period_ms(&period("2026-01-31", "2026-02-01")).expect("period");
+    let mut one_day = Vec::new();
+    let n = transfer::export(&pg, d0, d1, &mut one_day).expect("export day");
+    let want = records
+        .iter()
+        .filter(|r| (d0..d1).contains(&r.ts_ms))
+        .count();
+    assert_eq!(usize::try_from(n).expect("n"), want);
+}
+
+/// Waits up to `limit` for `cond`, woken by each committed batch (and every 20 ms for
+/// conditions a commit does not signal, such as a failed write).
+fn wait_for(stats: &LedgerStats, limit: Duration, cond: impl Fn(&LedgerStats) -> bool) -> bool {
+    runtime().block_on(async {
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = stats.committed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if cond(stats) {
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= end {
+                return false;
+            }
+            let tick = (end - now).min(Duration::from_millis(20));
+            let _ = tokio::time::timeout(tick, notified).await;
+        }
+    })
+}
+
+fn written(stats: &LedgerStats) -> u64 {
+    stats.written.load(std::sync::atomic::Ordering::Acquire)
+}
+
+fn now_records(from: u64, n: u64) -> Vec<Record> {
+    let now = jiff::Timestamp::now().as_millisecond();
+    (from..from + n)
+        .map(|i| {
+            let mut r = simple(&format!("live_{i}"), "2026-01-01T00:00:00Z");
+            r.ts_ms = now;
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn records_survive_a_broken_connection_and_an_outage() {
+    let Some(db) = TestDb::create("reconnect") else {
+        return;
+    };
+    let store = PostgresStore::connect(&db.url).expect("postgres");
+    let (ledger, writer) = Ledger::start(Box::new(store), 1000).expect("writer");
+    let stats = ledger.stats.clone();
+
+    // Normal operation: committed well within the 1 s promise.
+    let started = Instant::now();
+    for r in now_records(0, 20) {
+        ledger.record(r);
+    }
+    assert!(wait_for(&stats, Duration::from_secs(1), |s| written(s) == 20));
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // The server closes the writer's connection: the pool opens another.
+    db.terminate_connections();
+    for r in now_records(20, 20) {
+        ledger.record(r);
+    }
+    assert!(wait_for(&stats, Duration::from_secs(10), |s| written(s) == 40));
+
+    // An outage: no connection can be made. Records wait in the queue, the writer retries.
+    db.allow_connections(false);
+    db.terminate_connections();
+    let errors_before = stats
+        .write_errors
+        .load(std::sync::atomic::Ordering::Acquire);
+    for r in now_records(40, 30) {
+        ledger.record(r);
+    }
+    assert!(wait_for(&stats, Duration::from_secs(10), |s| {
+        s.write_errors.load(std::sync::atomic::Ordering::Acquire) > errors_before
+    }));
+    assert_eq!(written(&stats), 40);
+    assert_eq!(stats.queued.load(std::sync::atomic::Ordering::Acquire), 30);
+    db.allow_connections(true);
+    // The writer's backoff is at most 5 s between tries.
+    assert!(wait_for(&stats, Duration::from_secs(15), |s| written(s) == 70));
+    writer.close(&ledger);
+
+    let reader = PgReader::connect(&db.url).expect("reader");
+    assert_eq!(reader.count().expect("count"), 70);
+    let today = jiff::Timestamp::now()
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .date();
+    let span = Period {
+        from: today.yesterday().expect("yesterday"),
+        to: today.tomorrow().expect("tomorrow"),
+    };
+    let requests: i64 = reader
+        .daily(&span)
+        .expect("daily")
+        .iter()
+        .map(|r| r.requests)
+        .sum();
+    assert_eq!(requests, 70);
+    assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Acquire), 0);
+}
+
+#[test]
+fn a_value_postgres_refuses_costs_only_its_own_record() {
+    let Some(db) = TestDb::create("poison record") else {
+        return;
+    };
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    let mut big = simple("big_1", "2026-01-10T00:00:00Z");
+    big.cost_pico = Some(i64::MAX - 10);
+    big.model = Some("big-model".to_owned());
+    big.budget_months = Vec::new();
+    let mut big2 = big.clone();
+    big2.request_id = "big_2".to_owned();
+    // Same day and group: the second one's daily sum would pass BIGINT.
+    let mut nul = simple("nul", "2026-01-10T00:00:01Z");
+    nul.model = Some("gpt\0-x".to_owned());
+    let fine = simple("fine", "2026-01-11T00:00:00Z");
+    store
+        .write_batch(&[big, big2, nul, fine])
+        .expect("the batch goes through");
+    let reader = PgReader::connect(&db.url).expect("reader");
+    assert_eq!(reader.count().expect("count"), 3);
+    let models: Vec<String> = reader
+        .daily(&period("2026-01-10", "2026-01-12"))
+        .expect("daily")
+        .into_iter()
+        .map(|r| r.model)
+        .collect();
+    assert!(models.contains(&"gpt-x".to_owned()), "{models:?}");
+}
+
+#[tokio::test]
+async fn the_reader_can_be_used_and_dropped_inside_a_runtime() {
+    // The helpers run their own runtime: keep them on a blocking thread.
+    let Some(db) = tokio::task::spawn_blocking(|| TestDb::create("reader in a runtime"))
+        .await
+        .expect("create db")
+    else {
+        return;
+    };
+    // Startup code (budget seeding) calls the blocking reader from async code.
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    store
+        .write_batch(&[simple("one", "2026-01-10T00:00:00Z")])
+        .expect("write");
+    let reader = PgReader::connect(&db.url).expect("reader");
+    assert_eq!(reader.count().expect("count"), 1);
+    let spend: HashMap<String, i64> = reader
+        .spend_between(0, i64::MAX)
+        .expect("spend")
+        .into_iter()
+        .map(|(p, _, c)| (p, c))
+        .collect();
+    assert_eq!(spend.len(), 1);
+    drop(reader);
+    drop(store);
+    // The test database is dropped from a blocking thread (the helper runs its own runtime).
+    tokio::task::spawn_blocking(move || drop(db))
+        .await
+        .expect("drop db");
+}
+
+#[test]
+fn two_replicas_writing_the_same_groups_at_once_count_every_call_once() {
+    let Some(db) = TestDb::create("two replicas") else {
+        return;
+    };
+    postgres::migrate(&db.url).expect("migrate");
+    let all = fixture(3000);
+    let barrier = Arc::new(Barrier::new(2));
+    // Each replica writes its own calls, in the same days, groups and budgets as the other.
+    let replicas: Vec<_> = [0usize, 1]
+        .into_iter()
+        .map(|half| {
+            let mine: Vec<Record> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 2 == half)
+                .map(|(_, r)| r.clone())
+                .collect();
+            let (url, barrier) = (db.url.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut store = PostgresStore::connect(&url).expect("postgres");
+                barrier.wait();
+                let mut failures = 0;
+                for chunk in mine.chunks(25) {
+                    // As the writer thread does: a failed batch is retried whole.
+                    while let Err(err) = store.write_batch(chunk) {
+                        failures += 1;
+                        assert!(failures < 20, "{err:#}");
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<u32> = replicas
+        .into_iter()
+        .map(|h| h.join().expect("replica"))
+        .collect();
+    assert_eq!(failures, [0, 0], "no deadlock, no failed batch");
+    let pg = PgReader::connect(&db.url).expect("reader");
+    assert_eq!(pg.count().expect("count"), 3000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ledger.db");
+    SqliteStore::open(&path)
+        .expect("sqlite")
+        .write_batch(&all)
+        .expect("write");
+    let lite = Reader::new(sqlite::open_read_only(&path).expect("read"));
+    assert_eq!(
+        sorted(lite.daily(&whole()).expect("daily")),
+        sorted(pg.daily(&whole()).expect("daily"))
+    );
+    let expected = expected_budgets(&all);
+    let keys: Vec<(String, String)> = expected.keys().cloned().collect();
+    assert_eq!(
+        pg.budget_spend(&keys).expect("budgets"),
+        expected.values().copied().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_budget_added_mid_month_is_seeded_from_the_calls_once() {
+    let Some(db) = TestDb::create("budget seeding") else {
+        return;
+    };
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    // Calls written before the budget existed: no budget months on them.
+    let mut before = fixture(200);
+    for r in &mut before {
+        r.budget_months.clear();
+    }
+    store.write_batch(&before).expect("write");
+    let reader = PgReader::connect(&db.url).expect("reader");
+    let january = |name: &str| postgres::BudgetSeed {
+        budget: name.to_owned(),
+        month: "2026-01".to_owned(),
+        start_ms: ms("2026-01-01T00:00:00Z"),
+        end_ms: ms("2026-02-01T00:00:00Z"),
+        covers: Box::new(|project: &str, tags: &str| {
+            project == "search" || tags.contains(r#""team":"ads""#)
+        }),
+    };
+    let want: i64 = before
+        .iter()
+        .filter(|r| r.ts_ms < ms("2026-02-01T00:00:00Z"))
+        .filter(|r| r.project.is_some())
+        .filter_map(|r| r.cost_pico)
+        .sum();
+    assert!(want > 0);
+    let seeded = reader
+        .seed_budget_spend(vec![january("new-budget")])
+        .expect("seed");
+    assert_eq!(seeded, [want]);
+
+    // From now on the writer adds to it; seeding again leaves the row alone.
+    let mut after = simple("after_seed", "2026-01-31T12:00:00Z");
+    after.budget_months = vec![(Arc::from("new-budget"), Arc::from("2026-01"))];
+    let cost = after.cost_pico.expect("priced");
+    store.write_batch(&[after]).expect("write");
+    let again = reader
+        .seed_budget_spend(vec![january("new-budget"), january("other")])
+        .expect("seed again");
+    // A budget first seen now is seeded with every call so far, the last one included.
+    assert_eq!(again, [want + cost, want + cost]);
+    assert_eq!(
+        reader
+            .budget_spend(&[("new-budget".to_owned(), "2026-01".to_owned())])
+            .expect("figure"),
+        [want + cost]
+    );
+}
+
+#[test]
+fn a_background_response_is_claimed_by_one_replica_only() {
+    let Some(db) = TestDb::create("claim background") else {
+        return;
+    };
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    let mut created = simple("bg", "2026-01-10T00:00:00Z");
+    created.background = Some(Background::Pending);
+    created.upstream_response_id = Some("resp_claim".to_owned());
+    store.write_batch(&[created.clone()]).expect("write");
+    let a = PgReader::connect(&db.url).expect("replica a");
+    let b = PgReader::connect(&db.url).expect("replica b");
+    let first = a.claim_background("resp_claim").expect("claim");
+    assert_eq!(
+        first,
+        Some((
+            created.project_id.as_deref().unwrap_or_default().to_owned(),
+            created.model.clone()
+        ))
+    );
+    assert_eq!(b.claim_background("resp_claim").expect("claim"), None);
+    assert!(a.pending_background().expect("pending").is_empty());
+}
