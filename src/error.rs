@@ -58,6 +58,12 @@ pub enum ProxyError {
         "the request body is larger than the {0} bytes this proxy accepts (server.max_body_bytes)"
     )]
     RequestTooLarge(usize),
+    /// The client went away while sending its request.
+    #[error("the request body ended before its declared length: the client closed the connection")]
+    ClientGone,
+    /// A request header value is longer than mantlegate accepts.
+    #[error("the `{0}` header is longer than the 8 KiB mantlegate accepts")]
+    HeaderTooLarge(String),
     /// The body could not be read from the client.
     #[error("the request body could not be read: {0}")]
     BadBody(String),
@@ -94,7 +100,9 @@ impl ProxyError {
             Self::ProjectRequired(_)
             | Self::InvalidPath(_)
             | Self::InvalidJson(_)
-            | Self::BadBody(_) => StatusCode::BAD_REQUEST,
+            | Self::BadBody(_)
+            | Self::ClientGone => StatusCode::BAD_REQUEST,
+            Self::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UnknownEndpoint { .. } | Self::ResponseNotFound(_) => StatusCode::NOT_FOUND,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited(_) | Self::BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -121,7 +129,10 @@ impl ProxyError {
             Self::RateLimited(_) => "rate_limit_exceeded",
             Self::BudgetExceeded(_) => "budget_exceeded",
             Self::RequestTooLarge(_) => "request_too_large",
-            Self::BadBody(_) => "invalid_body",
+            // The answer may still reach a half-closed client; the ledger records the call as
+            // a client disconnect.
+            Self::BadBody(_) | Self::ClientGone => "invalid_body",
+            Self::HeaderTooLarge(_) => "header_too_large",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamKeyMissing => "upstream_key_missing",

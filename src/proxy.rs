@@ -25,6 +25,9 @@ use endpoint::Endpoint;
 use facts::RequestFacts;
 use relay::RelayBody;
 
+/// Longest header value accepted (the OpenAI SDKs send a few hundred bytes at most).
+const MAX_HEADER_VALUE: usize = 8 * 1024;
+
 static X_MANTLEGATE_PROJECT: HeaderName = HeaderName::from_static("x-mantlegate-project");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
@@ -87,7 +90,9 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         Err(err) => {
             call.status = err.status().as_u16();
             call.error_code = Some(err.code());
-            let outcome = if err.is_rejection() {
+            let outcome = if matches!(err, ProxyError::ClientGone) {
+                Outcome::ClientDisconnect
+            } else if err.is_rejection() {
                 Outcome::Rejected
             } else {
                 Outcome::UpstreamError
@@ -123,6 +128,13 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     endpoint::check_normal(path)?;
+    if let Some((name, _)) = parts
+        .headers
+        .iter()
+        .find(|(_, v)| v.len() > MAX_HEADER_VALUE)
+    {
+        return Err(ProxyError::HeaderTooLarge(name.as_str().to_owned()));
+    }
     let route = snap.route_for(path);
     call.route = route.map(|r| r.prefix.clone());
     let after_route = route.map_or(path, |r| &path[r.prefix.len()..]);
@@ -246,6 +258,7 @@ async fn forward(
         endpoint,
         &parts,
         inject_usage,
+        call.stream,
         call.target_response.as_deref(),
     );
     Ok(Upstream {
@@ -424,16 +437,19 @@ fn meter_kind(
     endpoint: Endpoint,
     parts: &axum::http::response::Parts,
     inject_usage: bool,
+    asked_stream: bool,
     target_response: Option<&str>,
 ) -> Kind {
     if !parts.status.is_success() {
         return Kind::None;
     }
-    let sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    // A stream is what the client asked for, whatever content-type the upstream labels it with.
+    let sse = asked_stream
+        || parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
     match endpoint {
         Endpoint::ChatCompletions if sse => Kind::ChatStream {
             strip_usage: inject_usage,
@@ -498,7 +514,8 @@ async fn read_body(body: Body, limit: usize, parts: &request::Parts) -> Result<B
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
             Err(ProxyError::RequestTooLarge(limit))
         }
-        Err(err) => Err(ProxyError::BadBody(err.to_string())),
+        // The client stopped sending mid-body (hung up): not a bad request, a departure.
+        Err(_) => Err(ProxyError::ClientGone),
     }
 }
 

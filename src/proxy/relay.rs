@@ -16,7 +16,7 @@ use crate::call::{Call, Outcome};
 use crate::meter::stream::BodyMeter;
 
 /// Wraps the upstream body; owns the [`Call`] so that its commit happens at end of stream.
-pub struct RelayBody<B> {
+pub struct RelayBody<B: Body> {
     inner: B,
     meter: BodyMeter,
     call: Call,
@@ -29,7 +29,7 @@ pub struct RelayBody<B> {
     deadline: Instant,
 }
 
-impl<B> RelayBody<B> {
+impl<B: Body> RelayBody<B> {
     /// Relays `inner`, metering it with `meter` and committing `call` when it ends. The answer
     /// is ended when no frame comes for `idle`, or at `deadline`.
     pub fn new(
@@ -61,13 +61,16 @@ impl<B> RelayBody<B> {
     }
 }
 
-impl<B> Drop for RelayBody<B> {
+impl<B: Body> Drop for RelayBody<B> {
     fn drop(&mut self) {
         if !self.done {
             // The client went away before the upstream body ended. If the stream's own end
             // was relayed (clients stop reading at `[DONE]`), the call is complete; otherwise
             // the client left mid-answer: meter what was relayed, then commit.
-            let outcome = if self.meter.saw_end() && self.out_is_empty() {
+            // An empty body (content-length: 0) is never polled: hyper knows it is complete.
+            let outcome = if (self.meter.saw_end() && self.out_is_empty())
+                || (self.inner.is_end_stream() && self.out_is_empty())
+            {
                 Outcome::Forwarded
             } else {
                 Outcome::ClientDisconnect
@@ -167,7 +170,7 @@ where
     }
 }
 
-impl<B> RelayBody<B> {
+impl<B: Body> RelayBody<B> {
     fn out_is_empty(&self) -> bool {
         !self.meter.has_out()
     }

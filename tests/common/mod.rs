@@ -884,3 +884,10 @@ pub fn peak_rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Prints a measured figure so that it shows in `cargo test` output even when the test passes
+/// (written to stderr directly, past the test harness's capture).
+pub fn report(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "[figure] {line}");
+}
