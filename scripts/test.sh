@@ -8,6 +8,11 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo deny (bans, licenses, sources; advisories need a network CI lacks)"
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  cargo install cargo-deny --version 0.20.2 --locked --quiet
+fi
+cargo deny check bans licenses sources
 echo "== cargo test"
 cargo test --locked
 echo "== OpenAI SDK end-to-end tests"
