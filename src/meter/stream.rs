@@ -129,27 +129,36 @@ impl BodyMeter {
                     &mut self.ended,
                 );
                 self.scanner.feed(chunk, |ev| {
-                    match usage::responses_event(ev.event, ev.data) {
-                        ResponsesEvent::Created { id: created } => *id = Some(created),
-                        ResponsesEvent::Terminal {
-                            id: terminal_id,
-                            status: s,
-                            usage: u,
-                        } => {
-                            if id.is_none() {
-                                *id = terminal_id;
-                            }
-                            *status = Some(s);
-                            *ended = true;
-                            if u.is_some() {
-                                *usage = u;
-                            }
-                        }
-                        ResponsesEvent::Delta => *content += 1,
-                        ResponsesEvent::Error | ResponsesEvent::Other => {}
-                    }
+                    responses_event(ev.event, ev.data, usage, content, id, status, ended);
                 });
             }
+        }
+    }
+
+    /// End of an observed (not rewritten) stream: a last event whose blank line never came
+    /// still counts (an upstream may end the body right after its terminal event).
+    pub fn finish_observe(&mut self) {
+        match self.kind {
+            Kind::ChatStream { .. } => {
+                let (usage, content, ended) =
+                    (&mut self.usage, &mut self.content_events, &mut self.ended);
+                self.scanner.finish(|ev| {
+                    chat_event(ev.data, usage, content, ended);
+                });
+            }
+            Kind::ResponsesStream => {
+                let (usage, content, id, status, ended) = (
+                    &mut self.usage,
+                    &mut self.content_events,
+                    &mut self.response_id,
+                    &mut self.response_status,
+                    &mut self.ended,
+                );
+                self.scanner.finish(|ev| {
+                    responses_event(ev.event, ev.data, usage, content, id, status, ended);
+                });
+            }
+            Kind::None | Kind::ChatJson | Kind::ResponseJson => {}
         }
     }
 
@@ -291,6 +300,37 @@ impl BodyMeter {
                 all.freeze()
             }
         }
+    }
+}
+
+/// Applies one Responses stream event to the meter.
+fn responses_event(
+    event: Option<&str>,
+    data: &[u8],
+    usage: &mut Option<Usage>,
+    content: &mut u64,
+    id: &mut Option<String>,
+    status: &mut Option<String>,
+    ended: &mut bool,
+) {
+    match usage::responses_event(event, data) {
+        ResponsesEvent::Created { id: created } => *id = Some(created),
+        ResponsesEvent::Terminal {
+            id: terminal_id,
+            status: s,
+            usage: u,
+        } => {
+            if id.is_none() {
+                *id = terminal_id;
+            }
+            *status = Some(s);
+            *ended = true;
+            if u.is_some() {
+                *usage = u;
+            }
+        }
+        ResponsesEvent::Delta => *content += 1,
+        ResponsesEvent::Error | ResponsesEvent::Other => {}
     }
 }
 

@@ -134,6 +134,7 @@ where
                     }
                     this.meter.observe(data);
                     if this.inner.is_end_stream() {
+                        this.meter.finish_observe();
                         this.finish(Outcome::Forwarded);
                     }
                     return Poll::Ready(Some(Ok(frame)));
@@ -149,6 +150,7 @@ where
                         this.end_of_upstream();
                         continue;
                     }
+                    this.meter.finish_observe();
                     this.finish(Outcome::Forwarded);
                     return Poll::Ready(None);
                 }
