@@ -365,3 +365,87 @@ async fn sigkill_loses_no_completed_call() {
     stop(child, lines).await;
     assert_eq!(ledger_count(dir.path()), n);
 }
+
+#[test]
+fn keys_list_shows_state_expiry_and_last_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let extra = format!(
+        "[ledger]\npath = {:?}\n[[keys]]\nname = \"old\"\nsha256 = \"{}\"\nexpires_at = \"2020-01-01T00:00:00Z\"\n[[keys]]\nname = \"off\"\nsha256 = \"{}\"\ndisabled = true\n",
+        dir.path().join("none.db").display().to_string(),
+        sha("mg-old"),
+        sha("mg-off")
+    );
+    std::fs::write(&path, config("http://127.0.0.1:9", "reject", &extra)).expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["keys", "list", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing in:\n{stdout}"))
+            .to_owned()
+    };
+    assert!(
+        line("chatbot-backend").contains("active") && line("chatbot-backend").contains("never")
+    );
+    assert!(line("old").contains("expired") && line("old").contains("2020-01-01T00:00:00Z"));
+    assert!(line("off").contains("disabled"));
+    assert!(!stdout.contains("mg-old"), "keys are never printed");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (child, mut lines, url) = serve(dir.path(), &config_in(dir.path(), &up.url), "info").await;
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("mg-added-by-reload")
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401, "not yet known");
+    let added = format!(
+        "{}\n[[keys]]\nname = \"added\"\nsha256 = \"{}\"\nprojects = [\"Search\"]\n",
+        config_in(dir.path(), &up.url),
+        sha("mg-added-by-reload")
+    );
+    std::fs::write(dir.path().join("mantlegate.toml"), added).expect("write");
+    let pid = child.id().expect("pid").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.recv())
+            .await
+            .expect("a reload within 20 s")
+            .expect("serve is running");
+        if line.contains("config reloaded") {
+            break;
+        }
+    }
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("mg-added-by-reload")
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200, "the reloaded config knows the key");
+    stop(child, lines).await;
+}
