@@ -32,12 +32,18 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::ProxyError;
 use crate::state::AppState;
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the in-process response-id index keeps an entry.
 const RESPONSE_INDEX_TTL: Duration = Duration::from_hours(1);
@@ -82,7 +88,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
-    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     // The in-process index of response ids only bridges the moment until the ledger has the
     // record: entries older than an hour are dropped (lookups then go to the ledger).
     let responses = state.responses.clone();
@@ -96,36 +101,57 @@ pub async fn serve(
             }
         }
     });
-    // Small writes (stream events) leave at once: without TCP_NODELAY, Nagle's algorithm and
-    // delayed ACKs hold them back by up to 40 ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
+    let _stop_pruner = AbortOnDrop(pruner);
+    // Our own accept loop rather than `axum::serve`: it gives hyper a timer, so a client that
+    // never finishes its request headers (slowloris) is cut off after HEADER_READ_TIMEOUT.
+    let mut builder = ConnBuilder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let app = router(state);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::error!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Small writes (stream events) leave at once: without TCP_NODELAY, Nagle's algorithm
+        // and delayed ACKs hold them back by up to 40 ms.
+        if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
-    });
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!(
-            drain_timeout_s = drain_timeout.as_secs_f64(),
-            "shutting down: draining calls in flight"
-        );
-        let _ = draining_tx.send(());
-    });
-    let deadline = async move {
-        if draining_rx.await.is_ok() {
-            tokio::time::sleep(drain_timeout).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let _stop_pruner = AbortOnDrop(pruner);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // Errors here are the client's (reset, bad framing): nothing to do but drop it.
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        drain_timeout_s = drain_timeout.as_secs_f64(),
+        "shutting down: draining calls in flight"
+    );
     tokio::select! {
-        result = server.into_future() => result,
-        () = deadline => {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain_timeout) => {
             tracing::warn!("drain timeout reached: closing calls still in flight");
-            Ok(())
         }
     }
+    Ok(())
 }
 
 /// Aborts a background task when dropped.
