@@ -14,6 +14,9 @@ use crate::state::AppState;
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let snap = state.snapshot.load();
+    if let Some(store) = &snap.rate_store {
+        state.metrics.observe_rate_store(&store.stats());
+    }
     let text = state.metrics.render(
         state.ledger.as_ref().map(|l| &*l.stats),
         &snap.budgets,

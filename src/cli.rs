@@ -279,7 +279,20 @@ async fn serve(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         Some(a) => a,
         None => config.server.listen.parse()?,
     };
-    let snapshot = Snapshot::build(&config, upstream_key.as_deref())?;
+    let mut snapshot = Snapshot::build(&config, upstream_key.as_deref())?;
+    if let Some(url) = &config.limits.store {
+        use crate::ratelimit::redis::{RedisBackend, RedisOptions};
+        let store = RedisBackend::connect(url, RedisOptions::default())
+            .map_err(|e| anyhow::anyhow!("limits.store: {e}"))?;
+        match store.ping().await {
+            Ok(()) => tracing::info!(store = %store.url(), "rate limits shared across replicas"),
+            // Fail open: serve with per-replica limits until Redis answers.
+            Err(error) => {
+                tracing::error!(store = %store.url(), %error, "rate-limit store unreachable at start: rate limits hold per replica until it answers");
+            }
+        }
+        snapshot.share_rate_limits(&store);
+    }
     let token = admin_token(&config);
     run(addr, snapshot, &config, token, Some(path)).await
 }
@@ -665,6 +678,18 @@ fn check(path: &Path) -> ExitCode {
             }
             for r in &config.routes {
                 println!("  route {}/v1 -> {}", r.prefix, r.project);
+            }
+            if !config.rate_limits.is_empty() {
+                match &config.limits.store {
+                    Some(url) => println!(
+                        "  rate limits: shared by every replica in {} (script {})",
+                        crate::ratelimit::redis::describe_url(url).unwrap_or_default(),
+                        crate::ratelimit::redis::SCRIPT_NAME
+                    ),
+                    None => println!(
+                        "  note: rate limits are per replica (no [limits] store): with N replicas each limit admits up to N times its rate"
+                    ),
+                }
             }
             if std::env::var_os(&config.upstream.api_key_env).is_none() {
                 println!(

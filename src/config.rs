@@ -144,12 +144,16 @@ pub struct LimitsConfig {
     /// Output tokens assumed for a call that sets no `max_tokens` (budget reservations and
     /// token rate limits).
     pub default_max_output_tokens: u64,
+    /// Where the rate-limit counters live: `redis://` / `rediss://` URL shared by every replica.
+    /// Unset: in each process (limits per replica). Read at start; a reload does not change it.
+    pub store: Option<String>,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             default_max_output_tokens: 4096,
+            store: None,
         }
     }
 }
@@ -676,6 +680,11 @@ impl Config {
         if self.limits.default_max_output_tokens == 0 {
             v.add("limits.default_max_output_tokens", "must be greater than 0");
         }
+        if let Some(url) = &self.limits.store
+            && let Err(problem) = crate::ratelimit::redis::describe_url(url)
+        {
+            v.add("limits.store", problem);
+        }
         if let Some(url) = &self.alerts.webhook_url
             && !reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
         {
@@ -1130,6 +1139,23 @@ mod tests {
                 "{expected} missing from {paths:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_rate_limit_store_is_a_redis_url() {
+        let ok = format!("{MINIMAL}\n[limits]\nstore = \"rediss://:pw@redis.internal:6380/1\"\n");
+        let config = Config::from_toml(&ok).expect("valid");
+        assert_eq!(
+            config.limits.store.as_deref(),
+            Some("rediss://:pw@redis.internal:6380/1")
+        );
+        assert_eq!(
+            Config::from_toml(MINIMAL).expect("valid").limits.store,
+            None
+        );
+        let bad = format!("{MINIMAL}\n[limits]\nstore = \"http://redis.internal\"\n");
+        let paths: Vec<String> = problems(&bad).into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, ["limits.store"]);
     }
 
     #[test]

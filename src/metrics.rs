@@ -62,6 +62,9 @@ struct ApiLabels {
     stream: &'static str,
 }
 
+/// The label set of a metric that has none, in a `Family` so that it shows only once set.
+type NoLabels = [(&'static str, &'static str); 0];
+
 /// The registry and handles.
 pub struct Metrics {
     registry: Registry,
@@ -83,6 +86,9 @@ pub struct Metrics {
     budget_spend: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     reloads: Counter,
     reload_failures: Counter,
+    /// Shared rate-limit store: up, fallback calls, settles dropped, outages. Families
+    /// without labels, so that nothing shows without a store.
+    rate_store: [Family<NoLabels, Gauge>; 4],
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -215,6 +221,27 @@ impl Metrics {
         registry.register("in_flight_requests", "Calls in progress", in_flight.clone());
         let reloads = Counter::default();
         registry.register("config_reloads", "Config reloads taken", reloads.clone());
+        let rate_store: [Family<NoLabels, Gauge>; 4] = Default::default();
+        for (family, (name, help)) in rate_store.iter().zip([
+            (
+                "rate_limit_store_up",
+                "Whether the shared rate-limit store (Redis) answered when last asked",
+            ),
+            (
+                "rate_limit_store_fallback_calls",
+                "Calls whose rate limits were decided per replica because the shared store failed",
+            ),
+            (
+                "rate_limit_store_settles_dropped",
+                "Token corrections not applied because the shared store failed",
+            ),
+            (
+                "rate_limit_store_outages",
+                "Times the shared rate-limit store went from answering to failing",
+            ),
+        ]) {
+            registry.register(name, help, family.clone());
+        }
         let reload_failures = Counter::default();
         registry.register(
             "config_reload_failures",
@@ -253,6 +280,22 @@ impl Metrics {
             budget_spend,
             reloads,
             reload_failures,
+            rate_store,
+        }
+    }
+
+    /// Sets the shared rate-limit store's gauges (before a [`render`](Self::render)); never
+    /// called without a store, so none of them shows then.
+    pub fn observe_rate_store(&self, stats: &crate::ratelimit::redis::RedisStats) {
+        let get = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let values = [
+            i64::from(stats.up),
+            get(stats.fallbacks),
+            get(stats.adjusts_dropped),
+            get(stats.outages),
+        ];
+        for (family, value) in self.rate_store.iter().zip(values) {
+            family.get_or_create(&[]).set(value);
         }
     }
 

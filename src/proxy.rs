@@ -218,7 +218,7 @@ async fn forward(
     }
     let prefix = snap.upstream.prefix_for(model.as_deref());
     call.model = model;
-    admit(snap, key, project, endpoint, max_output, call)?;
+    admit(snap, key, project, endpoint, max_output, call).await?;
 
     let query = parts.uri.query();
     let mut url = String::with_capacity(
@@ -271,8 +271,9 @@ async fn forward(
 
 /// Admission control: the rate limits of the project and the key, then the budgets the
 /// project falls under, each taking the call's estimate (input from the body size, output
-/// from its cap or `default_max_output_tokens`), corrected when the call ends.
-fn admit(
+/// from its cap or `default_max_output_tokens`), corrected when the call ends. With a shared
+/// rate-limit store (`[limits] store`) the limits cost one Redis round trip, awaited.
+async fn admit(
     snap: &Snapshot,
     key: &Key,
     project: &Project,
@@ -302,7 +303,14 @@ fn admit(
         } else {
             0
         };
-        match snap.limiter.acquire(&rules, tokens, Instant::now()) {
+        // In memory: the lock-free call, no await point. Shared: one awaited round trip.
+        let rates = &snap.limiter;
+        let outcome = if rates.is_shared() {
+            rates.acquire_async(&rules, tokens, Instant::now()).await
+        } else {
+            rates.acquire(&rules, tokens, Instant::now())
+        };
+        match outcome {
             Ok(admission) => call.rate = Some(admission),
             Err(limited) => return Err(ProxyError::RateLimited(Box::new(limited))),
         }

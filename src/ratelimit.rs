@@ -5,8 +5,9 @@
 //! if nothing more came), so admission is O(1) in time and memory and exact to the nanosecond; it
 //! is a token bucket without a refill task and without the boundary double burst of fixed
 //! windows (a full minute's allowance at 0:59 and another at 1:00). The one number is updated
-//! with a compare-exchange loop here, and will be one `GET`/`SET` in a Redis Lua script when the
-//! limits must hold across a fleet ([`RateStore`] is the seam for that).
+//! with a compare-exchange loop here ([`MemoryStore`]), or by a Lua script in Redis when the
+//! limits must hold across a fleet ([`redis::RedisStore`], an [`AsyncRateStore`]: see
+//! [`RateLimiter::acquire_async`]).
 //!
 //! Each rule has up to two cells, requests (cost 1 per call) and tokens (cost = input + output
 //! tokens), each with burst = one minute's allowance: `requests_per_minute = 600` lets 600
@@ -33,7 +34,11 @@
 //! fixed delay would loop forever. The price: under steady traffic on that scope the bucket may
 //! rarely be full, so such a call waits for a quiet moment.
 
+pub mod redis;
+
 use std::fmt::{self, Write as _};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -147,9 +152,9 @@ pub struct Denied {
     pub wait_ns: u64,
 }
 
-/// Where the cells' TATs live. The in-memory [`MemoryStore`] is the default; a shared store
-/// (Redis, issue 8) implements the same operations atomically, e.g. as Lua scripts running
-/// [`gcra`] over every key of a call at once.
+/// Where the cells' TATs live, answering without blocking: the in-memory [`MemoryStore`]. A
+/// store behind a network round trip implements [`AsyncRateStore`] instead (the Redis one runs
+/// [`gcra`] in a Lua script over every key of a call at once).
 ///
 /// Times are nanoseconds on the caller's clock (`now_ns`). A store with a clock of its own (a
 /// fleet-wide one) may use that instead: everything it reports back is relative to the `now` it
@@ -168,6 +173,47 @@ pub trait RateStore: Send + Sync {
 
     /// How far ahead of now `cell`'s TAT is (0 when its bucket is full), taking nothing.
     fn peek(&self, cell: usize, now_ns: u64) -> u64;
+}
+
+/// Why an [`AsyncRateStore`] could not answer. The limiter then decides with its local
+/// [`MemoryStore`] (fail open to per-replica limits); the store counts and logs the failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store is known to be down and is being probed in the background: not even tried.
+    #[error("the shared rate-limit store is unavailable")]
+    Unavailable,
+    /// The store was tried and failed (connection, timeout, script error).
+    #[error("the shared rate-limit store failed: {0}")]
+    Failed(String),
+}
+
+/// The future of an [`AsyncRateStore`] operation.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A rate store behind a network round trip (Redis): the same operations as [`RateStore`], but
+/// `acquire` and `peek` are awaited instead of blocking a runtime worker, and `adjust` is fire
+/// and forget (it is sent in the background, after the response). Used by
+/// [`RateLimiter::acquire_async`]; a limiter built without one never pays for it.
+///
+/// The outer `Result` is the store's health: on `Err` nothing was taken from it and the limiter
+/// decides with its local [`MemoryStore`] instead. The inner one is the GCRA answer, exactly as
+/// [`RateStore::acquire`]'s. A store with a clock of its own (the Redis server's) ignores
+/// `now_ns`: what it reports is relative to its own now.
+pub trait AsyncRateStore: Send + Sync {
+    /// [`RateStore::acquire`], awaited.
+    fn acquire<'a>(
+        &'a self,
+        takes: &'a [Take],
+        now_ns: u64,
+        ahead: &'a mut [u64],
+    ) -> StoreFuture<'a, Result<(), Denied>>;
+
+    /// [`RateStore::adjust`], without waiting: the change is applied in the background, or
+    /// dropped (and counted) when the store is down. Must not block.
+    fn adjust(&self, cell: usize, delta_ns: i64, now_ns: u64);
+
+    /// [`RateStore::peek`], awaited.
+    fn peek(&self, cell: usize, now_ns: u64) -> StoreFuture<'_, u64>;
 }
 
 /// One GCRA step: the cell's new TAT if a take of `increment_ns` fits at `now_ns`, else how long
@@ -399,7 +445,10 @@ pub fn format_reset(d: Duration) -> String {
 /// Shared by a [`RateLimiter`] and its outstanding [`Admission`]s.
 struct Inner {
     rules: Box<[Compiled]>,
+    /// The store of [`RateLimiter::acquire`]; with a shared store, the local fallback.
     store: Arc<dyn RateStore>,
+    /// The fleet-wide store of [`RateLimiter::acquire_async`], if any.
+    shared: Option<Arc<dyn AsyncRateStore>>,
     /// Time zero of the nanosecond clock the store sees.
     base: Instant,
 }
@@ -437,7 +486,9 @@ impl Inner {
 /// on the request path (no map lookup, no allocation for calls under up to four rules).
 ///
 /// Built once per set of `[[rate_limits]]`: a new limiter starts with every bucket full, so
-/// keep the old one across a reload that leaves the rules unchanged.
+/// keep the old one across a reload that leaves the rules unchanged. (With a shared store the
+/// state is in the store, keyed by each rule's identity: a new limiter over the same rules
+/// finds it there.)
 #[derive(Clone)]
 pub struct RateLimiter {
     inner: Arc<Inner>,
@@ -447,6 +498,7 @@ impl fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimiter")
             .field("rules", &self.inner.rules)
+            .field("shared", &self.inner.shared.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -464,6 +516,23 @@ impl RateLimiter {
     /// `2 × rule + 1` for tokens).
     #[must_use]
     pub fn with_store(rules: Vec<RateRule>, store: Arc<dyn RateStore>) -> Self {
+        Self::build(rules, store, None)
+    }
+
+    /// A limiter for `rules` whose state lives in the fleet-wide `shared` store (same cell
+    /// numbering as [`with_store`](Self::with_store)), with an in-memory store of its own as the
+    /// fallback while `shared` fails: admit with [`acquire_async`](Self::acquire_async).
+    #[must_use]
+    pub fn with_shared_store(rules: Vec<RateRule>, shared: Arc<dyn AsyncRateStore>) -> Self {
+        let local = Arc::new(MemoryStore::new(rules.len() * 2));
+        Self::build(rules, local, Some(shared))
+    }
+
+    fn build(
+        rules: Vec<RateRule>,
+        store: Arc<dyn RateStore>,
+        shared: Option<Arc<dyn AsyncRateStore>>,
+    ) -> Self {
         let rules = rules
             .into_iter()
             .map(|r| Compiled {
@@ -475,9 +544,17 @@ impl RateLimiter {
             inner: Arc::new(Inner {
                 rules,
                 store,
+                shared,
                 base: Instant::now(),
             }),
         }
+    }
+
+    /// Whether this limiter has a shared store, i.e. must be asked with
+    /// [`acquire_async`](Self::acquire_async) for its limits to hold across the fleet.
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared.is_some()
     }
 
     /// Admit a call under the rules `rules` (indices) with an estimated token count at `now`.
@@ -485,6 +562,9 @@ impl RateLimiter {
     /// All or nothing: on `Ok` the call has taken one request and `est_tokens` tokens from every
     /// rule; on `Err` it has taken nothing. Indices out of range, and repeats, are ignored. With
     /// no rule, the call is admitted and the headers are empty.
+    ///
+    /// Never blocks: with a shared store this consults only the local fallback store (limits
+    /// per replica); use [`acquire_async`](Self::acquire_async) there.
     #[expect(
         clippy::result_large_err,
         reason = "`Admission` is as large: boxing `Limited` would allocate on refusal and save nothing"
@@ -506,7 +586,39 @@ impl RateLimiter {
         }
     }
 
+    /// [`acquire`](Self::acquire) against the shared store, when the limiter has one: one
+    /// round trip, awaited (a runtime worker is never blocked), all of the call's cells taken
+    /// atomically on the store's clock.
+    ///
+    /// Without a shared store this is [`acquire`](Self::acquire), with no await point and no
+    /// allocation. When the shared store fails (or is known to be down), the call is decided
+    /// by the local in-memory store instead: the limits then hold per replica (fail open, see
+    /// [`redis`]); its admission settles against the store that admitted it.
+    pub async fn acquire_async(
+        &self,
+        rules: &[usize],
+        est_tokens: u64,
+        now: Instant,
+    ) -> Result<Admission, Limited> {
+        let Some(shared) = &self.inner.shared else {
+            return self.acquire(rules, est_tokens, now);
+        };
+        if rules.len() <= INLINE_RULES {
+            let mut takes = [Take::default(); 2 * INLINE_RULES];
+            let mut ahead = [0; 2 * INLINE_RULES];
+            self.acquire_shared_in(shared, rules, est_tokens, now, &mut takes, &mut ahead)
+                .await
+        } else {
+            let mut takes = vec![Take::default(); 2 * rules.len()];
+            let mut ahead = vec![0; 2 * rules.len()];
+            self.acquire_shared_in(shared, rules, est_tokens, now, &mut takes, &mut ahead)
+                .await
+        }
+    }
+
     /// The current state of rule `rule` at `now`, taking nothing (for admin views and tests).
+    /// With a shared store, this is the local fallback's state: see
+    /// [`status_async`](Self::status_async).
     #[must_use]
     pub fn status(&self, rule: usize, now: Instant) -> RateHeaders {
         let inner = &self.inner;
@@ -515,6 +627,29 @@ impl RateLimiter {
         for dim in [Dim::Requests, Dim::Tokens] {
             let cell = cell_of(rule, dim);
             inner.observe(&mut headers, cell, inner.store.peek(cell, now_ns));
+        }
+        headers
+    }
+
+    /// [`status`](Self::status) from the shared store when there is one (the local fallback's
+    /// state if it fails).
+    pub async fn status_async(&self, rule: usize, now: Instant) -> RateHeaders {
+        let inner = &self.inner;
+        let Some(shared) = &inner.shared else {
+            return self.status(rule, now);
+        };
+        let now_ns = inner.now_ns(now);
+        let mut headers = RateHeaders::default();
+        for dim in [Dim::Requests, Dim::Tokens] {
+            let cell = cell_of(rule, dim);
+            if inner.rules.get(rule).and_then(|r| r.get(dim)).is_none() {
+                continue;
+            }
+            let ahead = match shared.peek(cell, now_ns).await {
+                Ok(ahead) => ahead,
+                Err(_) => inner.store.peek(cell, now_ns),
+            };
+            inner.observe(&mut headers, cell, ahead);
         }
         headers
     }
@@ -531,6 +666,50 @@ impl RateLimiter {
     ) -> Result<Admission, Limited> {
         let inner = &self.inner;
         let now_ns = inner.now_ns(now);
+        let (n, settle) = self.plan(rules, est_tokens, takes)?;
+        let (takes, ahead) = (&takes[..n], &mut ahead[..n]);
+        let outcome = inner.store.acquire(takes, now_ns, ahead);
+        self.conclude(takes, ahead, outcome, est_tokens, settle, false)
+    }
+
+    /// [`acquire_async`](Self::acquire_async) with a shared store and buffers of at least
+    /// `2 × rules.len()` elements.
+    async fn acquire_shared_in(
+        &self,
+        shared: &Arc<dyn AsyncRateStore>,
+        rules: &[usize],
+        est_tokens: u64,
+        now: Instant,
+        takes: &mut [Take],
+        ahead: &mut [u64],
+    ) -> Result<Admission, Limited> {
+        let inner = &self.inner;
+        let now_ns = inner.now_ns(now);
+        let (n, settle) = self.plan(rules, est_tokens, takes)?;
+        let (takes, ahead) = (&takes[..n], &mut ahead[..n]);
+        if takes.is_empty() {
+            return self.conclude(takes, ahead, Ok(()), est_tokens, settle, false);
+        }
+        if let Ok(outcome) = shared.acquire(takes, now_ns, ahead).await {
+            self.conclude(takes, ahead, outcome, est_tokens, settle, true)
+        } else {
+            // The store counted and logged its failure: decide here, per replica.
+            let outcome = inner.store.acquire(takes, now_ns, ahead);
+            self.conclude(takes, ahead, outcome, est_tokens, settle, false)
+        }
+    }
+
+    /// The takes of a call under `rules` into `takes` (at least `2 × rules.len()` long): how
+    /// many, and the rules whose tokens must be settled. Refuses at once under a limit of 0.
+    #[inline]
+    #[expect(clippy::result_large_err, reason = "see `acquire`")]
+    fn plan(
+        &self,
+        rules: &[usize],
+        est_tokens: u64,
+        takes: &mut [Take],
+    ) -> Result<(usize, RuleList), Limited> {
+        let inner = &self.inner;
         let mut n = 0;
         let mut settle = RuleList::default();
         for (pos, &rule) in rules.iter().enumerate() {
@@ -562,9 +741,26 @@ impl RateLimiter {
                 }
             }
         }
-        let (takes, ahead) = (&takes[..n], &mut ahead[..n]);
+        Ok((n, settle))
+    }
+
+    /// The answer to a call from its store's: the admission and its headers, or the refusal
+    /// with the wait that lets one retry pass every cell. `shared`: which store took it (and
+    /// will be settled).
+    #[inline]
+    #[expect(clippy::result_large_err, reason = "see `acquire`")]
+    fn conclude(
+        &self,
+        takes: &[Take],
+        ahead: &[u64],
+        outcome: Result<(), Denied>,
+        est_tokens: u64,
+        settle: RuleList,
+        shared: bool,
+    ) -> Result<Admission, Limited> {
+        let inner = &self.inner;
         let mut headers = RateHeaders::default();
-        match inner.store.acquire(takes, now_ns, ahead) {
+        match outcome {
             Ok(()) => {
                 for (take, &ahead) in takes.iter().zip(ahead.iter()) {
                     inner.observe(&mut headers, take.cell, ahead);
@@ -573,6 +769,7 @@ impl RateLimiter {
                     inner: Arc::clone(inner),
                     est_tokens,
                     rules: settle,
+                    shared,
                     headers,
                 })
             }
@@ -671,6 +868,8 @@ pub struct Admission {
     est_tokens: u64,
     /// Rules with a token limit, charged `est_tokens` each.
     rules: RuleList,
+    /// Admitted by the shared store (settled there), not by the local one.
+    shared: bool,
     /// The `x-ratelimit-*` values right after admission, for the response.
     pub headers: RateHeaders,
 }
@@ -680,6 +879,7 @@ impl fmt::Debug for Admission {
         f.debug_struct("Admission")
             .field("est_tokens", &self.est_tokens)
             .field("rules", &self.rules.as_slice())
+            .field("shared", &self.shared)
             .field("headers", &self.headers)
             .finish_non_exhaustive()
     }
@@ -706,9 +906,11 @@ impl Admission {
                 } else {
                     i64::MAX
                 });
-                inner
-                    .store
-                    .adjust(cell_of(rule, Dim::Tokens), delta_ns, now_ns);
+                let cell = cell_of(rule, Dim::Tokens);
+                match (&inner.shared, self.shared) {
+                    (Some(shared), true) => shared.adjust(cell, delta_ns, now_ns),
+                    _ => inner.store.adjust(cell, delta_ns, now_ns),
+                }
             }
         }
     }
@@ -1182,5 +1384,150 @@ mod tests {
             limiter.status(1, t0).remaining_tokens,
             Some(3000 - 10 * admitted)
         );
+    }
+
+    /// A shared store for the async path: a [`MemoryStore`] on the caller's clock that can be
+    /// made to fail, counting what reaches it.
+    struct FlakyShared {
+        cells: MemoryStore,
+        down: std::sync::atomic::AtomicBool,
+        acquires: AtomicU64,
+    }
+
+    impl FlakyShared {
+        fn new(cells: usize) -> Arc<Self> {
+            Arc::new(Self {
+                cells: MemoryStore::new(cells),
+                down: std::sync::atomic::AtomicBool::new(false),
+                acquires: AtomicU64::new(0),
+            })
+        }
+
+        fn set_down(&self, down: bool) {
+            self.down.store(down, Ordering::SeqCst);
+        }
+    }
+
+    impl AsyncRateStore for FlakyShared {
+        fn acquire<'a>(
+            &'a self,
+            takes: &'a [Take],
+            now_ns: u64,
+            ahead: &'a mut [u64],
+        ) -> StoreFuture<'a, Result<(), Denied>> {
+            Box::pin(async move {
+                if self.down.load(Ordering::SeqCst) {
+                    return Err(StoreError::Failed("down".into()));
+                }
+                self.acquires.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Ok(self.cells.acquire(takes, now_ns, ahead))
+            })
+        }
+
+        fn adjust(&self, cell: usize, delta_ns: i64, now_ns: u64) {
+            if !self.down.load(Ordering::SeqCst) {
+                self.cells.adjust(cell, delta_ns, now_ns);
+            }
+        }
+
+        fn peek(&self, cell: usize, now_ns: u64) -> StoreFuture<'_, u64> {
+            Box::pin(async move {
+                if self.down.load(Ordering::SeqCst) {
+                    return Err(StoreError::Unavailable);
+                }
+                Ok(self.cells.peek(cell, now_ns))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_shared_store_the_async_path_is_the_sync_one() {
+        let limiter = RateLimiter::new(vec![rule(Some(2), Some(6000))]);
+        assert!(!limiter.is_shared());
+        let t0 = Instant::now();
+        let a = limiter.acquire_async(&[0], 1000, t0).await.expect("room");
+        assert_eq!(a.headers.remaining_requests, Some(1));
+        a.settle(500, t0);
+        assert_eq!(limiter.status(0, t0).remaining_tokens, Some(5500));
+        assert_eq!(limiter.status_async(0, t0).await, limiter.status(0, t0));
+        drop(limiter.acquire(&[0], 0, t0).expect("room"));
+        let refused = limiter.acquire_async(&[0], 0, t0).await.expect_err("full");
+        assert_eq!(refused.retry_after, Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn a_shared_store_decides_and_is_settled() {
+        let shared = FlakyShared::new(2);
+        let limiter =
+            RateLimiter::with_shared_store(vec![rule(Some(3), Some(6000))], shared.clone());
+        assert!(limiter.is_shared());
+        let t0 = Instant::now();
+        let a = limiter.acquire_async(&[0], 1000, t0).await.expect("room");
+        assert_eq!(a.headers.remaining_tokens, Some(5000));
+        a.settle(1500, t0);
+        // The shared store took and settled it; the local one saw nothing.
+        assert_eq!(
+            limiter.status_async(0, t0).await.remaining_tokens,
+            Some(4500)
+        );
+        assert_eq!(limiter.status(0, t0).remaining_tokens, Some(6000));
+        assert_eq!(shared.acquires.load(Ordering::SeqCst), 1);
+        for _ in 0..2 {
+            drop(limiter.acquire_async(&[0], 0, t0).await.expect("room"));
+        }
+        let refused = limiter.acquire_async(&[0], 0, t0).await.expect_err("full");
+        assert_eq!(refused.which, "requests");
+        assert_eq!(refused.retry_after, Duration::from_secs(20));
+        // Rules without a limit on anything never reach the store.
+        let free = limiter.acquire_async(&[], 10, t0).await.expect("free");
+        assert!(free.headers.is_empty());
+        assert_eq!(shared.acquires.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_failing_shared_store_fails_open_to_local_limits() {
+        let shared = FlakyShared::new(2);
+        let limiter =
+            RateLimiter::with_shared_store(vec![rule(Some(3), Some(6000))], shared.clone());
+        let t0 = Instant::now();
+        drop(limiter.acquire_async(&[0], 0, t0).await.expect("shared"));
+        shared.set_down(true);
+        // Down: the local store decides, with the same limits (3 per minute, per replica).
+        let local = limiter.acquire_async(&[0], 1000, t0).await.expect("local");
+        assert_eq!(local.headers.remaining_requests, Some(2));
+        for _ in 0..2 {
+            drop(
+                limiter
+                    .acquire_async(&[0], 0, t0)
+                    .await
+                    .expect("local room"),
+            );
+        }
+        limiter
+            .acquire_async(&[0], 0, t0)
+            .await
+            .expect_err("local limit holds");
+        // Back up: a call admitted locally settles locally, whatever the shared store is.
+        shared.set_down(false);
+        local.settle(0, t0);
+        assert_eq!(limiter.status(0, t0).remaining_tokens, Some(6000));
+        assert_eq!(
+            limiter.status_async(0, t0).await.remaining_requests,
+            Some(2)
+        );
+        assert_eq!(shared.acquires.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_zero_limit_refuses_before_asking_the_shared_store() {
+        let shared = FlakyShared::new(2);
+        let limiter = RateLimiter::with_shared_store(vec![rule(Some(0), None)], shared.clone());
+        let refused = limiter
+            .acquire_async(&[0], 0, Instant::now())
+            .await
+            .expect_err("blocked");
+        assert_eq!(refused.retry_after, Duration::from_mins(1));
+        assert_eq!(shared.acquires.load(Ordering::SeqCst), 0);
     }
 }

@@ -79,14 +79,31 @@ impl Reloader {
             .map_err(|e| e.to_string())
             .and_then(|config| {
                 let key = upstream_key(&config).map_err(|e| format!("{e:#}"))?;
-                Snapshot::build(&config, key.as_deref()).map_err(|e| format!("{e:#}"))
+                let next =
+                    Snapshot::build(&config, key.as_deref()).map_err(|e| format!("{e:#}"))?;
+                Ok((next, config.limits.store))
             });
         match built {
-            Ok(mut next) => {
+            Ok((mut next, store_url)) => {
                 let old = self.state.snapshot.load();
                 next.budgets.carry_over(&old.budgets);
                 if next.rate_limit_config == old.rate_limit_config {
                     next.limiter = old.limiter.clone();
+                    next.rate_store.clone_from(&old.rate_store);
+                } else if let Some(store) = &old.rate_store {
+                    // New rules, same shared store: rules that did not change find their
+                    // counters there (keys name the rule, not its position).
+                    next.share_rate_limits(store);
+                }
+                let running = old.rate_store.as_ref().map(|s| s.url().to_owned());
+                let wanted =
+                    store_url.map(|u| crate::ratelimit::redis::describe_url(&u).unwrap_or(u));
+                if running != wanted {
+                    tracing::warn!(
+                        running = running.as_deref().unwrap_or("per replica"),
+                        configured = wanted.as_deref().unwrap_or("per replica"),
+                        "limits.store changed: it takes effect at the next restart"
+                    );
                 }
                 tracing::info!(
                     reason,

@@ -140,6 +140,9 @@ pub struct Snapshot {
     /// The `[[rate_limits]]` the limiter was built from (a reload with the same rules keeps
     /// the limiter and its state).
     pub rate_limit_config: Vec<crate::config::RateLimitConfig>,
+    /// The shared rate-limit store (`[limits] store`), set at start and kept across reloads;
+    /// None: limits per replica.
+    pub rate_store: Option<crate::ratelimit::redis::RedisBackend>,
     /// Output tokens assumed when a call sets no cap.
     pub default_max_output_tokens: u64,
     /// Where budget alerts are sent (one JSON `POST` each).
@@ -157,6 +160,16 @@ fn rate_rules_of(
         .filter(|(_, r)| pick(r))
         .map(|(i, _)| i)
         .collect()
+}
+
+impl Snapshot {
+    /// Keeps the rate limits in `store` (shared by the fleet) instead of in this process:
+    /// called at start with the backend of `[limits] store`, and by reloads with the same one.
+    pub fn share_rate_limits(&mut self, store: &crate::ratelimit::redis::RedisBackend) {
+        let rules = crate::ratelimit::redis::rule_identities(&self.rate_limit_config);
+        self.limiter = store.limiter(&rules);
+        self.rate_store = Some(store.clone());
+    }
 }
 
 impl Snapshot {
@@ -302,6 +315,7 @@ impl Snapshot {
                     .collect(),
             ),
             rate_limit_config: config.rate_limits.clone(),
+            rate_store: None,
             default_max_output_tokens: config.limits.default_max_output_tokens,
             alert_webhook: config.alerts.webhook_url.clone(),
             no_tags: config
