@@ -2,15 +2,10 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::binary::{BIN, serve, stop};
 use common::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
-use tokio::sync::mpsc;
-
-const BIN: &str = env!("CARGO_BIN_EXE_mantlegate");
 
 #[test]
 fn check_summarises_a_valid_config() {
@@ -126,95 +121,6 @@ fn config_in(dir: &std::path::Path, upstream: &str) -> String {
     )
 }
 
-/// Runs `serve` on port 0 in `dir` and returns (child, lines of stdout, proxy URL).
-async fn serve(
-    dir: &std::path::Path,
-    config_text: &str,
-    log_level: &str,
-) -> (
-    tokio::process::Child,
-    mpsc::UnboundedReceiver<String>,
-    String,
-) {
-    let path = dir.join("mantlegate.toml");
-    std::fs::write(&path, config_text).expect("write");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .env("BEDROCK_API_KEY", UPSTREAM_KEY)
-        .env("MANTLEGATE_LOG", log_level)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    for reader in [
-        Box::new(child.stdout.take().expect("stdout"))
-            as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-        Box::new(child.stderr.take().expect("stderr")),
-    ] {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(reader).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    let mut before = Vec::new();
-    let url = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("serve logs within 20s")
-            .unwrap_or_else(|| panic!("serve exited: {before:?}"));
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && v["message"] == "listening"
-        {
-            let addr = v["addr"].as_str().expect("addr").to_owned();
-            assert!(!addr.ends_with(":0"), "the log shows the real port: {line}");
-            break format!("http://{addr}");
-        }
-        before.push(line);
-    };
-    let (tx2, rx2) = mpsc::unbounded_channel();
-    for l in before {
-        let _ = tx2.send(l);
-    }
-    tokio::spawn(async move {
-        while let Some(l) = rx.recv().await {
-            if tx2.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx2, url)
-}
-
-async fn stop(
-    mut child: tokio::process::Child,
-    mut lines: mpsc::UnboundedReceiver<String>,
-) -> Vec<String> {
-    let pid = child.id().expect("pid").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .expect("wait");
-    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
-    let mut all = Vec::new();
-    while let Some(l) = lines.recv().await {
-        all.push(l);
-    }
-    all
-}
-
 #[tokio::test]
 async fn serve_logs_one_access_line_per_call_and_never_a_secret() {
     let up = FakeUpstream::start().await;
@@ -230,6 +136,7 @@ async fn serve_logs_one_access_line_per_call_and_never_a_secret() {
         .await
         .expect("send");
     assert_eq!(ok.status(), 200);
+    let upstream_id = ok.headers()["x-request-id"].clone();
     ok.bytes().await.expect("body");
     let rejected = c
         .post(format!("{url}/v1/chat/completions"))
@@ -270,7 +177,11 @@ async fn serve_logs_one_access_line_per_call_and_never_a_secret() {
     assert_eq!(a["stream"], false);
     assert_eq!(a["method"], "POST");
     assert_eq!(a["path"], "/v1/chat/completions");
-    assert_eq!(a["request_id"], "req_upstream_1");
+    assert_eq!(
+        a["request_id"],
+        upstream_id.to_str().expect("id"),
+        "the upstream's id"
+    );
     assert!(
         a["duration_ms"].as_f64().is_some() && a["ttfb_ms"].as_f64().is_some(),
         "{a}"

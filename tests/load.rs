@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,14 +11,11 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
+use common::binary::serve_file;
 use common::*;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
-use tokio::sync::{Notify, mpsc, watch};
-
-const BIN: &str = env!("CARGO_BIN_EXE_mantlegate");
+use tokio::sync::{Notify, watch};
 
 const CHAT_STREAM: &str =
     r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -168,56 +164,6 @@ async fn a_thousand_concurrent_streams_are_exact_and_recorded_once() {
 
 // --- Crash: the real binary, SIGKILL under load. ---
 
-/// Runs `serve` on port 0 with `config_path` and returns (child, lines of output, proxy URL).
-async fn serve(
-    config_path: &std::path::Path,
-) -> (
-    tokio::process::Child,
-    mpsc::UnboundedReceiver<String>,
-    String,
-) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(config_path)
-        .env("BEDROCK_API_KEY", UPSTREAM_KEY)
-        .env("MANTLEGATE_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    for reader in [
-        Box::new(child.stdout.take().expect("stdout"))
-            as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-        Box::new(child.stderr.take().expect("stderr")),
-    ] {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(reader).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    let mut before = Vec::new();
-    let url = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("serve logs within 20s")
-            .unwrap_or_else(|| panic!("serve exited: {before:?}"));
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && v["message"] == "listening"
-        {
-            break format!("http://{}", v["addr"].as_str().expect("addr"));
-        }
-        before.push(line);
-    };
-    (child, rx, url)
-}
-
 /// Loops on streaming calls until `stop` or a failure, noting each call received whole.
 async fn load_client(
     url: String,
@@ -264,7 +210,7 @@ async fn sigkill_under_load_loses_no_call_completed_before_the_durability_window
         ),
     )
     .expect("write config");
-    let (mut child, _lines, url) = serve(&config_path).await;
+    let (mut child, _lines, url) = serve_file(&config_path, "info", &[]).await;
 
     // 8 clients loop on streaming calls; each notes the calls it received whole.
     let completed: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
@@ -310,7 +256,7 @@ async fn sigkill_under_load_loses_no_call_completed_before_the_durability_window
     }
 
     // Restart on the same ledger: it opens (recovering the WAL) and serves.
-    let (mut again, _lines2, url2) = serve(&config_path).await;
+    let (mut again, _lines2, url2) = serve_file(&config_path, "info", &[]).await;
     let r = client()
         .get(format!("{url2}/healthz"))
         .send()

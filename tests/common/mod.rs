@@ -4,6 +4,9 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod binary;
+pub mod pg;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -210,10 +213,12 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
 }
 
 fn json_response(v: &serde_json::Value) -> Response {
+    // Unique, as bedrock-mantle's are: the ledger knows a call by the id its client saw.
+    let id = format!("req_upstream_{:016x}", rand::random::<u64>());
     Response::builder()
         .header("content-type", "application/json")
-        .header("x-request-id", "req_upstream_1")
-        .header("x-amzn-requestid", "req_upstream_1")
+        .header("x-request-id", &id)
+        .header("x-amzn-requestid", &id)
         .body(Body::from(v.to_string()))
         .expect("response")
 }
