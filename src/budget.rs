@@ -7,6 +7,13 @@
 //! never exceeds the limit; at the end of the call the reservation is replaced by the real
 //! cost. Recorded spend can pass the limit only by the reservation estimate's error (a call
 //! that costs more than its reservation: input above the estimate from the body size).
+//!
+//! A fleet (replicas sharing a `PostgreSQL` ledger) shares the figure: each replica
+//! refreshes `spent` from the ledger's `budget_spend` row ([`Budgets::fleet_marks`],
+//! [`Budgets::apply_fleet`]) without losing its own spend the writer has not committed yet
+//! (`unflushed`), publishes its own reservations, and admits against the other replicas'
+//! published reservations too (`others`). Thresholds are then announced by the refresh, once
+//! per fleet, not by each replica's calls.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -113,6 +120,11 @@ pub struct Budget {
     spent: AtomicI64,
     used: AtomicI64,
     fired: AtomicU64,
+    /// This replica's settled spend of the current month that the ledger writer has not
+    /// committed yet (so a fleet refresh, which reads committed spend, does not lose it).
+    unflushed: AtomicI64,
+    /// Other replicas' reservations, as of the last fleet refresh.
+    others: AtomicI64,
 }
 
 /// A budget refusal: 429 `budget_exceeded`.
@@ -166,8 +178,10 @@ pub struct Status {
     pub spend_usd: String,
     /// Spend as a percentage of the limit.
     pub percent: String,
-    /// Cost reserved by calls in flight, USD.
+    /// Cost reserved by calls in flight on this replica, USD.
     pub reserved_usd: String,
+    /// Cost other replicas of the fleet had reserved at the last refresh, USD (0 alone).
+    pub other_replicas_reserved_usd: String,
     /// Projected spend at month end, USD.
     pub forecast_usd: String,
     /// How the forecast is made.
@@ -205,6 +219,8 @@ impl Budget {
         let old = self.spent.swap(0, Ordering::AcqRel);
         self.used.fetch_sub(old, Ordering::AcqRel);
         self.fired.store(0, Ordering::Release);
+        self.unflushed.store(0, Ordering::Release);
+        self.others.store(0, Ordering::Release);
         *month = next;
         self.month_end_ms.store(next.end_ms, Ordering::Release);
     }
@@ -234,6 +250,7 @@ impl Budget {
         self.roll(now_ms);
         let spent = self.spent_pico();
         let reserved = self.used.load(Ordering::Acquire) - spent;
+        let others = self.others.load(Ordering::Acquire);
         let percent = if self.limit_pico > 0 {
             (Decimal::from(spent) * Decimal::ONE_HUNDRED / Decimal::from(self.limit_pico))
                 .round_dp(2)
@@ -250,6 +267,7 @@ impl Budget {
             spend_usd: usd(spent).to_string(),
             percent: percent.normalize().to_string(),
             reserved_usd: usd(reserved.max(0)).to_string(),
+            other_replicas_reserved_usd: usd(others.max(0)).to_string(),
             forecast_usd: usd(self.forecast_pico(now_ms)).to_string(),
             forecast_method: FORECAST_METHOD,
         }
@@ -261,12 +279,17 @@ impl Budget {
 pub struct Budgets {
     /// In config order.
     pub list: Vec<Arc<Budget>>,
+    /// Shared with other replicas (a `PostgreSQL` ledger): thresholds are announced by the
+    /// fleet refresh, once for the fleet, not by each call's settlement.
+    pub fleet: bool,
 }
 
 /// Cost held by an admitted call in each budget it falls under; settled at the end.
 #[derive(Debug, Default)]
 pub struct Reservation {
     held: Vec<(Arc<BudgetRef>, i64)>,
+    /// Settlement leaves threshold alerts to the fleet refresh.
+    fleet: bool,
 }
 
 /// A budget a reservation points at (the budget itself; a newtype to keep `Debug` short).
@@ -323,10 +346,15 @@ impl Budgets {
                     spent: AtomicI64::new(0),
                     used: AtomicI64::new(0),
                     fired: AtomicU64::new(0),
+                    unflushed: AtomicI64::new(0),
+                    others: AtomicI64::new(0),
                 }))
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { list })
+        Ok(Self {
+            list,
+            fleet: config.ledger.url.is_some(),
+        })
     }
 
     /// Indices of the budgets a project's calls fall under.
@@ -413,6 +441,10 @@ impl Budgets {
                     .store(o.used.load(Ordering::Acquire), Ordering::Release);
                 b.fired
                     .store(o.fired.load(Ordering::Acquire), Ordering::Release);
+                b.unflushed
+                    .store(o.unflushed.load(Ordering::Acquire), Ordering::Release);
+                b.others
+                    .store(o.others.load(Ordering::Acquire), Ordering::Release);
             }
         }
     }
@@ -428,16 +460,22 @@ impl Budgets {
         reserve_pico: i64,
         now_ms: i64,
     ) -> Result<Reservation, Exceeded> {
-        let mut reservation = Reservation::default();
+        let mut reservation = Reservation {
+            held: Vec::with_capacity(applicable.len()),
+            fleet: self.fleet,
+        };
         for &i in applicable {
             let b = &self.list[i];
             b.roll(now_ms);
             let ok = if b.block {
+                // Other replicas' reservations count against the limit as this one's do.
+                let others = b.others.load(Ordering::Acquire);
                 b.spent.load(Ordering::Acquire) < b.limit_pico
                     && b.used
                         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                             let next = used.saturating_add(reserve_pico);
-                            (next <= b.limit_pico || reserve_pico == 0).then_some(next)
+                            (next.saturating_add(others) <= b.limit_pico || reserve_pico == 0)
+                                .then_some(next)
                         })
                         .is_ok()
             } else {
@@ -459,6 +497,146 @@ impl Budgets {
         }
         Ok(reservation)
     }
+
+    /// A reservation of nothing in the budgets `applicable`: for a call that was not
+    /// admitted against them (a background response's GET) but whose cost still counts.
+    #[must_use]
+    pub fn unreserved(&self, applicable: &[usize]) -> Reservation {
+        Reservation {
+            held: applicable
+                .iter()
+                .map(|&i| (Arc::new(BudgetRef(self.list[i].clone())), 0))
+                .collect(),
+            fleet: self.fleet,
+        }
+    }
+
+    /// Subtracts records the ledger writer committed from `unflushed`: `(budget, month,
+    /// cost)` of each. A record of another month than the budget's current one is skipped
+    /// (the month's roll already cleared it).
+    pub fn committed<'a>(&self, written: impl IntoIterator<Item = (&'a str, &'a str, i64)>) {
+        for (name, month, pico) in written {
+            if let Some(b) = self.list.iter().find(|b| b.name == name)
+                && b.month().label() == month
+            {
+                // Never below 0: a record settled before a reload's carry-over is not counted
+                // twice in the other direction.
+                let _ = b
+                    .unflushed
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                        Some((u - pico).max(0))
+                    });
+            }
+        }
+    }
+
+    /// What a fleet refresh sends and needs: each budget's month and this replica's own
+    /// reservations, with `spent` and `unflushed` read before the shared figures are.
+    #[must_use]
+    pub fn fleet_marks(&self, now_ms: i64) -> Vec<FleetMark> {
+        self.list
+            .iter()
+            .map(|b| {
+                b.roll(now_ms);
+                let month = b.month();
+                let spent = b.spent.load(Ordering::Acquire);
+                let unflushed = b.unflushed.load(Ordering::Acquire);
+                let used = b.used.load(Ordering::Acquire);
+                FleetMark {
+                    budget: b.name.clone(),
+                    month: month.label(),
+                    start_ms: month.start_ms,
+                    end_ms: month.end_ms,
+                    spent,
+                    unflushed,
+                    own_reserved: (used - spent).max(0),
+                }
+            })
+            .collect()
+    }
+
+    /// Takes in the fleet's figures read after `marks` (same order): committed month-to-date
+    /// spend and the other replicas' reservations. Returns the thresholds now crossed and not
+    /// yet marked fired, each marked fired here: the caller announces those the fleet lets
+    /// it claim (`budget_alerts`), so each is announced once for the fleet.
+    ///
+    /// The new spend is `committed + unflushed`, applied as a difference so a call settling
+    /// meanwhile is not lost. A record the writer committed between the marks and the read
+    /// counts twice until the next refresh: the figure errs high, never low.
+    #[must_use = "the alerts must be claimed and announced"]
+    pub fn apply_fleet(
+        &self,
+        marks: &[FleetMark],
+        figures: &[FleetFigure],
+        now_ms: i64,
+    ) -> Vec<Alert> {
+        let mut alerts = Vec::new();
+        for (mark, figure) in marks.iter().zip(figures) {
+            let Some(b) = self.list.iter().find(|b| b.name == mark.budget) else {
+                continue;
+            };
+            if b.month().label() != mark.month {
+                continue; // rolled meanwhile: the next refresh reads the new month
+            }
+            let delta = figure.spent_pico.saturating_add(mark.unflushed) - mark.spent;
+            let spent = b.spent.fetch_add(delta, Ordering::AcqRel) + delta;
+            b.used.fetch_add(delta, Ordering::AcqRel);
+            b.others
+                .store(figure.others_reserved_pico.max(0), Ordering::Release);
+            for (i, f) in b.alert_at.iter().enumerate() {
+                let bit = 1u64 << i;
+                if crossed(spent, b.limit_pico, *f)
+                    && b.fired.fetch_or(bit, Ordering::AcqRel) & bit == 0
+                {
+                    alerts.push(b.alert(*f, spent, now_ms));
+                }
+            }
+        }
+        alerts
+    }
+}
+
+/// One budget's side of a fleet refresh (see [`Budgets::fleet_marks`]).
+#[derive(Debug, Clone)]
+pub struct FleetMark {
+    /// Budget name.
+    pub budget: String,
+    /// `YYYY-MM` in its time zone.
+    pub month: String,
+    /// The month's start, Unix ms.
+    pub start_ms: i64,
+    /// The month's end (exclusive), Unix ms.
+    pub end_ms: i64,
+    /// `spent` when marked.
+    pub spent: i64,
+    /// `unflushed` when marked.
+    pub unflushed: i64,
+    /// This replica's reservations in flight.
+    pub own_reserved: i64,
+}
+
+/// The fleet's figures for one budget month.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FleetFigure {
+    /// Committed month-to-date spend of every replica.
+    pub spent_pico: i64,
+    /// Reservations the other replicas published recently.
+    pub others_reserved_pico: i64,
+}
+
+impl Budget {
+    fn alert(&self, fraction: f64, spent: i64, now_ms: i64) -> Alert {
+        Alert {
+            budget: self.name.clone(),
+            scope: self.scope.describe(),
+            limit_usd: usd(self.limit_pico).to_string(),
+            spend_usd: usd(spent).to_string(),
+            fraction,
+            forecast_usd: usd(self.forecast_pico(now_ms)).to_string(),
+            month: self.month().label(),
+            timezone: self.tz_name.clone(),
+        }
+    }
 }
 
 impl Reservation {
@@ -471,23 +649,18 @@ impl Reservation {
         for (b, reserved) in std::mem::take(&mut self.held) {
             let b = &b.0;
             b.roll(now_ms);
+            b.unflushed.fetch_add(actual, Ordering::AcqRel);
             b.used.fetch_add(actual - reserved, Ordering::AcqRel);
             let spent = b.spent.fetch_add(actual, Ordering::AcqRel) + actual;
+            if self.fleet {
+                continue; // announced by the fleet refresh, once for the fleet
+            }
             for (i, f) in b.alert_at.iter().enumerate() {
                 let bit = 1u64 << i;
                 if crossed(spent, b.limit_pico, *f)
                     && b.fired.fetch_or(bit, Ordering::AcqRel) & bit == 0
                 {
-                    alerts.push(Alert {
-                        budget: b.name.clone(),
-                        scope: b.scope.describe(),
-                        limit_usd: usd(b.limit_pico).to_string(),
-                        spend_usd: usd(spent).to_string(),
-                        fraction: *f,
-                        forecast_usd: usd(b.forecast_pico(now_ms)).to_string(),
-                        month: b.month().label(),
-                        timezone: b.tz_name.clone(),
-                    });
+                    alerts.push(b.alert(*f, spent, now_ms));
                 }
             }
         }
@@ -666,5 +839,106 @@ mod tests {
             .expect("ok")
             .settle(Some(10 * PICO), now);
         assert_eq!(b.list[0].status(now).forecast_usd, "30");
+    }
+
+    fn fleet(mut b: Budgets) -> Budgets {
+        b.fleet = true;
+        b
+    }
+
+    #[test]
+    fn a_fleet_refresh_takes_the_shared_figure_and_keeps_uncommitted_own_spend() {
+        let b = fleet(budgets(true, "10"));
+        let now = ms("2026-11-10T00:00:00Z");
+        // This replica spent 2; the writer committed 1 of it so far.
+        let _ = b
+            .admit(&[0], 2 * PICO, now)
+            .expect("fits")
+            .settle(Some(2 * PICO), now);
+        b.committed([("b", "2026-11", PICO)]);
+        let marks = b.fleet_marks(now);
+        assert_eq!((marks[0].spent, marks[0].unflushed), (2 * PICO, PICO));
+        // Meanwhile one more call settles here; the fleet's committed figure is 5 (this
+        // replica's committed 1, the others' 4), and the others hold 3 in flight.
+        let _ = b
+            .admit(&[0], 0, now)
+            .expect("fits")
+            .settle(Some(PICO / 2), now);
+        let figures = [FleetFigure {
+            spent_pico: 5 * PICO,
+            others_reserved_pico: 3 * PICO,
+        }];
+        let alerts = b.apply_fleet(&marks, &figures, now);
+        assert_eq!(alerts.len(), 1, "the fleet's 65% crossed 50%: {alerts:?}");
+        let status = b.list[0].status(now);
+        assert_eq!(
+            status.spend_usd, "6.5",
+            "5 committed + 1 uncommitted + 0.5 settled meanwhile"
+        );
+        assert_eq!(status.other_replicas_reserved_usd, "3");
+        // 6.5 spent + 3 reserved elsewhere: 0.5 is left for this replica.
+        assert!(b.admit(&[0], PICO, now).is_err(), "6.5 + 3 + 1 > 10");
+        let r = b.admit(&[0], PICO / 2, now).expect("6.5 + 3 + 0.5 fits");
+        drop(r);
+    }
+
+    #[test]
+    fn in_a_fleet_thresholds_are_announced_by_the_refresh_once() {
+        let b = fleet(budgets(false, "10"));
+        let now = ms("2026-11-10T00:00:00Z");
+        let alerts = b
+            .admit(&[0], 0, now)
+            .expect("alert budgets admit")
+            .settle(Some(6 * PICO), now);
+        assert!(
+            alerts.is_empty(),
+            "a fleet's calls leave alerts to the refresh"
+        );
+        let marks = b.fleet_marks(now);
+        let figure = [FleetFigure {
+            spent_pico: 0,
+            others_reserved_pico: 0,
+        }];
+        let alerts = b.apply_fleet(&marks, &figure, now);
+        assert_eq!(alerts.len(), 1, "50% crossed: {alerts:?}");
+        assert!((alerts[0].fraction - 0.5).abs() < f64::EPSILON);
+        assert_eq!(alerts[0].spend_usd, "6");
+        // The writer commits the call; the next refresh finds 50% fired already.
+        b.committed([("b", "2026-11", 6 * PICO)]);
+        let marks = b.fleet_marks(now);
+        let figure = [FleetFigure {
+            spent_pico: 6 * PICO,
+            others_reserved_pico: 0,
+        }];
+        assert!(b.apply_fleet(&marks, &figure, now).is_empty());
+        let marks = b.fleet_marks(now);
+        let figure = [FleetFigure {
+            spent_pico: 11 * PICO,
+            others_reserved_pico: 0,
+        }];
+        let alerts = b.apply_fleet(&marks, &figure, now);
+        assert_eq!(alerts.len(), 1);
+        assert!((alerts[0].fraction - 1.0).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn committed_spend_of_another_month_or_more_than_pending_changes_nothing_below_zero() {
+        let b = budgets(true, "10");
+        let now = ms("2026-11-10T00:00:00Z");
+        let _ = b.admit(&[0], 0, now).expect("fits").settle(Some(PICO), now);
+        b.committed([("b", "2026-10", PICO), ("other", "2026-11", PICO)]);
+        assert_eq!(b.fleet_marks(now)[0].unflushed, PICO);
+        b.committed([("b", "2026-11", 3 * PICO)]);
+        assert_eq!(b.fleet_marks(now)[0].unflushed, 0);
+    }
+
+    #[test]
+    fn an_unreserved_settlement_counts_its_cost() {
+        let b = budgets(true, "10");
+        let now = ms("2026-11-10T00:00:00Z");
+        let alerts = b.unreserved(&[0]).settle(Some(6 * PICO), now);
+        assert_eq!(alerts.len(), 1, "alone, the call announces 50%");
+        assert_eq!(b.list[0].status(now).spend_usd, "6");
+        assert_eq!(b.list[0].status(now).reserved_usd, "0");
     }
 }

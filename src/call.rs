@@ -222,34 +222,26 @@ impl Call {
         if let Some(rate) = self.rate.take() {
             rate.settle(bill.usage.input + bill.usage.output, Instant::now());
         }
-        let Some(reservation) = self.reservation.take() else {
-            return;
+        let cost = bill.cost.and_then(pricing::to_pico);
+        let reservation = match (self.reservation.take(), self.project) {
+            (Some(r), _) => r,
+            // Not admitted against budgets (a background response's GET), yet it costs.
+            (None, Some(p)) if cost.is_some_and(|c| c > 0) => {
+                let applicable = &self.snap.projects[p].budgets;
+                if applicable.is_empty() {
+                    return;
+                }
+                self.snap.budgets.unreserved(applicable)
+            }
+            (None, _) => return,
         };
         let now_ms = jiff::Timestamp::now().as_millisecond();
-        for alert in reservation.settle(bill.cost.and_then(pricing::to_pico), now_ms) {
-            tracing::warn!(
-                budget = %alert.budget,
-                scope = %alert.scope,
-                fraction = alert.fraction,
-                spend_usd = %alert.spend_usd,
-                limit_usd = %alert.limit_usd,
-                forecast_usd = %alert.forecast_usd,
-                "budget threshold crossed"
+        for alert in reservation.settle(cost, now_ms) {
+            announce(
+                &self.state.client,
+                self.snap.alert_webhook.as_deref(),
+                &alert,
             );
-            if let Some(url) = &self.snap.alert_webhook
-                && let Ok(handle) = tokio::runtime::Handle::try_current()
-            {
-                let request = self.state.client.post(url).json(&alert);
-                handle.spawn(async move {
-                    if let Err(err) = request
-                        .send()
-                        .await
-                        .and_then(reqwest::Response::error_for_status)
-                    {
-                        tracing::error!(error = %err.without_url(), "budget alert webhook failed");
-                    }
-                });
-            }
         }
     }
 
@@ -477,4 +469,32 @@ fn new_request_id() -> HeaderValue {
     let n: u128 = rand::random();
     let id = format!("mg_{:024x}", n >> 32);
     HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("mg_unknown"))
+}
+
+/// Announces a crossed budget threshold: a warning in the log and, when configured, a POST
+/// of the alert to the webhook (in the background; a failure is logged).
+pub fn announce(client: &reqwest::Client, webhook: Option<&str>, alert: &crate::budget::Alert) {
+    tracing::warn!(
+        budget = %alert.budget,
+        scope = %alert.scope,
+        fraction = alert.fraction,
+        spend_usd = %alert.spend_usd,
+        limit_usd = %alert.limit_usd,
+        forecast_usd = %alert.forecast_usd,
+        "budget threshold crossed"
+    );
+    if let Some(url) = webhook
+        && let Ok(handle) = tokio::runtime::Handle::try_current()
+    {
+        let request = client.post(url).json(alert);
+        handle.spawn(async move {
+            if let Err(err) = request
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+            {
+                tracing::error!(error = %err.without_url(), "budget alert webhook failed");
+            }
+        });
+    }
 }

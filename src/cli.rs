@@ -282,7 +282,11 @@ async fn serve(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let mut snapshot = Snapshot::build(&config, upstream_key.as_deref())?;
     if let Some(url) = &config.limits.store {
         use crate::ratelimit::redis::{RedisBackend, RedisOptions};
-        let store = RedisBackend::connect(url, RedisOptions::default())
+        let options = RedisOptions {
+            timeout: config.limits.store_timeout,
+            ..RedisOptions::default()
+        };
+        let store = RedisBackend::connect(url, options)
             .map_err(|e| anyhow::anyhow!("limits.store: {e}"))?;
         match store.ping().await {
             Ok(()) => tracing::info!(store = %store.url(), "rate limits shared across replicas"),
@@ -364,8 +368,19 @@ async fn run(
         .url
         .as_ref()
         .map_or_else(|| config.ledger.path.clone(), |_| "postgresql".to_owned());
-    let (ledger, writer) = Ledger::start(store, config.ledger.queue_capacity)?;
+    let (ledger, writer) = start_writer(store, &state, config.ledger.queue_capacity)?;
     state.ledger = Some(ledger.clone());
+    let replica = replica_id();
+    if let Some(pg) = &pg {
+        state.fleet = Some(pg.clone());
+        tracing::info!(replica = %replica, every = ?config.ledger.budget_refresh, "budgets shared with the fleet through the postgresql ledger");
+        tokio::spawn(fleet_refresh(
+            state.clone(),
+            pg.clone(),
+            replica.clone(),
+            config.ledger.budget_refresh,
+        ));
+    }
     state.reader = Some(reader);
     state.admin_token = admin_token.map(|t| Arc::new(Secret::new(t)));
     tracing::info!(ledger = %ledger_path, "ledger open");
@@ -394,8 +409,14 @@ async fn run(
         config.server.drain_timeout,
     )
     .await?;
-    // Every call that finished has queued its record: write them all before exiting.
-    writer.close(&ledger);
+    // Every call that finished has queued its record: write them all before exiting (or,
+    // with the ledger unreachable past the drain timeout, into a file to import later).
+    writer.close_within(&ledger, config.server.drain_timeout, spill_path(config));
+    if let Some(pg) = &pg
+        && let Err(err) = pg.withdraw_replica(&replica)
+    {
+        tracing::warn!(error = %format!("{err:#}"), "could not withdraw this replica's budget reservations; they expire on their own");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -520,6 +541,169 @@ fn seed_budgets_from_postgres(
         f
     });
     Ok(())
+}
+
+/// Where records the ledger could not take at shutdown go: beside the SQLite file (the
+/// working directory by default).
+fn spill_path(config: &Config) -> PathBuf {
+    Path::new(&config.ledger.path)
+        .parent()
+        .unwrap_or_else(|| Path::new(""))
+        .join(format!(
+            "mantlegate-unwritten-{}.jsonl",
+            jiff::Timestamp::now().as_millisecond()
+        ))
+}
+
+/// Starts the ledger writer; each committed batch's spend stops counting as this replica's
+/// uncommitted own spend in the budgets.
+fn start_writer(
+    store: Box<dyn Store>,
+    state: &AppState,
+    capacity: usize,
+) -> anyhow::Result<(Ledger, crate::ledger::LedgerWriter)> {
+    let snapshot = state.snapshot.clone();
+    Ledger::start_with(
+        store,
+        capacity,
+        Box::new(move |batch| {
+            let snap = snapshot.load();
+            if !snap.budgets.list.is_empty() {
+                snap.budgets.committed(batch.iter().flat_map(|r| {
+                    let cost = r.cost_pico.unwrap_or(0).max(0);
+                    r.budget_months
+                        .iter()
+                        .filter(move |_| cost > 0)
+                        .map(move |(b, m)| (&**b, &**m, cost))
+                }));
+            }
+        }),
+    )
+}
+
+/// A name for this process among the fleet's replicas: host, process id and a random part
+/// (a restarted replica is a new one; its predecessor's rows expire).
+fn replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "{}-{}-{:08x}",
+        if host.is_empty() { "mantlegate" } else { &host },
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// Keeps this replica's budgets in step with the fleet: every `every`, publishes its own
+/// reservations and takes in the fleet's committed spend and the other replicas'
+/// reservations, then announces the thresholds it is first to claim.
+async fn fleet_refresh(state: AppState, pg: Arc<PgReader>, replica: String, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Reservations of a replica that stopped publishing (killed) stop counting after this.
+    let stale_after = (every * 5).max(Duration::from_secs(3));
+    let mut seeded: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+    let mut healthy = true;
+    loop {
+        tick.tick().await;
+        let snap = state.snapshot.load_full();
+        if snap.budgets.list.is_empty() {
+            continue;
+        }
+        let result = fleet_round(&snap, &pg, &replica, stale_after, &mut seeded).await;
+        match result {
+            Ok(alerts) => {
+                if !healthy {
+                    tracing::info!("fleet budget figures refreshed again");
+                    healthy = true;
+                }
+                for alert in alerts {
+                    crate::call::announce(&state.client, snap.alert_webhook.as_deref(), &alert);
+                }
+            }
+            Err(err) if healthy => {
+                healthy = false;
+                tracing::warn!(error = %format!("{err:#}"), "cannot refresh the fleet's budget figures: budgets count this replica's calls only until postgresql answers");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// One refresh: seeds budget months not seen yet, syncs, claims the crossed thresholds.
+async fn fleet_round(
+    snap: &Arc<crate::state::Snapshot>,
+    pg: &Arc<PgReader>,
+    replica: &str,
+    stale: Duration,
+    seeded: &mut std::collections::HashSet<(String, String)>,
+) -> anyhow::Result<Vec<crate::budget::Alert>> {
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let marks = snap.budgets.fleet_marks(now_ms);
+    // A budget month no replica has written yet (new month, a budget added by a reload)
+    // gets its row from the month's calls first, or its earlier spend would be missed.
+    let seeds: Vec<_> = marks
+        .iter()
+        .filter(|m| !seeded.contains(&(m.budget.clone(), m.month.clone())))
+        .filter_map(|m| {
+            let b = snap.budgets.list.iter().find(|b| b.name == m.budget)?;
+            let scope = b.scope.clone();
+            Some(crate::ledger::postgres::BudgetSeed {
+                budget: m.budget.clone(),
+                month: m.month.clone(),
+                start_ms: m.start_ms,
+                end_ms: m.end_ms,
+                covers: Box::new(move |name, tags| {
+                    scope.covers(name, &serde_json::from_str(tags).unwrap_or_default())
+                }),
+            })
+        })
+        .collect();
+    if !seeds.is_empty() {
+        let keys: Vec<_> = seeds
+            .iter()
+            .map(|s| (s.budget.clone(), s.month.clone()))
+            .collect();
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.seed_budget_spend(seeds)).await??;
+        seeded.extend(keys);
+    }
+    let payload = marks
+        .iter()
+        .map(|m| (m.budget.clone(), m.month.clone(), m.own_reserved))
+        .collect();
+    let fresh_after = now_ms - i64::try_from(stale.as_millis()).unwrap_or(i64::MAX);
+    let figures = {
+        let pg = pg.clone();
+        let replica = replica.to_owned();
+        tokio::task::spawn_blocking(move || pg.sync_fleet(&replica, payload, fresh_after)).await??
+    };
+    let figures: Vec<_> = figures
+        .into_iter()
+        .map(|(spent, others)| crate::budget::FleetFigure {
+            spent_pico: spent,
+            others_reserved_pico: others,
+        })
+        .collect();
+    let crossed = snap.budgets.apply_fleet(&marks, &figures, now_ms);
+    if crossed.is_empty() {
+        return Ok(crossed);
+    }
+    let claims = crossed
+        .iter()
+        .map(|a| (a.budget.clone(), a.month.clone(), a.fraction.to_string()))
+        .collect();
+    let won = {
+        let pg = pg.clone();
+        let replica = replica.to_owned();
+        tokio::task::spawn_blocking(move || pg.claim_alerts(&replica, claims)).await??
+    };
+    Ok(crossed
+        .into_iter()
+        .zip(won)
+        .filter_map(|(a, won)| won.then_some(a))
+        .collect())
 }
 
 /// Drops raw call partitions older than `months`, hourly (every replica may; they take turns).

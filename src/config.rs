@@ -147,6 +147,10 @@ pub struct LimitsConfig {
     /// Where the rate-limit counters live: `redis://` / `rediss://` URL shared by every replica.
     /// Unset: in each process (limits per replica). Read at start; a reload does not change it.
     pub store: Option<String>,
+    /// How long a call waits for the store before it is decided in memory (fail open), and
+    /// the store is probed in the background until it answers again.
+    #[serde(with = "humantime_serde")]
+    pub store_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -154,6 +158,7 @@ impl Default for LimitsConfig {
         Self {
             default_max_output_tokens: 4096,
             store: None,
+            store_timeout: Duration::from_millis(100),
         }
     }
 }
@@ -180,6 +185,11 @@ pub struct LedgerConfig {
     /// `PostgreSQL` only: months of raw call records kept; older whole months are dropped
     /// hourly (per-day totals and budget figures stay). Unset: kept forever.
     pub retention_months: Option<u32>,
+    /// `PostgreSQL` only: how often a replica reads the fleet's month-to-date budget spend
+    /// and publishes its own reservations (the window in which replicas do not see each
+    /// other's calls).
+    #[serde(with = "humantime_serde")]
+    pub budget_refresh: Duration,
 }
 
 impl Default for LedgerConfig {
@@ -189,6 +199,7 @@ impl Default for LedgerConfig {
             queue_capacity: 100_000,
             url: None,
             retention_months: None,
+            budget_refresh: Duration::from_secs(1),
         }
     }
 }
@@ -685,6 +696,14 @@ impl Config {
         {
             v.add("limits.store", problem);
         }
+        if self.limits.store_timeout.is_zero()
+            || self.limits.store_timeout > Duration::from_secs(10)
+        {
+            v.add(
+                "limits.store_timeout",
+                "must be between 1ms and 10s: every call may wait this long for Redis",
+            );
+        }
         if let Some(url) = &self.alerts.webhook_url
             && !reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
         {
@@ -729,6 +748,14 @@ impl Config {
                 "needs ledger.url: only the PostgreSQL ledger drops old records",
             ),
             _ => {}
+        }
+        if self.ledger.budget_refresh < Duration::from_millis(10)
+            || self.ledger.budget_refresh > Duration::from_mins(1)
+        {
+            v.add(
+                "ledger.budget_refresh",
+                "must be between 10ms and 1m: it bounds how long replicas miss each other's spend",
+            );
         }
         if self.ledger.queue_capacity == 0 {
             v.add("ledger.queue_capacity", "must be greater than 0");

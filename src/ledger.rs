@@ -157,6 +157,13 @@ pub struct Ledger {
 /// Owns the writer thread; `close` flushes everything and waits for it.
 pub struct LedgerWriter {
     thread: JoinHandle<()>,
+    shutdown: Arc<std::sync::OnceLock<Spill>>,
+}
+
+/// Where a writer that cannot reach its storage by a deadline at shutdown puts what it holds.
+struct Spill {
+    deadline: std::time::Instant,
+    path: std::path::PathBuf,
 }
 
 /// Most records one transaction takes.
@@ -171,13 +178,30 @@ impl Ledger {
     /// # Errors
     /// When the thread cannot be spawned.
     pub fn start(store: Box<dyn Store>, capacity: usize) -> anyhow::Result<(Self, LedgerWriter)> {
+        Self::start_with(store, capacity, Box::new(|_| {}))
+    }
+
+    /// As [`Ledger::start`], calling `on_committed` with each batch once it is committed (on
+    /// the writer thread: it must be quick).
+    ///
+    /// # Errors
+    /// When the thread cannot be spawned.
+    pub fn start_with(
+        store: Box<dyn Store>,
+        capacity: usize,
+        on_committed: Box<OnCommitted>,
+    ) -> anyhow::Result<(Self, LedgerWriter)> {
         let (tx, rx) = sync_channel(capacity);
         let stats = Arc::new(LedgerStats::default());
         let thread_stats = stats.clone();
+        let shutdown = Arc::new(std::sync::OnceLock::new());
+        let thread_shutdown = shutdown.clone();
         let thread = std::thread::Builder::new()
             .name("ledger-writer".to_owned())
-            .spawn(move || write_loop(store, &rx, &thread_stats))?;
-        Ok((Self { tx, stats }, LedgerWriter { thread }))
+            .spawn(move || {
+                write_loop(store, &rx, &thread_stats, &*on_committed, &thread_shutdown);
+            })?;
+        Ok((Self { tx, stats }, LedgerWriter { thread, shutdown }))
     }
 
     /// Queues a record for the writer. Never blocks: when the queue is full (storage stalled
@@ -198,6 +222,18 @@ impl Ledger {
 }
 
 impl LedgerWriter {
+    /// Writes every record queued so far, stops the writer and waits for it. If the storage
+    /// still refuses writes after `within`, the records not written go to `spill` as JSON
+    /// lines that `mantlegate ledger import` takes, and the writer stops: a shutdown never
+    /// hangs on an unreachable database, and loses nothing.
+    pub fn close_within(self, ledger: &Ledger, within: Duration, spill: std::path::PathBuf) {
+        let _ = self.shutdown.set(Spill {
+            deadline: std::time::Instant::now() + within,
+            path: spill,
+        });
+        self.close(ledger);
+    }
+
     /// Writes every record queued so far, stops the writer and waits for it.
     pub fn close(self, ledger: &Ledger) {
         // A blocking send: on shutdown, waiting for room in the queue is right.
@@ -208,7 +244,16 @@ impl LedgerWriter {
     }
 }
 
-fn write_loop(mut store: Box<dyn Store>, rx: &Receiver<Msg>, stats: &LedgerStats) {
+/// Told of each committed batch.
+pub type OnCommitted = dyn Fn(&[Record]) + Send;
+
+fn write_loop(
+    mut store: Box<dyn Store>,
+    rx: &Receiver<Msg>,
+    stats: &LedgerStats,
+    on_committed: &OnCommitted,
+    shutdown: &std::sync::OnceLock<Spill>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut stop = false;
     // Blocks until a record arrives; ends on Stop, or when every sender is gone.
@@ -240,15 +285,70 @@ fn write_loop(mut store: Box<dyn Store>, rx: &Receiver<Msg>, stats: &LedgerStats
                     // Keep the batch and retry: a completed call's record is never given up.
                     stats.write_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %format!("{err:#}"), records = batch.len(), "ledger write failed; retrying");
-                    std::thread::sleep(backoff);
+                    if let Some(spill) = shutdown.get() {
+                        let now = std::time::Instant::now();
+                        if now >= spill.deadline {
+                            spill_all(batch, rx, spill, stats);
+                            return;
+                        }
+                        std::thread::sleep(backoff.min(spill.deadline - now));
+                    } else {
+                        std::thread::sleep(backoff);
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
+        on_committed(&batch);
         let n = batch.len() as u64;
         stats.queued.fetch_sub(n, Ordering::Relaxed);
         stats.written.fetch_add(n, Ordering::Relaxed);
         stats.committed.notify_waiters();
         batch.clear();
     }
+}
+
+/// Shutdown with the storage unreachable: writes `batch` and everything still queued to the
+/// spill file as export lines, or, failing that, logs each record whole (the log is then the
+/// only copy).
+fn spill_all(mut batch: Vec<Record>, rx: &Receiver<Msg>, spill: &Spill, stats: &LedgerStats) {
+    while let Ok(msg) = rx.try_recv() {
+        if let Msg::Record(r) = msg {
+            batch.push(*r);
+        }
+    }
+    let written = std::fs::File::create(&spill.path)
+        .map(std::io::BufWriter::new)
+        .and_then(|mut out| {
+            use std::io::Write as _;
+            for r in &batch {
+                serde_json::to_writer(&mut out, &transfer::CallRow::from_record(r))?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+            out.into_inner()
+                .map_err(std::io::IntoInnerError::into_error)?
+                .sync_all()
+        });
+    match written {
+        Ok(()) => tracing::error!(
+            records = batch.len(),
+            file = %spill.path.display(),
+            "ledger unreachable at shutdown: the records not written are in the file; load them with `mantlegate ledger import --config FILE --input {}`",
+            spill.path.display()
+        ),
+        Err(err) => {
+            tracing::error!(error = %err, records = batch.len(), file = %spill.path.display(), "ledger unreachable at shutdown and the spill file cannot be written: the records follow, one per line");
+            for r in &batch {
+                if let Ok(line) = serde_json::to_string(&transfer::CallRow::from_record(r)) {
+                    tracing::error!(record = %line, "unwritten ledger record");
+                }
+            }
+        }
+    }
+    let n = batch.len() as u64;
+    stats.queued.fetch_sub(
+        n.min(stats.queued.load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
 }

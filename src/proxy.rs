@@ -163,6 +163,9 @@ async fn forward(
                 return Err(ProxyError::ResponseNotFound(id.to_owned()));
             }
         }
+        if endpoint == Endpoint::GetResponse {
+            note_fleet_pending(state, id).await;
+        }
     }
     let project = &snap.projects[project_idx];
     call.project = Some(project_idx);
@@ -476,20 +479,64 @@ fn meter_kind(
 }
 
 /// The project that created a stored response: this process's index first, then the ledger.
+///
+/// In a fleet the response may have been created through another replica a moment ago, its
+/// record not committed yet: a miss is asked again, with backoff, until the ledger's
+/// one-second commit promise has passed (only ids no replica created pay that wait).
 async fn owner_of_response(state: &AppState, snap: &Snapshot, id: &str) -> Option<ProjectIdx> {
-    let project_id = if let Some(p) = state.responses.get(id) {
-        Some(p.value().0.to_string())
-    } else if let Some(reader) = &state.reader {
+    if let Some(p) = state.responses.get(id) {
+        return snap.project_by_handle(&p.value().0);
+    }
+    let reader = state.reader.as_ref()?;
+    let lookup = || {
         let reader = reader.clone();
         let id = id.to_owned();
-        tokio::task::spawn_blocking(move || reader.project_of_response(&id).ok().flatten())
-            .await
-            .ok()
-            .flatten()
-    } else {
-        None
+        async move {
+            tokio::task::spawn_blocking(move || reader.project_of_response(&id).ok().flatten())
+                .await
+                .ok()
+                .flatten()
+        }
     };
+    let mut project_id = lookup().await;
+    if state.fleet.is_some() {
+        for wait_ms in [50, 100, 200, 400, 500] {
+            if project_id.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+            project_id = lookup().await;
+        }
+    }
     project_id.and_then(|p| snap.project_by_handle(&p))
+}
+
+/// In a fleet, a background response created through another replica is pending in the
+/// shared ledger, not in this process: note it here, so that this GET meters it if it sees it
+/// finished (the ledger write then takes it, once for the fleet).
+async fn note_fleet_pending(state: &AppState, id: &str) {
+    let Some(pg) = &state.fleet else {
+        return;
+    };
+    if state.pending_background.contains_key(id) {
+        return;
+    }
+    let pg = pg.clone();
+    let owned = id.to_owned();
+    let found = tokio::task::spawn_blocking(move || pg.pending_response(&owned))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    if let Some((project_id, model)) = found {
+        state.pending_background.insert(
+            id.to_owned(),
+            crate::state::PendingBackground {
+                project_id: project_id.into(),
+                model,
+            },
+        );
+    }
 }
 
 /// The `OpenAI-Project` header the client sent, if any.

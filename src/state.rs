@@ -390,6 +390,9 @@ pub struct AppState {
     pub metrics_on_main: bool,
     /// Signs upstream calls when `upstream.auth = "sigv4"` (None: API-key mode).
     pub signer: Option<crate::sigv4::Signer>,
+    /// The `PostgreSQL` ledger replicas share, for what only a fleet needs: responses created
+    /// through another replica, background responses pending there (None: alone).
+    pub fleet: Option<Arc<crate::ledger::postgres::PgReader>>,
 }
 
 impl AppState {
@@ -417,6 +420,7 @@ impl AppState {
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             metrics_on_main: true,
             signer: None,
+            fleet: None,
         })
     }
 }

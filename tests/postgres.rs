@@ -2,118 +2,19 @@
 //! retries, partitions and retention, migrations, export and import, reconnection. Each test
 //! makes its own database; all are skipped when `MANTLEGATE_TEST_POSTGRES_URL` is unset.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use common::pg::{TestDb, exec, runtime, scalar};
 use mantlegate::ledger::postgres::{self, PgReader, PostgresStore};
 use mantlegate::ledger::sqlite::{self, Reader, SqliteStore};
 use mantlegate::ledger::transfer::{self, CallRow};
 use mantlegate::ledger::{Background, Ledger, LedgerRead, LedgerStats, Record, Store};
 use mantlegate::meter::{Usage, UsageSource};
 use mantlegate::report::{self, DailyRow, Period};
-use tokio_postgres::NoTls;
-
-const ENV: &str = "MANTLEGATE_TEST_POSTGRES_URL";
-
-/// `base` with its database name replaced by `db` (query parameters kept).
-fn with_db(base: &str, db: &str) -> String {
-    let (head, query) = base
-        .split_once('?')
-        .map_or((base, None), |(h, q)| (h, Some(q)));
-    let authority = head.find("://").map_or(0, |i| i + 3);
-    let path = head[authority..]
-        .find('/')
-        .map_or(head.len(), |i| authority + i);
-    let mut url = format!("{}/{db}", &head[..path]);
-    if let Some(q) = query {
-        url.push('?');
-        url.push_str(q);
-    }
-    url
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// Runs `sql` (any number of statements) on the database of `url`.
-fn exec(url: &str, sql: &str) {
-    runtime().block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-        let task = tokio::spawn(conn);
-        client.batch_execute(sql).await.expect(sql);
-        drop(client);
-        let _ = task.await;
-    });
-}
-
-/// The single `BIGINT` (or `count`) value `sql` returns.
-fn scalar(url: &str, sql: &str) -> i64 {
-    runtime().block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-        let task = tokio::spawn(conn);
-        let v: i64 = client.query_one(sql, &[]).await.expect(sql).get(0);
-        drop(client);
-        let _ = task.await;
-        v
-    })
-}
-
-/// A database of its own for one test, dropped at the end.
-struct TestDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    /// `None` (and a note) when no server is configured: the test is skipped.
-    fn create(test: &str) -> Option<Self> {
-        let Ok(admin) = std::env::var(ENV) else {
-            eprintln!("skipped {test}: {ENV} is not set");
-            return None;
-        };
-        let name = format!("mg_test_{:016x}", rand::random::<u64>());
-        exec(&admin, &format!("CREATE DATABASE {name}"));
-        let url = with_db(&admin, &name);
-        Some(Self { admin, name, url })
-    }
-
-    /// Closes every connection to this database but the caller's.
-    fn terminate_connections(&self) {
-        exec(
-            &self.admin,
-            &format!(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = '{}' AND pid <> pg_backend_pid()",
-                self.name
-            ),
-        );
-    }
-
-    fn allow_connections(&self, allow: bool) {
-        exec(
-            &self.admin,
-            &format!(
-                "ALTER DATABASE {} WITH ALLOW_CONNECTIONS {allow}",
-                self.name
-            ),
-        );
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        exec(
-            &self.admin,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        );
-    }
-}
 
 fn ms(s: &str) -> i64 {
     s.parse::<jiff::Timestamp>()
@@ -928,25 +829,126 @@ fn a_budget_added_mid_month_is_seeded_from_the_calls_once() {
 }
 
 #[test]
-fn a_background_response_is_claimed_by_one_replica_only() {
-    let Some(db) = TestDb::create("claim background") else {
+fn a_background_response_settled_by_two_replicas_is_billed_once() {
+    let Some(db) = TestDb::create("settle background") else {
         return;
     };
-    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    let mut a = PostgresStore::connect(&db.url).expect("replica a");
+    let mut b = PostgresStore::connect(&db.url).expect("replica b");
     let mut created = simple("bg", "2026-01-10T00:00:00Z");
     created.background = Some(Background::Pending);
     created.upstream_response_id = Some("resp_claim".to_owned());
-    store.write_batch(&[created.clone()]).expect("write");
+    created.budget_months.clear();
+    a.write_batch(&[created]).expect("write");
+    let reader = PgReader::connect(&db.url).expect("reader");
+    assert!(
+        reader
+            .pending_response("resp_claim")
+            .expect("read")
+            .is_some()
+    );
+    // Both replicas saw it finished and metered it.
+    let settled = |id: &str| {
+        let mut r = simple(id, "2026-01-10T00:01:00Z");
+        r.background = Some(Background::Settled);
+        r.upstream_response_id = Some("resp_claim".to_owned());
+        r.usage.input = 1000;
+        r.cost_pico = Some(150_000_000);
+        r.budget_months = vec![("b".into(), "2026-01".into())];
+        r
+    };
+    b.write_batch(&[settled("get-b")]).expect("write");
+    a.write_batch(&[settled("get-a")]).expect("write");
+    assert_eq!(reader.pending_response("resp_claim").expect("read"), None);
+    assert_eq!(
+        scalar(
+            &db.url,
+            "SELECT sum(input_tokens)::bigint FROM calls WHERE request_id LIKE 'get-%'"
+        ),
+        1000,
+        "the first settlement bills, the second is recorded at zero"
+    );
+    assert_eq!(
+        scalar(&db.url, "SELECT spent_pico FROM budget_spend"),
+        150_000_000
+    );
+    assert_eq!(
+        scalar(&db.url, "SELECT sum(requests)::bigint FROM daily"),
+        3,
+        "every call is recorded"
+    );
+}
+
+#[test]
+fn replicas_see_each_others_reservations_and_claim_each_alert_once() {
+    let Some(db) = TestDb::create("fleet sync") else {
+        return;
+    };
+    drop(PostgresStore::connect(&db.url).expect("migrate"));
     let a = PgReader::connect(&db.url).expect("replica a");
     let b = PgReader::connect(&db.url).expect("replica b");
-    let first = a.claim_background("resp_claim").expect("claim");
-    assert_eq!(
-        first,
-        Some((
-            created.project_id.as_deref().unwrap_or_default().to_owned(),
-            created.model.clone()
-        ))
+    exec(
+        &db.url,
+        "INSERT INTO budget_spend (budget, month, spent_pico) VALUES ('b', '2026-11', 500)",
     );
-    assert_eq!(b.claim_background("resp_claim").expect("claim"), None);
-    assert!(a.pending_background().expect("pending").is_empty());
+    let mark = |reserved| vec![("b".to_owned(), "2026-11".to_owned(), reserved)];
+    assert_eq!(a.sync_fleet("a", mark(70), 0).expect("sync"), [(500, 0)]);
+    assert_eq!(b.sync_fleet("b", mark(30), 0).expect("sync"), [(500, 70)]);
+    assert_eq!(a.sync_fleet("a", mark(0), 0).expect("sync"), [(500, 30)]);
+    // A replica that stopped publishing no longer counts once its row is stale...
+    assert_eq!(
+        a.sync_fleet("a", mark(0), i64::MAX).expect("sync"),
+        [(500, 0)]
+    );
+    // ...nor after it withdrew.
+    b.withdraw_replica("b").expect("withdraw");
+    assert_eq!(a.sync_fleet("a", mark(0), 0).expect("sync"), [(500, 0)]);
+    // A month nobody spent in reads 0.
+    assert_eq!(
+        a.sync_fleet("a", vec![("b".into(), "2026-12".into(), 0)], 0)
+            .expect("sync"),
+        [(0, 0)]
+    );
+    let alert = || vec![("b".to_owned(), "2026-11".to_owned(), "0.5".to_owned())];
+    assert_eq!(a.claim_alerts("a", alert()).expect("claim"), [true]);
+    assert_eq!(b.claim_alerts("b", alert()).expect("claim"), [false]);
+    assert_eq!(a.claim_alerts("a", alert()).expect("claim"), [false]);
+}
+
+#[test]
+fn a_shutdown_with_postgres_down_spills_the_records_to_a_file_to_import() {
+    let Some(db) = TestDb::create("spill at shutdown") else {
+        return;
+    };
+    let store = PostgresStore::connect(&db.url).expect("postgres");
+    let (ledger, writer) = Ledger::start(Box::new(store), 1000).expect("writer");
+    db.allow_connections(false);
+    db.terminate_connections();
+    let records = now_records(0, 25);
+    for r in records.clone() {
+        ledger.record(r);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = dir.path().join("unwritten.jsonl");
+    let started = Instant::now();
+    writer.close_within(&ledger, Duration::from_millis(300), spill.clone());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "shutdown is bounded: {:?}",
+        started.elapsed()
+    );
+    let text = std::fs::read_to_string(&spill).expect("spill file");
+    assert_eq!(text.lines().count(), 25, "every record in the file");
+
+    db.allow_connections(true);
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    let imported = transfer::import(
+        &mut store,
+        &mut std::io::BufReader::new(text.as_bytes()),
+        &mut |_| {},
+    )
+    .expect("import");
+    assert_eq!(imported, 25);
+    let reader = PgReader::connect(&db.url).expect("reader");
+    assert_eq!(reader.count().expect("count"), 25);
 }

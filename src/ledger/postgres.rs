@@ -19,7 +19,10 @@ use crate::report::{DailyRow, Period};
 
 /// Every migration this build knows, oldest first: `(version, SQL)`. Append only: a shipped
 /// file is never edited, a change is a new file with the next version.
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../../migrations/postgres/0002_fleet.sql")),
+];
 
 /// Newest schema version this build knows: the last migration's.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -586,10 +589,46 @@ impl Columns {
 }
 
 /// Writes `rows` in one transaction; returns how many calls were new.
+///
+/// Background operations go first, in record order (as SQLite does: a response created and
+/// settled in one batch is gone). A settlement whose response is no longer pending was
+/// metered by another replica that saw it finished too: the record stays, its usage and cost
+/// become zero, so the fleet counts a background response once.
 async fn write_rows(client: &mut Object, rows: &[Row]) -> Result<i64, tokio_postgres::Error> {
-    let c = Columns::of(rows);
     let stmt = client.prepare_cached(WRITE_SQL).await?;
     let tx = client.transaction().await?;
+    let mut claimed_elsewhere = Vec::new();
+    for (i, op) in rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.background.as_ref().map(|op| (i, op)))
+    {
+        match op {
+            BackgroundOp::Pending {
+                id,
+                project_id,
+                model,
+                ts_ms,
+            } => {
+                tx.execute(PENDING_SQL, &[id, project_id, model, ts_ms])
+                    .await?;
+            }
+            BackgroundOp::Settled { id } => {
+                if tx.execute(SETTLE_SQL, &[id]).await? == 0 {
+                    claimed_elsewhere.push(i);
+                }
+            }
+        }
+    }
+    let c = if claimed_elsewhere.is_empty() {
+        Columns::of(rows)
+    } else {
+        let mut rows = rows.to_vec();
+        for i in claimed_elsewhere {
+            rows[i].call.unmeter();
+        }
+        Columns::of(&rows)
+    };
     let inserted: i64 = tx
         .query_one(
             &stmt,
@@ -626,23 +665,6 @@ async fn write_rows(client: &mut Object, rows: &[Row]) -> Result<i64, tokio_post
         )
         .await?
         .try_get(0)?;
-    // In record order, as SQLite does: a response created and settled in one batch is gone.
-    for op in rows.iter().filter_map(|r| r.background.as_ref()) {
-        match op {
-            BackgroundOp::Pending {
-                id,
-                project_id,
-                model,
-                ts_ms,
-            } => {
-                tx.execute(PENDING_SQL, &[id, project_id, model, ts_ms])
-                    .await?;
-            }
-            BackgroundOp::Settled { id } => {
-                tx.execute(SETTLE_SQL, &[id]).await?;
-            }
-        }
-    }
     tx.commit().await?;
     Ok(inserted)
 }
@@ -975,14 +997,116 @@ impl PgReader {
         })
     }
 
-    /// Takes a background response out of `pending_background` and returns its `(project
-    /// id, model)`, or `None` when it is not (or no longer) pending. Atomic across replicas:
-    /// of several replicas that see the response finished, exactly one gets `Some`, so its
-    /// usage is metered once, whichever replica created it.
+    /// One fleet refresh, in one transaction: publishes this replica's reservations per
+    /// budget month (`marks`: budget, month, pico-dollars reserved), and returns for each, in
+    /// order, the committed month-to-date spend and the sum of the other replicas'
+    /// reservations published since `fresh_after_ms`. Rows older than a day are deleted.
     ///
     /// # Errors
     /// Storage errors.
-    pub fn claim_background(
+    pub fn sync_fleet(
+        &self,
+        replica: &str,
+        marks: Vec<(String, String, i64)>,
+        fresh_after_ms: i64,
+    ) -> anyhow::Result<Vec<(i64, i64)>> {
+        let replica = replica.to_owned();
+        let now = now_ms();
+        self.query(move |mut c| async move {
+            let mut budgets = Vec::with_capacity(marks.len());
+            let mut months = Vec::with_capacity(marks.len());
+            let mut reserved = Vec::with_capacity(marks.len());
+            for (b, m, r) in marks {
+                budgets.push(b);
+                months.push(m);
+                reserved.push(r);
+            }
+            let tx = c.transaction().await?;
+            tx.execute(
+                "INSERT INTO budget_reserved (replica, budget, month, reserved_pico, updated_ms)
+                 SELECT $1, q.budget, q.month, q.reserved, $5
+                 FROM unnest($2::text[], $3::text[], $4::bigint[]) AS q(budget, month, reserved)
+                 ORDER BY 2, 3
+                 ON CONFLICT (budget, month, replica) DO UPDATE
+                 SET reserved_pico = excluded.reserved_pico, updated_ms = excluded.updated_ms",
+                &[&replica, &budgets, &months, &reserved, &now],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM budget_reserved WHERE updated_ms < $1",
+                &[&(now - 86_400_000)],
+            )
+            .await?;
+            let rows = tx
+                .query(
+                    "SELECT COALESCE(s.spent_pico, 0),
+                        COALESCE((SELECT sum(r.reserved_pico) FROM budget_reserved r
+                            WHERE r.budget = q.budget AND r.month = q.month
+                            AND r.replica <> $3 AND r.updated_ms >= $4), 0)::bigint
+                     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(budget, month, i)
+                     LEFT JOIN budget_spend s USING (budget, month)
+                     ORDER BY q.i",
+                    &[&budgets, &months, &replica, &fresh_after_ms],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(rows
+                .iter()
+                .map(|r| Ok::<_, tokio_postgres::Error>((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Claims the right to announce each `(budget, month, threshold)`: `true` for those this
+    /// replica is the first to claim (it announces them), `false` where another did.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn claim_alerts(
+        &self,
+        replica: &str,
+        alerts: Vec<(String, String, String)>,
+    ) -> anyhow::Result<Vec<bool>> {
+        let replica = replica.to_owned();
+        let now = now_ms();
+        self.query(move |c| async move {
+            let mut claimed = Vec::with_capacity(alerts.len());
+            for (budget, month, threshold) in &alerts {
+                let n = c
+                    .execute(
+                        "INSERT INTO budget_alerts (budget, month, threshold, replica, fired_ms)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                        &[budget, month, threshold, &replica, &now],
+                    )
+                    .await?;
+                claimed.push(n == 1);
+            }
+            Ok(claimed)
+        })
+    }
+
+    /// Withdraws this replica's published reservations (at shutdown).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn withdraw_replica(&self, replica: &str) -> anyhow::Result<()> {
+        let replica = replica.to_owned();
+        self.query(move |c| async move {
+            c.execute(
+                "DELETE FROM budget_reserved WHERE replica = $1",
+                &[&replica],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// The `(project id, model)` of a background response still pending, without taking it
+    /// (the replica that meters its finished GET takes it, in the ledger write).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn pending_response(
         &self,
         response_id: &str,
     ) -> anyhow::Result<Option<(String, Option<String>)>> {
@@ -990,8 +1114,7 @@ impl PgReader {
         self.query(move |c| async move {
             let row = c
                 .query_opt(
-                    "DELETE FROM pending_background WHERE response_id = $1
-                     RETURNING project_id, model",
+                    "SELECT project_id, model FROM pending_background WHERE response_id = $1",
                     &[&id],
                 )
                 .await?;

@@ -100,6 +100,19 @@ impl CallRow {
         }
     }
 
+    /// Takes the usage and cost off: the call is recorded but bills nothing (a background
+    /// response another replica already metered).
+    pub fn unmeter(&mut self) {
+        self.input_tokens = 0;
+        self.cached_input_tokens = 0;
+        self.output_tokens = 0;
+        self.reasoning_tokens = 0;
+        UsageSource::None
+            .as_str()
+            .clone_into(&mut self.usage_source);
+        self.cost_pico = Some(0);
+    }
+
     /// The record these columns came from (without background bookkeeping or budget months,
     /// which are not columns of `calls`).
     ///
