@@ -243,7 +243,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// JSON lines on stdout; level from `MANTLEGATE_LOG` (default `info`).
 /// JSON lines on stdout; level from `MANTLEGATE_LOG` (default `info`). Lines are written by a
 /// background thread, so a slow log reader never stalls calls; if it falls 128k lines behind,
 /// lines are dropped rather than blocking (the ledger, not the log, is the record of calls).
