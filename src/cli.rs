@@ -243,22 +243,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// JSON lines on stdout; level from `MANTLEGATE_LOG` (default `info`). Lines are written by a
-/// background thread, so a slow log reader never stalls calls; if it falls 128k lines behind,
-/// lines are dropped rather than blocking (the ledger, not the log, is the record of calls).
-/// The returned guard flushes what is queued when dropped, at exit.
-fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
+/// JSON lines on stdout; level from `MANTLEGATE_LOG` (default `info`), written in batches by
+/// a background thread ([`crate::logging`]). The returned guard flushes what is buffered when
+/// dropped, at exit.
+fn init_tracing() -> Option<crate::logging::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MANTLEGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .init();
-    guard
+        .with_env_filter(filter);
+    if let Ok((writer, guard)) = crate::logging::batched(std::io::stdout()) {
+        builder.with_writer(writer).init();
+        Some(guard)
+    } else {
+        // No thread for the flusher: write each line directly.
+        builder.with_writer(std::io::stdout).init();
+        None
+    }
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {

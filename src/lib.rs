@@ -11,6 +11,7 @@ pub mod demo;
 pub mod error;
 pub mod keys;
 pub mod ledger;
+pub mod logging;
 pub mod meter;
 pub mod metrics;
 pub mod policy;
