@@ -223,17 +223,14 @@ async fn forward(
     call.model = model;
     admit(snap, key, project, endpoint, max_output, call).await?;
 
-    let query = parts.uri.query();
-    let mut url = String::with_capacity(
-        snap.upstream.base.len() + prefix.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
-    );
-    url.push_str(&snap.upstream.base);
-    url.push_str(prefix);
-    url.push_str(rest);
-    if let Some(q) = query {
-        url.push('?');
-        url.push_str(q);
-    }
+    let up = &snap.upstream;
+    let mut path = String::with_capacity(up.base_path.len() + prefix.len() + rest.len());
+    path.push_str(&up.base_path);
+    path.push_str(prefix);
+    path.push_str(rest);
+    let mut url = up.base_url.clone();
+    url.set_path(&path);
+    url.set_query(parts.uri.query());
     let mut upstream_headers = HeaderMap::with_capacity(parts.headers.len() + 2);
     headers::copy_upstream(&parts.headers, &mut upstream_headers);
     if let Some(authorization) = authorization {
@@ -395,7 +392,7 @@ async fn send_with_retries(
 /// What is sent upstream, unsigned; one request is built from it per attempt.
 struct Outgoing<'a> {
     method: axum::http::Method,
-    url: String,
+    url: reqwest::Url,
     headers: HeaderMap,
     /// `None`: the endpoint forwards no body.
     body: Option<Bytes>,
@@ -411,12 +408,12 @@ impl Outgoing<'_> {
         if let Some(signer) = self.signer {
             let body = self.body.as_deref().unwrap_or_default();
             signer
-                .sign(&self.method, &self.url, &mut headers, body)
+                .sign(&self.method, self.url.as_str(), &mut headers, body)
                 .await
                 .map_err(|err| ProxyError::UpstreamCredentials(format!("{err:#}")))?;
         }
         let builder = client
-            .request(self.method.clone(), self.url.as_str())
+            .request(self.method.clone(), self.url.clone())
             .headers(headers);
         Ok(match &self.body {
             // Bytes: a reference count, not a copy.

@@ -74,6 +74,11 @@ pub struct Route {
 pub struct Upstream {
     /// Scheme, host and optional path prefix, without a trailing `/`.
     pub base: String,
+    /// `base` parsed once, so a call's URL is this with its path and query set (the host is
+    /// not parsed again per call).
+    pub base_url: reqwest::Url,
+    /// `base`'s path prefix (`""` for none), without a trailing `/`.
+    pub base_path: String,
     /// Prefix for models without a specific one.
     pub default_prefix: String,
     /// `(model glob, prefix)`, first match wins.
@@ -283,6 +288,11 @@ impl Snapshot {
             routes,
             upstream: Upstream {
                 base: up.base_url.trim_end_matches('/').to_owned(),
+                base_url: reqwest::Url::parse(up.base_url.trim_end_matches('/'))?,
+                base_path: reqwest::Url::parse(up.base_url.trim_end_matches('/'))?
+                    .path()
+                    .trim_end_matches('/')
+                    .to_owned(),
                 default_prefix: up.default_prefix.clone(),
                 model_prefixes: up
                     .model_prefixes
