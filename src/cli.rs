@@ -877,6 +877,18 @@ fn check(path: &Path) -> ExitCode {
                     ),
                 }
             }
+            if !config.budgets.is_empty() {
+                if config.ledger.url.is_some() {
+                    println!(
+                        "  budgets: shared by every replica through the postgresql ledger (refreshed every {})",
+                        humantime_serde::re::humantime::format_duration(config.ledger.budget_refresh)
+                    );
+                } else {
+                    println!(
+                        "  note: budgets are per process (sqlite ledger): several replicas need [ledger] url = \"postgres://...\" to hold them together"
+                    );
+                }
+            }
             if std::env::var_os(&config.upstream.api_key_env).is_none() {
                 println!(
                     "  note: {} is not set in this environment; serve needs it",

@@ -24,6 +24,9 @@ fn check_summarises_a_valid_config() {
         "{stdout}"
     );
     assert!(stdout.contains("CustomerChatbot-Prod"), "{stdout}");
+    // One node's embedded ledger: check says what that means for a fleet.
+    assert!(stdout.contains("budgets are per process"), "{stdout}");
+    assert!(stdout.contains("rate limits are per replica"), "{stdout}");
 }
 
 #[test]
