@@ -8,6 +8,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::budget::Exceeded;
+use crate::framing::Ambiguity;
 use crate::ratelimit::Limited;
 
 fn rate_message(l: &Limited) -> String {
@@ -64,6 +65,12 @@ pub enum ProxyError {
     /// A request header value is longer than mantlegate accepts.
     #[error("the `{0}` header is longer than the 8 KiB mantlegate accepts")]
     HeaderTooLarge(String),
+    /// The request's length is ambiguous: `Content-Length` with `Transfer-Encoding: chunked`,
+    /// or twice (a request smuggling pattern). Refused below the app, see [`crate::framing`].
+    #[error(
+        "{0}, so its length is ambiguous (a request smuggling pattern): send one Content-Length, or Transfer-Encoding: chunked alone"
+    )]
+    AmbiguousLength(Ambiguity),
     /// The body could not be read from the client.
     #[error("the request body could not be read: {0}")]
     BadBody(String),
@@ -101,6 +108,7 @@ impl ProxyError {
             | Self::InvalidPath(_)
             | Self::InvalidJson(_)
             | Self::BadBody(_)
+            | Self::AmbiguousLength(_)
             | Self::ClientGone => StatusCode::BAD_REQUEST,
             Self::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UnknownEndpoint { .. } | Self::ResponseNotFound(_) => StatusCode::NOT_FOUND,
@@ -133,6 +141,7 @@ impl ProxyError {
             // a client disconnect.
             Self::BadBody(_) | Self::ClientGone => "invalid_body",
             Self::HeaderTooLarge(_) => "header_too_large",
+            Self::AmbiguousLength(_) => "ambiguous_length",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamKeyMissing => "upstream_key_missing",
@@ -208,6 +217,11 @@ impl IntoResponse for ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Self::AmbiguousLength(_) = self {
+            // Where the next request would start is the very thing in doubt: hyper closes the
+            // connection after an answer saying so.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         match &self {
             // The SDKs back off and retry by themselves with these.
             Self::RateLimited(limited) => limited.apply(headers),

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod framing;
 pub mod keys;
 pub mod ledger;
 pub mod logging;
@@ -26,6 +27,7 @@ pub mod sigv4;
 pub mod state;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -104,17 +106,19 @@ pub async fn serve(
     });
     let _stop_pruner = AbortOnDrop(pruner);
     // Our own accept loop rather than `axum::serve`: it gives hyper a timer, so a client that
-    // never finishes its request headers (slowloris) is cut off after HEADER_READ_TIMEOUT.
+    // never finishes its request headers (slowloris) is cut off after HEADER_READ_TIMEOUT, and
+    // it wraps each connection to refuse requests whose length is ambiguous (`framing`).
     let mut builder = ConnBuilder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(framing::MAX_HEAD_BYTES);
     let app = router(state);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(err) => {
@@ -131,9 +135,11 @@ pub async fn serve(
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(app.clone());
+        let heads = Arc::new(framing::Heads::default());
+        let io = TokioIo::new(framing::Inspected::new(stream, heads.clone()));
+        let service = TowerToHyperService::new(framing::Guarded::new(app.clone(), heads, peer));
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(io, service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
