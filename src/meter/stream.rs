@@ -61,6 +61,9 @@ pub struct BodyMeter {
     /// Event-aligned relay (only when stripping): bytes of an event not yet complete.
     carry: BytesMut,
     out: VecDeque<Bytes>,
+    /// Event-aligned relay: the last event relayed (`Some(false)`) or cut (`Some(true)`) ended
+    /// its chunk with the `\r` of its blank line, so a `\n` opening the next chunk is its own.
+    cr_ended: Option<bool>,
     /// Estimated input tokens, from the request body's size.
     input_estimate: u64,
     /// The stream's own end was seen (`[DONE]`, or a Responses terminal event).
@@ -82,6 +85,7 @@ impl BodyMeter {
             response_status: None,
             carry: BytesMut::new(),
             out: VecDeque::new(),
+            cr_ended: None,
             // About four bytes per token, the usual rule of thumb for English text and JSON.
             input_estimate: (request_bytes / 4) as u64,
             ended: false,
@@ -165,6 +169,10 @@ impl BodyMeter {
     /// Takes a frame and queues what the client should get of it (event-aligned, with the
     /// injected usage chunk removed). Read the result with [`BodyMeter::next_out`].
     pub fn relay(&mut self, chunk: &Bytes) {
+        if chunk.is_empty() {
+            // Nothing to cut, and a `\r` ending the last chunk still waits for its `\n`.
+            return;
+        }
         let mut cuts: Vec<(usize, bool)> = Vec::new();
         let (usage, content, ended) = (&mut self.usage, &mut self.content_events, &mut self.ended);
         self.scanner.feed(chunk, |ev| {
@@ -172,6 +180,22 @@ impl BodyMeter {
             cuts.push((ev.end, drop));
         });
         let mut start = 0;
+        // The `\n` of a `\r\n` split between chunks goes with the event its `\r` ended, as it
+        // does when the upstream sends both in one chunk, not with the next (which may be cut).
+        if let Some(dropped) = self.cr_ended.take()
+            && chunk.first() == Some(&b'\n')
+        {
+            if !dropped {
+                self.out.push_back(chunk.slice(..1));
+            }
+            start = 1;
+        }
+        if let Some(&(end, dropped)) = cuts.last()
+            && end == chunk.len()
+            && chunk.last() == Some(&b'\r')
+        {
+            self.cr_ended = Some(dropped);
+        }
         for (end, drop) in cuts {
             let piece = chunk.slice(start..end);
             if drop {
@@ -416,6 +440,25 @@ data: [DONE]\n\n";
             assert_eq!(metered.usage.input, 5);
             assert_eq!(metered.usage.output, 2);
             assert_eq!(metered.source, Some(UsageSource::Reported));
+        }
+    }
+
+    #[test]
+    fn injected_usage_is_removed_from_a_crlf_stream_at_any_split() {
+        let with = WITH_USAGE.replace('\n', "\r\n");
+        let without = WITHOUT_USAGE.replace('\n', "\r\n");
+        let bytes = with.as_bytes();
+        for cut in 0..bytes.len() {
+            for second in cut..bytes.len() {
+                let (out, metered) =
+                    relay_all(&[&bytes[..cut], &bytes[cut..second], &bytes[second..]]);
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    without,
+                    "cut at {cut} and {second}"
+                );
+                assert_eq!(metered.source, Some(UsageSource::Reported));
+            }
         }
     }
 
