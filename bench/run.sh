@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# mantlegate's benchmark: bench/run.sh [all|throughput|memory|ledger|profile]
+# mantlegate's benchmark: bench/run.sh [all|throughput|memory|ledger|profile|soak]
 #
 #   throughput  wrk against the fake upstream: direct, through mantlegate, through nginx
 #   memory      1,000 slow streams held open through mantlegate: peak RSS, every stream checked
 #   ledger      the SQLite ledger writer alone: records/s, queue depth at the proxy's rate
 #   profile     perf profile of mantlegate under non-streamed chat at c=64 (top functions)
+#   soak        10 minutes of mixed traffic (bench/soak.py): is memory flat, does the ledger
+#               hold one record per call sent? Not part of `all`.
 #   all         throughput, memory, ledger (default)
 #
 # Settings (environment): BENCH_SECONDS (10) per measured run, BENCH_WARMUP (2) seconds,
@@ -14,14 +16,17 @@
 # BENCH_BUILD (1: cargo build first), BENCH_MANTLEGATE (a mantlegate binary to measure instead
 # of the one built, e.g. to compare two builds), BENCH_MANTLEGATE_LOG (info: one access log line
 # per call; warn measures without them), BENCH_RESULTS (bench/results/<UTC date>[-<mode>].md),
-# BENCH_KEEP (0: 1 keeps the temp dir).
+# BENCH_KEEP (0: 1 keeps the temp dir). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
+# (10) between memory samples, SOAK_CONCURRENCY (64) clients, SOAK_EVENT_DELAY_MS (5) between
+# the upstream's stream events, SOAK_MIX (KIND=SHARE,... overriding bench/soak.py's default
+# mix); the report goes to bench/results/soak-<UTC date>.md.
 # See bench/README.md for what each figure means.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 MODE=${1:-all}
-case "$MODE" in all | throughput | memory | ledger | profile) ;; *)
-  echo "usage: bench/run.sh [all|throughput|memory|ledger|profile]" >&2
+case "$MODE" in all | throughput | memory | ledger | profile | soak) ;; *)
+  echo "usage: bench/run.sh [all|throughput|memory|ledger|profile|soak]" >&2
   exit 2
   ;;
 esac
@@ -39,12 +44,21 @@ case "$FRAMING" in event | burst) ;; *)
 esac
 MEM_STREAMS=${BENCH_MEM_STREAMS:-1000}
 MEM_HOLD=${BENCH_MEM_HOLD_SECONDS:-60}
+SOAK_SECS=${SOAK_SECONDS:-600}
+SOAK_SAMPLE=${SOAK_SAMPLE_SECONDS:-10}
+SOAK_CONC=${SOAK_CONCURRENCY:-64}
+SOAK_EVENT_DELAY=${SOAK_EVENT_DELAY_MS:-5}
+SOAK_MIX=${SOAK_MIX:-}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 DATE=$(date -u +%Y-%m-%d)
 # One report per day and mode: `all` writes <date>.md, the others <date>-<mode>.md.
 SUFFIX=""
 [ "$MODE" = all ] || SUFFIX=-$MODE
-RESULTS=${BENCH_RESULTS:-$ROOT/bench/results/$DATE$SUFFIX.md}
+if [ "$MODE" = soak ]; then
+  RESULTS=${BENCH_RESULTS:-$ROOT/bench/results/soak-$DATE.md}
+else
+  RESULTS=${BENCH_RESULTS:-$ROOT/bench/results/$DATE$SUFFIX.md}
+fi
 RAW=${RESULTS%.md}.log
 # The client key of the benchmark's mantlegate config (public: it guards nothing).
 KEY=mg-bench-0123456789abcdef
@@ -56,14 +70,16 @@ EVENTS=20
 
 need_tools() {
   local missing=()
-  command -v wrk >/dev/null || missing+=(wrk)
-  [ "$MODE" = memory ] || [ "$MODE" = ledger ] || command -v nginx >/dev/null || missing+=(nginx)
+  [ "$MODE" = soak ] || command -v wrk >/dev/null || missing+=(wrk)
+  [ "$MODE" = memory ] || [ "$MODE" = ledger ] || [ "$MODE" = soak ] || command -v nginx >/dev/null || missing+=(nginx)
   if [ "$MODE" = profile ] && ! command -v perf >/dev/null; then missing+=(linux-perf); fi
   if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
-  for t in wrk python3 taskset curl; do
+  local tools=(python3 taskset curl)
+  [ "$MODE" = soak ] || tools+=(wrk)
+  for t in "${tools[@]}"; do
     command -v "$t" >/dev/null || {
       echo "bench/run.sh needs $t (Debian: apt-get install wrk python3 util-linux curl)" >&2
       exit 1
@@ -187,11 +203,19 @@ EOF
   "$MG_BIN" check --config "$dir/mantlegate.toml" >/dev/null
 }
 
-# start_mantlegate DIR: sets MG_PID, MG_ADDR. JSON log lines (one per call) go to DIR/mantlegate.log.
+# start_mantlegate DIR [drop-access]: sets MG_PID, MG_ADDR. JSON log lines (one per call) go to
+# DIR/mantlegate.log; with drop-access, the access lines are written (and cost what they cost)
+# but dropped as they come, so that a long run does not fill the disk.
 start_mantlegate() {
   local dir=$1
-  BENCH_BEDROCK_API_KEY=bench-upstream-key BENCH_ADMIN_TOKEN=bench-admin-token MANTLEGATE_LOG=${BENCH_MANTLEGATE_LOG:-info} \
-    taskset -c "$PROXY_CORE" "$MG_BIN" serve --config "$dir/mantlegate.toml" >>"$dir/mantlegate.log" 2>&1 &
+  if [ "${2:-}" = drop-access ]; then
+    BENCH_BEDROCK_API_KEY=bench-upstream-key BENCH_ADMIN_TOKEN=bench-admin-token MANTLEGATE_LOG=${BENCH_MANTLEGATE_LOG:-info} \
+      taskset -c "$PROXY_CORE" "$MG_BIN" serve --config "$dir/mantlegate.toml" \
+      > >(taskset -c "$LOAD_CORE" grep --line-buffered -v '"message":"access"' >>"$dir/mantlegate.log") 2>&1 &
+  else
+    BENCH_BEDROCK_API_KEY=bench-upstream-key BENCH_ADMIN_TOKEN=bench-admin-token MANTLEGATE_LOG=${BENCH_MANTLEGATE_LOG:-info} \
+      taskset -c "$PROXY_CORE" "$MG_BIN" serve --config "$dir/mantlegate.toml" >>"$dir/mantlegate.log" 2>&1 &
+  fi
   MG_PID=$!
   PIDS+=("$MG_PID")
   MG_ADDR=$(wait_line "$dir/mantlegate.log" '"message":"listening"' | sed 's/.*"addr":"\([^"]*\)".*/\1/')
@@ -496,6 +520,32 @@ ledger() {
   taskset -c "$PROXY_CORE" "$LB_BIN" --db "$WORK/ledger-paced.db" --rate "$rate" --seconds "$SECS" 2>>"$RAW" | tee -a "$WORK/ledger-bench.txt"
 }
 
+soak() {
+  # Streams last about 25 events x SOAK_EVENT_DELAY_MS, as a model generating tokens; a client
+  # that hangs up after the first event leaves mid-stream.
+  start_upstream upstream-soak --event-delay-ms "$SOAK_EVENT_DELAY"
+  local up_pid=$UP_PID
+  write_mantlegate_config "$WORK/soak" "$UP_ADDR"
+  start_mantlegate "$WORK/soak" drop-access
+  echo "soak: ${SOAK_SECS} s of mixed traffic from $SOAK_CONC clients through mantlegate $MG_ADDR (pid $MG_PID, core $PROXY_CORE), upstream $UP_ADDR (core $LOAD_CORE)"
+  local rc=0
+  taskset -c "$LOAD_CORE" python3 "$ROOT/bench/soak.py" --addr "$MG_ADDR" --key "$KEY" \
+    --pid "$MG_PID" --ledger "$WORK/soak/ledger.db" --mantlegate "$MG_BIN" \
+    --seconds "$SOAK_SECS" --sample "$SOAK_SAMPLE" --concurrency "$SOAK_CONC" \
+    --event-delay-ms "$SOAK_EVENT_DELAY" --mix "$SOAK_MIX" >"$RESULTS" 2> >(tee -a "$RAW" >&2) || rc=$?
+  kill "$MG_PID" "$up_pid" 2>/dev/null || true
+  wait "$MG_PID" "$up_pid" 2>/dev/null || true
+  {
+    echo "## mantlegate log lines other than access lines"
+    cat "$WORK/soak/mantlegate.log"
+  } >>"$RAW"
+  cat "$RESULTS"
+  echo
+  echo "results: $RESULTS (progress and mantlegate's other log lines: $RAW)"
+  [ "$rc" = 0 ] || echo "soak: memory grew, the ledger does not match the calls sent, or calls failed (see the report)" >&2
+  return "$rc"
+}
+
 profile() {
   command -v perf >/dev/null || {
     echo "profile needs perf (Debian: apt-get install linux-perf)" >&2
@@ -552,6 +602,10 @@ cut -d' ' -f1-3 /proc/loadavg >"$WORK/loadavg"
 case "$MODE" in
   profile)
     profile
+    exit 0
+    ;;
+  soak)
+    soak
     exit 0
     ;;
   throughput) throughput ;;
