@@ -304,9 +304,11 @@ def commit():
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # What the binary is built from (a changed README does not make it another build).
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "src", "Cargo.toml", "Cargo.lock"],
                                capture_output=True, text=True, check=True).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
+        return rev + (" (with uncommitted changes to src/ or Cargo.*)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
