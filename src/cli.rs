@@ -881,7 +881,9 @@ fn check(path: &Path) -> ExitCode {
                 if config.ledger.url.is_some() {
                     println!(
                         "  budgets: shared by every replica through the postgresql ledger (refreshed every {})",
-                        humantime_serde::re::humantime::format_duration(config.ledger.budget_refresh)
+                        humantime_serde::re::humantime::format_duration(
+                            config.ledger.budget_refresh
+                        )
                     );
                 } else {
                     println!(
