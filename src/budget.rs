@@ -583,14 +583,7 @@ impl Budgets {
             b.used.fetch_add(delta, Ordering::AcqRel);
             b.others
                 .store(figure.others_reserved_pico.max(0), Ordering::Release);
-            for (i, f) in b.alert_at.iter().enumerate() {
-                let bit = 1u64 << i;
-                if crossed(spent, b.limit_pico, *f)
-                    && b.fired.fetch_or(bit, Ordering::AcqRel) & bit == 0
-                {
-                    alerts.push(b.alert(*f, spent, now_ms));
-                }
-            }
+            b.newly_crossed(spent, now_ms, &mut alerts);
         }
         alerts
     }
@@ -625,6 +618,19 @@ pub struct FleetFigure {
 }
 
 impl Budget {
+    /// Adds an alert for each threshold `spent` has reached that was not marked fired yet,
+    /// marking it (so of racing callers, one announces it).
+    fn newly_crossed(&self, spent: i64, now_ms: i64, alerts: &mut Vec<Alert>) {
+        for (i, f) in self.alert_at.iter().enumerate() {
+            let bit = 1u64 << i;
+            if crossed(spent, self.limit_pico, *f)
+                && self.fired.fetch_or(bit, Ordering::AcqRel) & bit == 0
+            {
+                alerts.push(self.alert(*f, spent, now_ms));
+            }
+        }
+    }
+
     fn alert(&self, fraction: f64, spent: i64, now_ms: i64) -> Alert {
         Alert {
             budget: self.name.clone(),
@@ -655,14 +661,7 @@ impl Reservation {
             if self.fleet {
                 continue; // announced by the fleet refresh, once for the fleet
             }
-            for (i, f) in b.alert_at.iter().enumerate() {
-                let bit = 1u64 << i;
-                if crossed(spent, b.limit_pico, *f)
-                    && b.fired.fetch_or(bit, Ordering::AcqRel) & bit == 0
-                {
-                    alerts.push(b.alert(*f, spent, now_ms));
-                }
-            }
+            b.newly_crossed(spent, now_ms, &mut alerts);
         }
         alerts
     }
