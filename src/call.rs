@@ -276,38 +276,39 @@ impl Call {
             .unwrap_or("")
     }
 
-    /// The access log line: one per call, written here and nowhere else.
+    /// The access log line: one per call, written here and nowhere else
+    /// ([`crate::logging::access`]).
     fn log(&self, bill: &Bill) {
         let project = self.project.map(|p| &self.snap.projects[p]);
-        let cost_text = bill.cost.map(|c| c.normalize().to_string());
-        tracing::info!(
-            target: "mantlegate::access",
-            request_id = self.request_id_str(),
-            method = %self.method,
-            path = self.uri.path(),
-            route = self.route.as_deref(),
-            key = self.key.as_deref(),
-            project = project.map(|p| &*p.name),
-            project_id = project.map(|p| &*p.id),
-            api = self.endpoint.map(|e| e.api().as_str()),
-            model = self.model.as_deref(),
-            stream = self.stream,
-            status = self.status,
-            upstream_status = self.upstream_status,
-            duration_ms = ms(bill.duration),
-            ttfb_ms = self.ttfb.map(ms),
-            outcome = bill.outcome.as_str(),
-            error_code = self.error_code,
-            input_tokens = bill.usage.input,
-            cached_input_tokens = bill.usage.cached_input,
-            output_tokens = bill.usage.output,
-            reasoning_tokens = bill.usage.reasoning,
-            usage_source = bill.source.as_str(),
-            cost_usd = cost_text.as_deref(),
-            response_id = bill.response_id.as_deref(),
-            retries = self.retries,
-            "access"
-        );
+        crate::logging::access(|line| {
+            line.str("request_id", self.request_id_str());
+            line.str("method", self.method.as_str());
+            line.str("path", self.uri.path());
+            line.opt_str("route", self.route.as_deref());
+            line.opt_str("key", self.key.as_deref());
+            line.opt_str("project", project.map(|p| &*p.name));
+            line.opt_str("project_id", project.map(|p| &*p.id));
+            line.opt_str("api", self.endpoint.map(|e| e.api().as_str()));
+            line.opt_str("model", self.model.as_deref());
+            line.value("stream", self.stream);
+            line.value("status", self.status);
+            line.opt_value("upstream_status", self.upstream_status);
+            line.value("duration_ms", ms(bill.duration));
+            line.opt_value("ttfb_ms", self.ttfb.map(ms));
+            line.str("outcome", bill.outcome.as_str());
+            line.opt_str("error_code", self.error_code);
+            line.value("input_tokens", bill.usage.input);
+            line.value("cached_input_tokens", bill.usage.cached_input);
+            line.value("output_tokens", bill.usage.output);
+            line.value("reasoning_tokens", bill.usage.reasoning);
+            line.str("usage_source", bill.source.as_str());
+            if let Some(cost) = bill.cost {
+                // Exact decimal text, as the ledger has it.
+                line.str("cost_usd", &cost.normalize().to_string());
+            }
+            line.opt_str("response_id", bill.response_id.as_deref());
+            line.value("retries", self.retries);
+        });
     }
 
     fn observe(&self, bill: &Bill) {

@@ -255,10 +255,15 @@ fn init_tracing() -> Option<crate::logging::LogGuard> {
         .with_current_span(false)
         .with_env_filter(filter);
     if let Ok((writer, guard)) = crate::logging::batched(std::io::stdout()) {
+        let access = writer.clone();
+        crate::logging::set_access_sink(Box::new(move |line| access.write_line(line)));
         builder.with_writer(writer).init();
         Some(guard)
     } else {
         // No thread for the flusher: write each line directly.
+        crate::logging::set_access_sink(Box::new(|line| {
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), line);
+        }));
         builder.with_writer(std::io::stdout).init();
         None
     }

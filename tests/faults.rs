@@ -97,6 +97,10 @@ fn captured_log() -> &'static Captured {
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        let access = log.clone();
+        mantlegate::logging::set_access_sink(Box::new(move |line| {
+            access.0.lock().expect("lock").extend_from_slice(line);
+        }));
         log
     })
 }
