@@ -16,7 +16,8 @@
 # BENCH_BUILD (1: cargo build first), BENCH_MANTLEGATE (a mantlegate binary to measure instead
 # of the one built, e.g. to compare two builds), BENCH_MANTLEGATE_LOG (info: one access log line
 # per call; warn measures without them), BENCH_RESULTS (bench/results/<UTC date>[-<mode>].md),
-# BENCH_KEEP (0: 1 keeps the temp dir). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
+# BENCH_KEEP (0: 1 keeps the temp dir), BENCH_SCENARIOS (all: a space-separated subset of
+# chat_c1 chat_c64 chat_stream_c64 responses_stream_c64). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
 # (10) between memory samples, SOAK_CONCURRENCY (64) clients, SOAK_EVENT_DELAY_MS (5) between
 # the upstream's stream events, SOAK_MIX (KIND=SHARE,... overriding bench/soak.py's default
 # mix); the report goes to bench/results/soak-<UTC date>.md.
@@ -440,6 +441,9 @@ throughput() {
   local s scenario body conc run target rows0 rows
   for s in "${SCENARIOS[@]}"; do
     read -r scenario body conc <<<"$s"
+    if [ -n "${BENCH_SCENARIOS:-}" ] && [[ " $BENCH_SCENARIOS " != *" $scenario "* ]]; then
+      continue
+    fi
     drain_ledger
     rows0=$(ledger_sql "$WORK/mg/ledger.db" "SELECT coalesce(max(id), 0) FROM calls")
     for target in "${TARGETS[@]}"; do
