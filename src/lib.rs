@@ -25,6 +25,7 @@ pub mod report;
 pub mod secret;
 pub mod sigv4;
 pub mod state;
+pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header, request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 
 use crate::attribution;
 use crate::call::{Call, Outcome};
@@ -21,6 +21,7 @@ use crate::error::ProxyError;
 use crate::meter::Usage;
 use crate::meter::stream::{BodyMeter, Kind};
 use crate::state::{AppState, Key, Project, ProjectIdx, Snapshot};
+use crate::upstream::UpstreamClient;
 use endpoint::Endpoint;
 use facts::RequestFacts;
 use relay::RelayBody;
@@ -109,7 +110,7 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
 /// The upstream's answer, ready to relay.
 struct Upstream {
     parts: axum::http::response::Parts,
-    body: reqwest::Body,
+    body: hyper::body::Incoming,
     meter: BodyMeter,
     sent: Instant,
 }
@@ -224,13 +225,17 @@ async fn forward(
     admit(snap, key, project, endpoint, max_output, call).await?;
 
     let up = &snap.upstream;
-    let mut path = String::with_capacity(up.base_path.len() + prefix.len() + rest.len());
-    path.push_str(&up.base_path);
+    let base_path = &up.origin.base_path;
+    let mut path = String::with_capacity(base_path.len() + prefix.len() + rest.len());
+    path.push_str(base_path);
     path.push_str(prefix);
     path.push_str(rest);
-    let mut url = up.base_url.clone();
-    url.set_path(&path);
-    url.set_query(parts.uri.query());
+    // The client's path and query passed hyper's parser already; a prefix from config is
+    // checked at load. This cannot fail on what reaches here, but is not unwrapped.
+    let uri = up
+        .origin
+        .uri(&path, parts.uri.query())
+        .map_err(|_| endpoint::unknown(&parts.method, parts.uri.path()))?;
     let mut upstream_headers = HeaderMap::with_capacity(parts.headers.len() + 2);
     headers::copy_upstream(&parts.headers, &mut upstream_headers);
     if let Some(authorization) = authorization {
@@ -240,15 +245,15 @@ async fn forward(
 
     let outgoing = Outgoing {
         method: parts.method,
-        url,
+        uri,
         headers: upstream_headers,
         body: endpoint.forwards_body().then_some(body),
         signer,
     };
     let sent = Instant::now();
-    let response = send_with_retries(&snap.upstream, &state.client, &outgoing, call).await?;
+    let response = send_with_retries(&snap.upstream, &state.upstream, &outgoing, call).await?;
     call.upstream_status = Some(response.status().as_u16());
-    let (mut parts, body) = axum::http::Response::<reqwest::Body>::from(response).into_parts();
+    let (mut parts, body) = response.into_parts();
     headers::strip_response(&mut parts.headers);
     parts
         .headers
@@ -337,17 +342,17 @@ async fn admit(
 /// `retry_max_delay` (a longer one is relayed to the client instead).
 async fn send_with_retries(
     up: &crate::state::Upstream,
-    client: &reqwest::Client,
+    client: &UpstreamClient,
     outgoing: &Outgoing<'_>,
     call: &mut Call,
-) -> Result<reqwest::Response, ProxyError> {
+) -> Result<axum::http::Response<hyper::body::Incoming>, ProxyError> {
     let deadline = tokio::time::Instant::from_std(call.started()) + up.total_timeout;
     let mut attempt = 0u32;
     loop {
         // A fresh request (and signature: SigV4 refuses stale ones) for every attempt.
-        let current = outgoing.builder(client).await?;
+        let current = outgoing.request().await?;
         let timeout = up.response_timeout;
-        let outcome = tokio::time::timeout(timeout, current.send()).await;
+        let outcome = tokio::time::timeout(timeout, client.request(current)).await;
         let retry_after = match &outcome {
             Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
             Ok(Err(err)) if err.is_connect() => Some(None),
@@ -392,7 +397,7 @@ async fn send_with_retries(
 /// What is sent upstream, unsigned; one request is built from it per attempt.
 struct Outgoing<'a> {
     method: axum::http::Method,
-    url: reqwest::Url,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     /// `None`: the endpoint forwards no body.
     body: Option<Bytes>,
@@ -400,26 +405,24 @@ struct Outgoing<'a> {
 }
 
 impl Outgoing<'_> {
-    async fn builder(
-        &self,
-        client: &reqwest::Client,
-    ) -> Result<reqwest::RequestBuilder, ProxyError> {
+    /// One attempt's request. The client sets `host` and `content-length` (from the body's
+    /// exact size).
+    async fn request(&self) -> Result<axum::http::Request<Full<Bytes>>, ProxyError> {
         let mut headers = self.headers.clone();
         if let Some(signer) = self.signer {
             let body = self.body.as_deref().unwrap_or_default();
             signer
-                .sign(&self.method, self.url.as_str(), &mut headers, body)
+                .sign(&self.method, &self.uri.to_string(), &mut headers, body)
                 .await
                 .map_err(|err| ProxyError::UpstreamCredentials(format!("{err:#}")))?;
         }
-        let builder = client
-            .request(self.method.clone(), self.url.clone())
-            .headers(headers);
-        Ok(match &self.body {
-            // Bytes: a reference count, not a copy.
-            Some(body) => builder.body(body.clone()),
-            None => builder,
-        })
+        // Bytes: a reference count, not a copy.
+        let mut request =
+            axum::http::Request::new(Full::new(self.body.clone().unwrap_or_default()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = headers;
+        Ok(request)
     }
 }
 
@@ -572,16 +575,27 @@ async fn read_body(body: Body, limit: usize, parts: &request::Parts) -> Result<B
 }
 
 /// Maps a client error to 502; connection details only, never headers.
-fn upstream_error(err: &reqwest::Error) -> ProxyError {
-    let what = if err.is_connect() {
-        "connection failed"
-    } else if err.is_timeout() {
+fn upstream_error(err: &hyper_util::client::legacy::Error) -> ProxyError {
+    let timed_out = {
+        let mut source = std::error::Error::source(err);
+        let mut found = false;
+        while let Some(s) = source {
+            found |= s
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+            source = s.source();
+        }
+        found
+    };
+    let what = if timed_out {
         "connection timed out"
+    } else if err.is_connect() {
+        "connection failed"
     } else {
         "the request failed"
     };
-    // The source chain says why (refused, DNS, TLS) and holds no secret: reqwest errors carry
-    // the URL (no credentials in it) but never request headers.
+    // The source chain says why (refused, DNS, TLS) and holds no secret: hyper's errors carry
+    // neither the request's headers nor its body.
     let mut detail = String::new();
     let mut source = std::error::Error::source(err);
     while let Some(s) = source {

@@ -74,11 +74,8 @@ pub struct Route {
 pub struct Upstream {
     /// Scheme, host and optional path prefix, without a trailing `/`.
     pub base: String,
-    /// `base` parsed once, so a call's URL is this with its path and query set (the host is
-    /// not parsed again per call).
-    pub base_url: reqwest::Url,
-    /// `base`'s path prefix (`""` for none), without a trailing `/`.
-    pub base_path: String,
+    /// `base` parsed once: a call's URI is its scheme and host with the call's path.
+    pub origin: crate::upstream::Origin,
     /// Prefix for models without a specific one.
     pub default_prefix: String,
     /// `(model glob, prefix)`, first match wins.
@@ -288,11 +285,7 @@ impl Snapshot {
             routes,
             upstream: Upstream {
                 base: up.base_url.trim_end_matches('/').to_owned(),
-                base_url: reqwest::Url::parse(up.base_url.trim_end_matches('/'))?,
-                base_path: reqwest::Url::parse(up.base_url.trim_end_matches('/'))?
-                    .path()
-                    .trim_end_matches('/')
-                    .to_owned(),
+                origin: crate::upstream::Origin::parse(&up.base_url)?,
                 default_prefix: up.default_prefix.clone(),
                 model_prefixes: up
                     .model_prefixes
@@ -381,6 +374,8 @@ pub struct AppState {
     /// The live config; swapped whole on reload.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Pooled client to the upstream.
+    pub upstream: crate::upstream::UpstreamClient,
+    /// Client for everything else (alert webhooks).
     pub client: reqwest::Client,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
@@ -420,6 +415,7 @@ impl AppState {
             .build()?;
         Ok(Self {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            upstream: crate::upstream::client(connect_timeout)?,
             client,
             metrics: Arc::new(Metrics::new()),
             ledger: None,
