@@ -236,8 +236,18 @@ async fn projects(command: ProjectsCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The async runtime: one worker thread per core mantlegate may use. On one core (a process
+/// pinned to it, or a container limited to one CPU: the standard library reads the cgroup
+/// quota) it is tokio's single-threaded runtime, which drives every task on the main thread;
+/// the work-stealing scheduler buys nothing there and costs atomics and cross-thread wakeups.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    let one_core = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = if one_core {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
