@@ -1,6 +1,14 @@
-//! The relayed response body: upstream frames pass through one by one (untouched, except for
-//! the usage chunk mantlegate asked for on the client's behalf), while the meter watches them
-//! and the call commits when the body ends, fails or is dropped.
+//! The relayed response body: upstream frames pass through untouched (except for the usage
+//! chunk mantlegate asked for on the client's behalf), while the meter watches them and the
+//! call commits when the body ends, fails or is dropped.
+//!
+//! Frames that arrive together leave together. hyper's client hands a body over one frame
+//! at a time from the connection's task; relaying each the moment it came cost one `writev`
+//! (and one wake-up of the client) per stream event, where nginx writes what one read brought
+//! in one go. So when the upstream has nothing more ready, the relay gives the connection task
+//! a turn or two ([`HOLD_TURNS`]) to decode what it has already read, then sends everything
+//! held. It never waits for data that has not arrived: a lone event goes out after two
+//! scheduler turns, microseconds.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +23,12 @@ use http_body::{Body, Frame, SizeHint};
 use crate::call::{Call, Outcome};
 use crate::meter::stream::BodyMeter;
 
+/// Scheduler turns a relay holding frames gives the upstream connection's task to hand over
+/// the next one before sending what it holds. hyper's client needs two: one to take the
+/// receiver's demand, one to decode and send the next frame (measured: with one, every event
+/// still went out in a write of its own).
+const HOLD_TURNS: u8 = 2;
+
 /// Wraps the upstream body; owns the [`Call`] so that its commit happens at end of stream.
 pub struct RelayBody<B: Body> {
     inner: B,
@@ -23,6 +37,14 @@ pub struct RelayBody<B: Body> {
     /// The upstream answered 2xx (only then is usage read).
     success: bool,
     done: bool,
+    /// Handing out what is held (the upstream had nothing more, or ended).
+    draining: bool,
+    /// Scheduler turns given to the upstream connection since the last frame, while holding.
+    idle_turns: u8,
+    /// Trailers to send after the data held.
+    trailers: Option<Frame<Bytes>>,
+    /// The upstream's error, to end the answer with after the data held.
+    broken: Option<axum::BoxError>,
     /// Fires at the idle deadline (reset on every frame) or the total deadline, if sooner.
     timer: Pin<Box<Sleep>>,
     idle: Duration,
@@ -47,6 +69,10 @@ impl<B: Body> RelayBody<B> {
             call,
             success,
             done: false,
+            draining: false,
+            idle_turns: 0,
+            trailers: None,
+            broken: None,
             timer: Box::pin(tokio::time::sleep_until(first)),
             idle,
             deadline,
@@ -94,14 +120,37 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         loop {
-            if let Some(piece) = this.meter.next_out() {
-                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            if this.draining {
+                if let Some(piece) = this.meter.next_out() {
+                    return Poll::Ready(Some(Ok(Frame::data(piece))));
+                }
+                if let Some(trailers) = this.trailers.take() {
+                    return Poll::Ready(Some(Ok(trailers)));
+                }
+                if let Some(err) = this.broken.take() {
+                    return Poll::Ready(Some(Err(err)));
+                }
+                this.draining = false;
             }
             if this.done {
                 return Poll::Ready(None);
             }
             let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(frame) => frame,
+                Poll::Pending if this.meter.has_out() => {
+                    if this.idle_turns < HOLD_TURNS {
+                        // Frames are held, and the upstream connection (another task) may
+                        // have the next ones read already: let it run, then take what it
+                        // has. Events that arrived together go out in one write, as nginx
+                        // sends what one read brought; nothing waits for data to come.
+                        this.idle_turns += 1;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    this.idle_turns = 0;
+                    this.draining = true;
+                    continue;
+                }
                 Poll::Pending => {
                     ready!(this.timer.as_mut().poll(cx));
                     // The upstream went quiet too long, or the call ran out of time: end the
@@ -112,6 +161,7 @@ where
                         "upstream_idle_timeout"
                     });
                     this.finish(Outcome::UpstreamError);
+                    this.draining = true;
                     continue;
                 }
             };
@@ -120,47 +170,58 @@ where
             match polled {
                 Some(Ok(frame)) => {
                     this.call.mark_first_byte();
-                    let Some(data) = frame.data_ref() else {
-                        // Trailers: relayed as they are.
-                        return Poll::Ready(Some(Ok(frame)));
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(trailers) => {
+                            // Trailers: relayed as they are, after the data held.
+                            this.trailers = Some(trailers);
+                            this.draining = true;
+                            continue;
+                        }
                     };
+                    this.idle_turns = 0;
                     if this.meter.rewrites() {
-                        this.meter.relay(data);
+                        this.meter.relay(&data);
                         if this.inner.is_end_stream() {
                             this.end_of_upstream();
                         }
-                        // Loop: hand out what relay() queued, or read more.
-                        continue;
+                    } else {
+                        this.meter.observe(&data);
+                        this.meter.push_out(data);
+                        if this.inner.is_end_stream() {
+                            this.meter.finish_observe();
+                            this.finish(Outcome::Forwarded);
+                        }
                     }
-                    this.meter.observe(data);
-                    if this.inner.is_end_stream() {
-                        this.meter.finish_observe();
-                        this.finish(Outcome::Forwarded);
+                    if this.done {
+                        this.draining = true;
                     }
-                    return Poll::Ready(Some(Ok(frame)));
                 }
                 Some(Err(err)) => {
                     // The upstream broke off mid-answer: the client sees the stream end
-                    // abruptly, which is all HTTP/1.1 can say once the head is sent.
+                    // abruptly, which is all HTTP/1.1 can say once the head is sent. What
+                    // came before the break is held back no longer than that.
                     this.finish(Outcome::UpstreamError);
-                    return Poll::Ready(Some(Err(err.into())));
+                    this.broken = Some(err.into());
+                    this.draining = true;
                 }
                 None => {
                     if this.meter.rewrites() {
                         this.end_of_upstream();
-                        continue;
+                    } else {
+                        this.meter.finish_observe();
+                        this.finish(Outcome::Forwarded);
                     }
-                    this.meter.finish_observe();
-                    this.finish(Outcome::Forwarded);
-                    return Poll::Ready(None);
+                    this.draining = true;
                 }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        // Report the end only once it has been observed, so the commit above always runs.
-        self.done
+        // Report the end only once it has been observed, so the commit above always runs, and
+        // once nothing is held: hyper stops polling a body that says it has ended.
+        self.done && !self.meter.has_out() && self.trailers.is_none() && self.broken.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -187,5 +248,120 @@ impl<B: Body> RelayBody<B> {
 
     fn meter_push(&mut self, piece: Bytes) {
         self.meter.push_out(piece);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{AppState, Snapshot};
+    use std::sync::Arc;
+    use std::task::Waker;
+
+    /// An upstream body the test feeds frame by frame: `Pending` whenever nothing is queued.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn relay(
+        kind: crate::meter::stream::Kind,
+    ) -> (RelayBody<Fed>, tokio::sync::mpsc::UnboundedSender<Bytes>) {
+        let config = crate::config::Config::from_toml(
+            "[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[[projects]]\nname = \"P\"\nid = \"proj_p\"\n",
+        )
+        .expect("config");
+        let snap = Snapshot::build(&config, Some("k")).expect("snapshot");
+        let state = AppState::new(snap, Duration::from_secs(1)).expect("state");
+        let snap = state.snapshot.load_full();
+        let call = Call::new(
+            std::time::Instant::now(),
+            axum::http::Method::POST,
+            axum::http::Uri::from_static("/v1/chat/completions"),
+            state,
+            Arc::clone(&snap),
+        );
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let body = RelayBody::new(
+            Fed(rx),
+            BodyMeter::new(kind, 10),
+            call,
+            true,
+            Duration::from_mins(1),
+            Instant::now() + Duration::from_mins(1),
+        );
+        (body, tx)
+    }
+
+    fn poll(body: &mut RelayBody<Fed>) -> Poll<Option<Bytes>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(body)
+            .poll_frame(&mut cx)
+            .map(|f| f.map(|f| f.expect("no error").into_data().expect("data")))
+    }
+
+    #[tokio::test]
+    async fn events_that_arrive_together_leave_together_and_none_waits_for_more() {
+        let (mut body, tx) = relay(crate::meter::stream::Kind::ResponsesStream);
+        tx.send(Bytes::from_static(b"event: a\ndata: {}\n\n"))
+            .expect("send");
+        // Held for the upstream connection's turns; the next event arrives meanwhile.
+        assert!(poll(&mut body).is_pending());
+        tx.send(Bytes::from_static(b"event: b\ndata: {}\n\n"))
+            .expect("send");
+        let mut out = Vec::new();
+        let mut pendings_between = 0;
+        for _ in 0..10 {
+            match poll(&mut body) {
+                Poll::Ready(Some(b)) => out.push(b),
+                Poll::Ready(None) => panic!("the body ended"),
+                Poll::Pending if out.is_empty() => {}
+                Poll::Pending => {
+                    pendings_between += 1;
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            out,
+            [
+                Bytes::from_static(b"event: a\ndata: {}\n\n"),
+                Bytes::from_static(b"event: b\ndata: {}\n\n")
+            ],
+            "both events, in order, handed out back to back"
+        );
+        assert_eq!(pendings_between, 1, "then nothing is held");
+        assert!(!body.is_end_stream());
+
+        // A lone event goes out after at most HOLD_TURNS turns, with nothing else arriving.
+        tx.send(Bytes::from_static(b"event: c\ndata: {}\n\n"))
+            .expect("send");
+        let mut turns = 0;
+        let lone = loop {
+            match poll(&mut body) {
+                Poll::Ready(b) => break b,
+                Poll::Pending => turns += 1,
+            }
+            assert!(turns <= usize::from(HOLD_TURNS), "a lone event held back");
+        };
+        assert_eq!(lone, Some(Bytes::from_static(b"event: c\ndata: {}\n\n")));
+
+        // The end: whatever is held first, then the end of the body.
+        tx.send(Bytes::from_static(b"event: d\ndata: {}\n\n"))
+            .expect("send");
+        drop(tx);
+        assert_eq!(
+            poll(&mut body),
+            Poll::Ready(Some(Bytes::from_static(b"event: d\ndata: {}\n\n")))
+        );
+        assert!(body.is_end_stream() || poll(&mut body) == Poll::Ready(None));
     }
 }
