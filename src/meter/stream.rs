@@ -61,6 +61,8 @@ pub struct BodyMeter {
     /// Event-aligned relay (only when stripping): bytes of an event not yet complete.
     carry: BytesMut,
     out: VecDeque<Bytes>,
+    /// Total length of `out`.
+    out_bytes: usize,
     /// Event-aligned relay: the last event relayed (`Some(false)`) or cut (`Some(true)`) ended
     /// its chunk with the `\r` of its blank line, so a `\n` opening the next chunk is its own.
     cr_ended: Option<bool>,
@@ -85,6 +87,7 @@ impl BodyMeter {
             response_status: None,
             carry: BytesMut::new(),
             out: VecDeque::new(),
+            out_bytes: 0,
             cr_ended: None,
             // About four bytes per token, the usual rule of thumb for English text and JSON.
             input_estimate: (request_bytes / 4) as u64,
@@ -186,7 +189,7 @@ impl BodyMeter {
             && chunk.first() == Some(&b'\n')
         {
             if !dropped {
-                self.out.push_back(chunk.slice(..1));
+                self.push_out(chunk.slice(..1));
             }
             start = 1;
         }
@@ -201,11 +204,11 @@ impl BodyMeter {
             if drop {
                 self.carry.clear();
             } else if self.carry.is_empty() {
-                self.out.push_back(without_null_usage(piece));
+                self.push_out(without_null_usage(piece));
             } else {
                 self.carry.extend_from_slice(&piece);
-                self.out
-                    .push_back(without_null_usage(self.carry.split().freeze()));
+                let joined = without_null_usage(self.carry.split().freeze());
+                self.push_out(joined);
             }
             start = end;
         }
@@ -220,14 +223,23 @@ impl BodyMeter {
         !self.out.is_empty()
     }
 
+    /// Bytes of the pieces waiting to be handed to the client.
+    #[must_use]
+    pub fn out_bytes(&self) -> usize {
+        self.out_bytes
+    }
+
     /// Queues a piece for the client after those already queued.
     pub fn push_out(&mut self, piece: Bytes) {
+        self.out_bytes += piece.len();
         self.out.push_back(piece);
     }
 
     /// The next piece queued by [`BodyMeter::relay`].
     pub fn next_out(&mut self) -> Option<Bytes> {
-        self.out.pop_front()
+        let piece = self.out.pop_front()?;
+        self.out_bytes -= piece.len();
+        Some(piece)
     }
 
     /// End of the upstream body: bytes still held (a last event without its blank line).

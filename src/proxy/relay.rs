@@ -8,7 +8,8 @@
 //! in one go. So when the upstream has nothing more ready, the relay gives the connection task
 //! a turn or two ([`HOLD_TURNS`]) to decode what it has already read, then sends everything
 //! held. It never waits for data that has not arrived: a lone event goes out after two
-//! scheduler turns, microseconds.
+//! scheduler turns, microseconds. And it never holds more than [`HOLD_BYTES`]: a large answer
+//! arriving without pause is relayed as it comes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,6 +29,10 @@ use crate::meter::stream::BodyMeter;
 /// receiver's demand, one to decode and send the next frame (measured: with one, every event
 /// still went out in a write of its own).
 const HOLD_TURNS: u8 = 2;
+
+/// Held bytes past which the relay sends at once: a large answer arriving without pause is
+/// relayed as it comes, not gathered whole.
+const HOLD_BYTES: usize = 64 * 1024;
 
 /// Wraps the upstream body; owns the [`Call`] so that its commit happens at end of stream.
 pub struct RelayBody<B: Body> {
@@ -138,7 +143,7 @@ where
             let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(frame) => frame,
                 Poll::Pending if this.meter.has_out() => {
-                    if this.idle_turns < HOLD_TURNS {
+                    if this.idle_turns < HOLD_TURNS && this.meter.out_bytes() < HOLD_BYTES {
                         // Frames are held, and the upstream connection (another task) may
                         // have the next ones read already: let it run, then take what it
                         // has. Events that arrived together go out in one write, as nginx
@@ -193,7 +198,7 @@ where
                             this.finish(Outcome::Forwarded);
                         }
                     }
-                    if this.done {
+                    if this.done || this.meter.out_bytes() >= HOLD_BYTES {
                         this.draining = true;
                     }
                 }
@@ -363,5 +368,25 @@ mod tests {
             Poll::Ready(Some(Bytes::from_static(b"event: d\ndata: {}\n\n")))
         );
         assert!(body.is_end_stream() || poll(&mut body) == Poll::Ready(None));
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_arriving_without_pause_is_not_gathered_whole() {
+        let (mut body, tx) = relay(crate::meter::stream::Kind::None);
+        let piece = Bytes::from(vec![b'x'; 16 * 1024]);
+        // Far more than HOLD_BYTES queued at once: the relay must start handing out before
+        // it has taken everything.
+        for _ in 0..64 {
+            tx.send(piece.clone()).expect("send");
+        }
+        match poll(&mut body) {
+            Poll::Ready(Some(b)) => assert_eq!(b.len(), piece.len()),
+            other => panic!("held instead of relayed: {other:?}"),
+        }
+        assert!(
+            body.meter.out_bytes() < HOLD_BYTES,
+            "{} bytes held",
+            body.meter.out_bytes()
+        );
     }
 }
