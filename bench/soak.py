@@ -370,8 +370,8 @@ def report(args, stats, samples, rows, outcomes, load, elapsed):
         "complete).")
     add("")
     add(f"Responses created: {outcomes['responses']:,}. mantlegate keeps each one's id in an "
-        "in-process index for an hour (which project it belongs to, until the ledger has it), "
-        "so that index grows through a run shorter than an hour and is bounded after.")
+        "in-process index for 2 minutes (which project it belongs to; after that the ledger "
+        "answers), so that index is bounded after the first 2 minutes of a run.")
     add("")
     add("## Samples")
     add("")
