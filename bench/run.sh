@@ -4,7 +4,8 @@
 #   throughput  wrk against the fake upstream: direct, through mantlegate, through nginx
 #   memory      1,000 slow streams held open through mantlegate: peak RSS, every stream checked
 #   ledger      the SQLite ledger writer alone: records/s, queue depth at the proxy's rate
-#   profile     perf profile of mantlegate under non-streamed chat at c=64 (top functions)
+#   profile     perf profile of mantlegate under non-streamed chat at c=64 (top functions;
+#               BENCH_PROFILE_BODY=chat_stream|responses|responses_stream profiles another)
 #   soak        10 minutes of mixed traffic (bench/soak.py): is memory flat, does the ledger
 #               hold one record per call sent? Not part of `all`.
 #   all         throughput, memory, ledger (default)
@@ -16,7 +17,8 @@
 # BENCH_BUILD (1: cargo build first), BENCH_MANTLEGATE (a mantlegate binary to measure instead
 # of the one built, e.g. to compare two builds), BENCH_MANTLEGATE_LOG (info: one access log line
 # per call; warn measures without them), BENCH_RESULTS (bench/results/<UTC date>[-<mode>].md),
-# BENCH_KEEP (0: 1 keeps the temp dir), BENCH_SCENARIOS (all: a space-separated subset of
+# BENCH_KEEP (0: 1 keeps the temp dir), BENCH_FLOOR (0: 1 also measures bench/floor.rs, a bare
+# hyper proxy built from mantlegate's HTTP parts and doing none of its work), BENCH_SCENARIOS (all: a space-separated subset of
 # chat_c1 chat_c64 chat_stream_c64 responses_stream_c64). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
 # (10) between memory samples, SOAK_CONCURRENCY (64) clients, SOAK_EVENT_DELAY_MS (5) between
 # the upstream's stream events, SOAK_MIX (KIND=SHARE,... overriding bench/soak.py's default
@@ -90,9 +92,10 @@ need_tools() {
 
 build() {
   if [ "${BENCH_BUILD:-1}" = 1 ]; then
-    echo "building (release): mantlegate, bench-upstream, ledger-bench"
-    cargo build --release --locked --bin mantlegate --example bench-upstream --example ledger-bench
+    echo "building (release): mantlegate, bench-upstream, ledger-bench, bench-floor"
+    cargo build --release --locked --bin mantlegate --example bench-upstream --example ledger-bench --example bench-floor
   fi
+  FLOOR_BIN=$TARGET_DIR/release/examples/bench-floor
   MG_BIN=${BENCH_MANTLEGATE:-$TARGET_DIR/release/mantlegate}
   UP_BIN=$TARGET_DIR/release/examples/bench-upstream
   LB_BIN=$TARGET_DIR/release/examples/ledger-bench
@@ -226,6 +229,18 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# start_floor UPSTREAM_ADDR: the bare hyper proxy (bench/floor.rs); sets FLOOR_PID, FLOOR_ADDR.
+start_floor() {
+  [ -x "$FLOOR_BIN" ] || {
+    echo "missing $FLOOR_BIN: run with BENCH_BUILD=1" >&2
+    exit 1
+  }
+  taskset -c "$PROXY_CORE" "$FLOOR_BIN" --upstream "$1" >"$WORK/floor.out" 2>&1 &
+  FLOOR_PID=$!
+  PIDS+=("$FLOOR_PID")
+  FLOOR_ADDR=$(wait_line "$WORK/floor.out" 'listening on ' | sed 's/listening on //')
+}
+
 # start_nginx UPSTREAM_ADDR: plain reverse proxy, one worker, keep-alive pool, no buffering.
 start_nginx() {
   local upstream=$1 dir=$WORK/nginx port
@@ -296,6 +311,7 @@ status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 proxy_pids() {
   case "$1" in
     mantlegate) echo "$MG_PID" ;;
+    floor) echo "$FLOOR_PID" ;;
     nginx) echo "$NGX_PID $(pgrep -P "$NGX_PID" | tr '\n' ' ')" ;;
     direct) echo "" ;;
   esac
@@ -412,6 +428,7 @@ target_addr() {
   case "$1" in
     direct) echo "$UP_ADDR" ;;
     mantlegate) echo "$MG_ADDR" ;;
+    floor) echo "$FLOOR_ADDR" ;;
     nginx) echo "$NGX_ADDR" ;;
   esac
 }
@@ -433,6 +450,10 @@ throughput() {
     TARGETS+=(nginx)
   else
     echo "nginx is not installed: measuring direct and mantlegate only" | tee -a "$RAW"
+  fi
+  if [ "${BENCH_FLOOR:-0}" = 1 ]; then
+    start_floor "$UP_ADDR"
+    TARGETS+=(floor)
   fi
   echo "upstream $UP_ADDR (core $LOAD_CORE), mantlegate $MG_ADDR (core $PROXY_CORE)${NGX_ADDR:+, nginx $NGX_ADDR (core $PROXY_CORE)}"
   sanity
@@ -559,8 +580,9 @@ profile() {
   write_mantlegate_config "$WORK/mg" "$UP_ADDR"
   start_mantlegate "$WORK/mg"
   local out=$RESULTS
-  echo "profiling mantlegate under non-streamed chat, c=64, for ${SECS} s"
-  BENCH_BODY=chat BENCH_KEY=$KEY taskset -c "$LOAD_CORE" wrk -t1 -c64 -d"$((SECS + WARMUP + 1))s" -s "$ROOT/bench/wrk.lua" "http://$MG_ADDR" >"$WORK/wrk-profile.txt" 2>&1 &
+  local body=${BENCH_PROFILE_BODY:-chat}
+  echo "profiling mantlegate under $body, c=64, for ${SECS} s"
+  BENCH_BODY=$body BENCH_KEY=$KEY taskset -c "$LOAD_CORE" wrk -t1 -c64 -d"$((SECS + WARMUP + 1))s" -s "$ROOT/bench/wrk.lua" "http://$MG_ADDR" >"$WORK/wrk-profile.txt" 2>&1 &
   local wrk_pid=$!
   sleep "$WARMUP"
   # cpu-clock works without hardware counters (VMs); DWARF call chains, as release builds
@@ -571,7 +593,7 @@ profile() {
   local report=(perf report -i "$WORK/perf.data" --stdio -g none)
   local tidy=(sed -e '/^#/d' -e '/^$/d' -e 's/[[:space:]]*$//')
   {
-    echo "# perf profile of mantlegate, non-streamed chat, c=64, $(date -u +%FT%TZ)"
+    echo "# perf profile of mantlegate, $body, c=64, $(date -u +%FT%TZ)"
     echo
     echo '```'
     grep -E 'Requests/sec|@@bench' "$WORK/wrk-profile.txt"

@@ -16,7 +16,7 @@ RUN_COLUMNS = [
     "p99_us", "max_us", "err_connect", "err_read", "err_write", "err_status", "err_timeout",
     "cpu_ticks", "upstream_ticks", "queue_end", "queue_max",
 ]
-TARGETS = ["direct", "mantlegate", "nginx"]
+TARGETS = ["direct", "mantlegate", "nginx", "floor"]
 
 
 def read_tsv(path, columns):
@@ -129,7 +129,7 @@ def throughput(work, out):
                "| added p50 mantlegate | added p50 nginx | p99 mantlegate | p99 nginx |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in scenarios:
-        d, m, n = (table.get((s, t), {}) for t in TARGETS)
+        d, m, n = (table.get((s, t), {}) for t in ("direct", "mantlegate", "nginx"))
         added = lambda x: (x["p50_ms"] - d["p50_ms"]) * 1000 if x and d else None  # noqa: E731
         out.append(
             f"| {s.replace('_c', ', c=')} | {fmt(d.get('rps'), 0)} | {fmt(m.get('rps'), 0)} | {fmt(n.get('rps'), 0)} "
@@ -140,6 +140,19 @@ def throughput(work, out):
     if not have_nginx:
         out.append("\nnginx was not installed: its columns are empty.")
     out.append("")
+    if any(t == "floor" for _, t in table):
+        out.append("### The floor: a bare hyper proxy (bench/floor.rs)\n")
+        out.append("The same HTTP parts as mantlegate (hyper's server and pooled client, the same runtime) "
+                   "doing none of its work: what is left above it is mantlegate's own.\n")
+        out.append("| scenario | CPU µs/call floor | CPU µs/call mantlegate | mantlegate − floor "
+                   "| CPU µs/call nginx | floor/nginx |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for s in scenarios:
+            f, m, n = (table.get((s, t), {}) for t in ("floor", "mantlegate", "nginx"))
+            own = m["cpu_us"] - f["cpu_us"] if m.get("cpu_us") is not None and f.get("cpu_us") is not None else None
+            out.append(f"| {s.replace('_c', ', c=')} | {fmt(f.get('cpu_us'))} | {fmt(m.get('cpu_us'))} | {fmt(own)} "
+                       f"| {fmt(n.get('cpu_us'))} | {fmt(ratio(f.get('cpu_us'), n.get('cpu_us')), 2)} |")
+        out.append("")
     out.append("### Per target\n")
     out.append("| scenario | target | req/s | p50 | p99 | proxy CPU µs/call | proxy core busy "
                "| upstream CPU µs/call | bytes/call | errors | ledger queue at end (max) |")

@@ -1,0 +1,138 @@
+//! The floor: a bare hyper reverse proxy with none of mantlegate's work, built from the same
+//! parts (the `hyper_util` server connection builder and pooled client, the same runtime
+//! choice). `bench/run.sh` measures it beside mantlegate and nginx when `BENCH_FLOOR=1`, so
+//! the report shows how much of mantlegate's cost per call is the HTTP stack it is built on
+//! and how much is its own (attribution, metering, ledger, metrics, access log).
+//!
+//! ```text
+//! bench-floor --upstream 127.0.0.1:PORT [--listen 127.0.0.1:0]
+//! ```
+//! Prints `listening on ADDR` once bound. Every request is forwarded as it came (the body read
+//! whole first, as mantlegate does to find the model); the answer streams back as it arrives.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+type Upstream = Client<HttpConnector, Full<Bytes>>;
+type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+struct Args {
+    listen: SocketAddr,
+    upstream: hyper::http::uri::Authority,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut listen: SocketAddr = "127.0.0.1:0".parse()?;
+    let mut upstream = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--listen" => listen = value.parse().context("--listen")?,
+            "--upstream" => upstream = Some(value.parse().context("--upstream")?),
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    Ok(Args {
+        listen,
+        upstream: upstream.context("--upstream HOST:PORT is required")?,
+    })
+}
+
+async fn forward(
+    client: &Upstream,
+    upstream: &hyper::http::uri::Authority,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let Ok(body) = body.collect().await else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let mut uri = hyper::Uri::builder()
+        .scheme("http")
+        .authority(upstream.clone());
+    if let Some(pq) = parts.uri.path_and_query() {
+        uri = uri.path_and_query(pq.clone());
+    }
+    let Ok(uri) = uri.build() else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    parts.uri = uri;
+    parts.headers.remove(hyper::header::HOST);
+    match client
+        .request(Request::from_parts(parts, Full::new(body.to_bytes())))
+        .await
+    {
+        Ok(resp) => resp.map(BodyExt::boxed_unsync),
+        Err(_) => status(StatusCode::BAD_GATEWAY),
+    }
+}
+
+fn status(code: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = code;
+    resp
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let client: Upstream = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(http);
+    let shared = Arc::new((client, args.upstream));
+    let listener = TcpListener::bind(args.listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let shared = shared.clone();
+        let service = tower::service_fn(move |req: Request<Incoming>| {
+            let shared = shared.clone();
+            async move { Ok::<_, std::convert::Infallible>(forward(&shared.0, &shared.1, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    // The same choice as mantlegate's: one thread when only one CPU is available.
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let runtime = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(args))
+}
