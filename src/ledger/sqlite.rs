@@ -148,17 +148,21 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A roll-up row's identity.
+/// Milliseconds in a UTC day (Unix time has no leap seconds).
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// A roll-up row's identity, borrowed from the batch's records (no copies per record); the
+/// day as its number since the epoch, turned into text once per row.
 #[derive(Hash, PartialEq, Eq)]
-struct DailyKey {
-    day: String,
-    key: String,
-    route: String,
-    project: String,
-    project_id: String,
-    tags: String,
+struct DailyKey<'a> {
+    day: i64,
+    key: &'a str,
+    route: &'a str,
+    project: &'a str,
+    project_id: &'a str,
+    tags: &'a str,
     api: &'static str,
-    model: String,
+    model: &'a str,
     outcome: &'static str,
 }
 
@@ -250,14 +254,14 @@ impl Store for SqliteStore {
                 ])?;
                 let d = rollup
                     .entry(DailyKey {
-                        day: utc_day(r.ts_ms),
-                        key: r.key.as_deref().unwrap_or("").to_owned(),
-                        route: r.route.as_deref().unwrap_or("").to_owned(),
-                        project: r.project.as_deref().unwrap_or("").to_owned(),
-                        project_id: r.project_id.as_deref().unwrap_or("").to_owned(),
-                        tags: r.tags.as_deref().unwrap_or("{}").to_owned(),
+                        day: r.ts_ms.div_euclid(MS_PER_DAY),
+                        key: r.key.as_deref().unwrap_or(""),
+                        route: r.route.as_deref().unwrap_or(""),
+                        project: r.project.as_deref().unwrap_or(""),
+                        project_id: r.project_id.as_deref().unwrap_or(""),
+                        tags: r.tags.as_deref().unwrap_or("{}"),
                         api: r.api.unwrap_or(""),
-                        model: r.model.as_deref().unwrap_or("").to_owned(),
+                        model: r.model.as_deref().unwrap_or(""),
                         outcome: r.outcome,
                     })
                     .or_default();
@@ -285,7 +289,7 @@ impl Store for SqliteStore {
             }
             for (k, d) in rollup {
                 daily.execute(params![
-                    k.day,
+                    utc_day(k.day * MS_PER_DAY),
                     k.key,
                     k.route,
                     k.project,
