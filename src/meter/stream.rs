@@ -2,8 +2,10 @@
 //! mantlegate asked for on the client's behalf, and says at the end what the call used.
 
 use std::collections::VecDeque;
+use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
+use memchr::memmem::Finder;
 
 use super::sse::SseScanner;
 use super::usage::{self, ChatChunk, ResponsesEvent};
@@ -66,6 +68,9 @@ pub struct BodyMeter {
     /// Event-aligned relay: the last event relayed (`Some(false)`) or cut (`Some(true)`) ended
     /// its chunk with the `\r` of its blank line, so a `\n` opening the next chunk is its own.
     cr_ended: Option<bool>,
+    /// Event-aligned relay: where each event of the current chunk ends and whether it is cut
+    /// (kept between chunks so that relaying a chunk allocates nothing).
+    cuts: Vec<(usize, bool)>,
     /// Estimated input tokens, from the request body's size.
     input_estimate: u64,
     /// The stream's own end was seen (`[DONE]`, or a Responses terminal event).
@@ -89,6 +94,7 @@ impl BodyMeter {
             out: VecDeque::new(),
             out_bytes: 0,
             cr_ended: None,
+            cuts: Vec::new(),
             // About four bytes per token, the usual rule of thumb for English text and JSON.
             input_estimate: (request_bytes / 4) as u64,
             ended: false,
@@ -176,7 +182,8 @@ impl BodyMeter {
             // Nothing to cut, and a `\r` ending the last chunk still waits for its `\n`.
             return;
         }
-        let mut cuts: Vec<(usize, bool)> = Vec::new();
+        let mut cuts = std::mem::take(&mut self.cuts);
+        cuts.clear();
         let (usage, content, ended) = (&mut self.usage, &mut self.content_events, &mut self.ended);
         self.scanner.feed(chunk, |ev| {
             let drop = chat_event(ev.data, usage, content, ended);
@@ -199,7 +206,7 @@ impl BodyMeter {
         {
             self.cr_ended = Some(dropped);
         }
-        for (end, drop) in cuts {
+        for &(end, drop) in &cuts {
             let piece = chunk.slice(start..end);
             if drop {
                 self.carry.clear();
@@ -212,6 +219,7 @@ impl BodyMeter {
             }
             start = end;
         }
+        self.cuts = cuts;
         if start < chunk.len() {
             self.carry.extend_from_slice(&chunk[start..]);
         }
@@ -374,12 +382,15 @@ fn responses_event(
 /// that did not ask for usage gets chunks as it would have without it. Only that exact
 /// member is cut: inside a JSON string the quotes would be escaped, so it cannot match text.
 fn without_null_usage(piece: Bytes) -> Bytes {
-    const WITH_COMMA_BEFORE: &[u8] = b",\"usage\":null";
-    const WITH_COMMA_AFTER: &[u8] = b"\"usage\":null,";
-    let (at, len) = if let Some(i) = memchr::memmem::find(&piece, WITH_COMMA_BEFORE) {
-        (i, WITH_COMMA_BEFORE.len())
-    } else if let Some(i) = memchr::memmem::find(&piece, WITH_COMMA_AFTER) {
-        (i, WITH_COMMA_AFTER.len())
+    // Searchers built once: `memmem::find` builds one per call, and this runs per chunk.
+    static WITH_COMMA_BEFORE: LazyLock<Finder<'static>> =
+        LazyLock::new(|| Finder::new(b",\"usage\":null"));
+    static WITH_COMMA_AFTER: LazyLock<Finder<'static>> =
+        LazyLock::new(|| Finder::new(b"\"usage\":null,"));
+    let (at, len) = if let Some(i) = WITH_COMMA_BEFORE.find(&piece) {
+        (i, WITH_COMMA_BEFORE.needle().len())
+    } else if let Some(i) = WITH_COMMA_AFTER.find(&piece) {
+        (i, WITH_COMMA_AFTER.needle().len())
     } else {
         return piece;
     };
