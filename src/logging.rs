@@ -156,7 +156,16 @@ impl AccessLine {
     /// A string field.
     pub fn str(&mut self, name: &str, value: &str) {
         self.key(name);
-        let _ = serde_json::to_writer(&mut self.0, value);
+        // Nearly every value (ids, names, paths, models) needs no escaping: copied as it is.
+        // Anything else goes through serde_json's escaper.
+        if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            self.0.reserve(value.len() + 2);
+            self.0.push(b'"');
+            self.0.extend_from_slice(value.as_bytes());
+            self.0.push(b'"');
+        } else {
+            let _ = serde_json::to_writer(&mut self.0, value);
+        }
     }
 
     /// A string field, left out when `None`.
@@ -283,6 +292,8 @@ mod tests {
         line.begin();
         line.str("request_id", "mg_1");
         line.str("path", "/v1/chat\"completions\n\u{1}é");
+        line.str("model", "modèle\\x");
+        line.str("project", "Prodé\u{7f}");
         line.opt_str("route", None);
         line.opt_str("key", Some("k"));
         line.value("stream", true);
@@ -300,6 +311,9 @@ mod tests {
         assert_eq!(v["message"], "access");
         assert_eq!(v["target"], "mantlegate::access");
         assert_eq!(v["path"], "/v1/chat\"completions\n\u{1}é");
+        assert_eq!(v["model"], "modèle\\x");
+        assert_eq!(v["project"], "Prodé\u{7f}");
+        assert!(text.contains("\"project\":\"Prodé\u{7f}\""), "{text}");
         assert_eq!(v["key"], "k");
         assert_eq!(v["stream"], true);
         assert_eq!(v["status"], 200);
