@@ -1,6 +1,8 @@
 //! `/admin/v1/*` and `/metrics`: operator endpoints. The admin API needs the admin bearer
 //! token and is off (404) when none is configured.
 
+use std::sync::Arc;
+
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -12,7 +14,7 @@ use crate::report;
 use crate::state::AppState;
 
 /// `GET /metrics`: Prometheus text format.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let snap = state.snapshot.load();
     if let Some(store) = &snap.rate_store {
         state.metrics.observe_rate_store(&store.stats());
@@ -76,7 +78,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>>
 
 /// `GET /admin/v1/budgets`: each budget's limit, month-to-date spend, percentage, in-flight
 /// reservations and month-end forecast.
-pub async fn budgets(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn budgets(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&state, &headers) {
         return *r;
     }
@@ -104,7 +106,7 @@ pub struct CostsQuery {
 
 /// `GET /admin/v1/costs?from=&to=&group_by=&format=json|csv|focus`
 pub async fn costs(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Query(q): Query<CostsQuery>,
 ) -> Response {
@@ -180,7 +182,7 @@ pub async fn costs(
 
 /// `GET /admin/v1/projects`: each project with its id, tags, the keys and routes that use it,
 /// and its month-to-date spend (UTC month, from the ledger; zero when there is none).
-pub async fn projects(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn projects(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&state, &headers) {
         return *r;
     }

@@ -15,7 +15,7 @@ use crate::budget::Reservation;
 use crate::ledger::{Background, Record};
 use crate::meter::stream::Metered;
 use crate::meter::{Usage, UsageSource};
-use crate::metrics::{CallLabels, Observation, status_class};
+use crate::metrics::{Observation, status_class};
 use crate::pricing;
 use crate::proxy::endpoint::Endpoint;
 use crate::ratelimit::Admission;
@@ -51,7 +51,7 @@ impl Outcome {
 pub struct Call {
     started: Instant,
     wall_ms: i64,
-    state: AppState,
+    state: Arc<AppState>,
     snap: Arc<Snapshot>,
     _in_flight: InFlightSlot,
     /// HTTP method.
@@ -107,7 +107,7 @@ impl Call {
         started: Instant,
         method: Method,
         uri: Uri,
-        state: AppState,
+        state: Arc<AppState>,
         snap: Arc<Snapshot>,
     ) -> Self {
         let wall_ms = SystemTime::now()
@@ -187,18 +187,15 @@ impl Call {
         let duration = self.started.elapsed();
         let metered = self.metered.take().unwrap_or_default();
         let (usage, source, background) = self.settle_usage(&metered);
-        let priced = self
+        let price = self
             .model
             .as_deref()
-            .and_then(|m| self.snap.prices.lookup(m))
-            .is_some();
+            .and_then(|m| self.snap.prices.lookup(m));
+        let priced = price.is_some();
         let cost = if source == UsageSource::None {
             Some(rust_decimal::Decimal::ZERO)
         } else {
-            self.model
-                .as_deref()
-                .and_then(|m| self.snap.prices.lookup(m))
-                .map(|p| pricing::cost(p, &usage))
+            price.map(|p| pricing::cost(p, &usage))
         };
         let bill = Bill {
             outcome,
@@ -315,22 +312,19 @@ impl Call {
         let project = self.project.map(|p| &self.snap.projects[p]);
         // A model name is a label only when it is known (priced, or answered by the upstream),
         // so junk names in bodies cannot multiply the series.
-        let model_label: Arc<str> = match (&self.model, bill.outcome) {
-            (_, Outcome::Rejected) | (None, _) => Arc::from(""),
-            (Some(m), _) if bill.priced || self.upstream_status.is_some_and(|s| s < 300) => {
-                Arc::from(m.as_str())
-            }
-            _ => Arc::from("other"),
+        let model_label = match (&self.model, bill.outcome) {
+            (_, Outcome::Rejected) | (None, _) => "",
+            (Some(m), _) if bill.priced || self.upstream_status.is_some_and(|s| s < 300) => m,
+            _ => "other",
         };
         self.state.metrics.observe(&Observation {
-            labels: CallLabels {
-                project: project.map_or_else(|| Arc::from(""), |p| p.name.clone()),
-                model: model_label,
-                api: self.endpoint.map_or("", |e| e.api().as_str()),
-                status_class: status_class(self.status),
-                outcome: bill.outcome.as_str(),
-            },
+            project: project.map(|p| &p.name),
+            model: model_label,
+            api: self.endpoint.map_or("", |e| e.api().as_str()),
+            status_class: status_class(self.status),
+            outcome: bill.outcome.as_str(),
             tags: project.map_or(&self.snap.no_tags, |p| &p.metric_tags),
+            handles: project.map(|p| &p.metric_handles),
             code: self.error_code,
             usage: (bill.source != UsageSource::None).then_some(bill.usage),
             cost_usd: bill

@@ -72,7 +72,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/v1/budgets", get(admin::budgets))
         .route("/admin/v1/projects", get(admin::projects))
         .fallback(proxy::handle)
-        .with_state(state)
+        // Behind one `Arc`: axum clones the state for every request.
+        .with_state(Arc::new(state))
         .layer(CatchPanicLayer::custom(panic_response))
 }
 
@@ -80,7 +81,7 @@ pub fn router(state: AppState) -> Router {
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(admin::metrics))
-        .with_state(state)
+        .with_state(Arc::new(state))
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` resolves, then lets calls in flight
@@ -177,7 +178,7 @@ async fn healthz() -> Response {
     json_status(StatusCode::OK, r#"{"status":"ok"}"#)
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let ready = match &state.signer {
         Some(signer) => signer.preload().await.is_ok(),
         None => state.snapshot.load().upstream.authorization.is_some(),

@@ -2,8 +2,8 @@
 //! status class, error code and the tags listed in `[metrics] tag_labels`; never a key, a path
 //! or a user.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -98,10 +98,20 @@ struct BudgetLabels {
 
 /// Facts of one finished call for the metrics.
 pub struct Observation<'a> {
-    /// Labels.
-    pub labels: CallLabels,
+    /// Project name (`None`: the call resolved to none).
+    pub project: Option<&'a Arc<str>>,
+    /// Model label, bounded (see `model_label` in the proxy); `""` for none.
+    pub model: &'a str,
+    /// API family.
+    pub api: &'static str,
+    /// `2xx`, `4xx`, `5xx`...
+    pub status_class: &'static str,
+    /// `forwarded`, `rejected`, `upstream_error`, `client_disconnect`.
+    pub outcome: &'static str,
     /// The project's tag labels.
     pub tags: &'a TagLabels,
+    /// The project's memo of metric handles (`None`: look every series up).
+    pub handles: Option<&'a HandleCache>,
     /// Error code when refused or failed.
     pub code: Option<&'static str>,
     /// Usage, when the call had any.
@@ -310,78 +320,107 @@ impl Metrics {
 
     /// Records a finished call.
     pub fn observe(&self, o: &Observation<'_>) {
-        let l = &o.labels;
-        self.requests
-            .get_or_create(&(l.clone(), o.tags.clone()))
-            .inc();
+        match o.handles.and_then(|cache| cache.handles(self, o)) {
+            Some(h) => {
+                h.requests.inc();
+                if let Some(u) = o.usage {
+                    for (i, n) in usage_counts(&u).into_iter().enumerate() {
+                        if n > 0 {
+                            h.tokens[i]
+                                .get_or_init(|| self.token_counter(o, TOKEN_TYPES[i]))
+                                .inc_by(n);
+                        }
+                    }
+                    match o.cost_usd {
+                        Some(c) => {
+                            h.cost.get_or_init(|| self.cost_counter(o)).inc_by(c);
+                        }
+                        None => {
+                            h.unpriced.get_or_init(|| self.unpriced_counter(o)).inc();
+                        }
+                    }
+                }
+                h.duration.observe(o.duration.as_secs_f64());
+                if let Some(t) = o.ttfb {
+                    h.ttfb
+                        .get_or_init(|| self.ttfb.get_or_create_owned(&api_labels(o)))
+                        .observe(t.as_secs_f64());
+                }
+            }
+            None => self.observe_uncached(o),
+        }
+        let project = || o.project.cloned().unwrap_or_else(|| Arc::from(""));
         if let Some(code) = o.code {
             let labels = CodeLabels {
-                project: l.project.clone(),
+                project: project(),
                 code,
             };
-            if l.outcome == "rejected" {
+            if o.outcome == "rejected" {
                 self.rejected.get_or_create(&labels).inc();
             } else {
                 self.upstream_errors.get_or_create(&labels).inc();
             }
-        } else if l.outcome == "upstream_error" {
+        } else if o.outcome == "upstream_error" {
             self.upstream_errors
                 .get_or_create(&CodeLabels {
-                    project: l.project.clone(),
+                    project: project(),
                     code: "upstream_stream_error",
                 })
                 .inc();
         }
+        if let Some(t) = o.overhead {
+            self.overhead.observe(t.as_secs_f64());
+        }
+    }
+
+    /// [`Metrics::observe`] without a memo: every series looked up by its labels.
+    fn observe_uncached(&self, o: &Observation<'_>) {
+        self.requests
+            .get_or_create(&(call_labels(o), o.tags.clone()))
+            .inc();
         if let Some(u) = o.usage {
-            for (kind, n) in [
-                ("input", u.input),
-                ("cached_input", u.cached_input),
-                ("output", u.output),
-                ("reasoning", u.reasoning),
-            ] {
+            for (i, n) in usage_counts(&u).into_iter().enumerate() {
                 if n > 0 {
-                    self.tokens
-                        .get_or_create(&(
-                            TokenLabels {
-                                project: l.project.clone(),
-                                model: l.model.clone(),
-                                api: l.api,
-                                r#type: kind,
-                            },
-                            o.tags.clone(),
-                        ))
-                        .inc_by(n);
+                    self.token_counter(o, TOKEN_TYPES[i]).inc_by(n);
                 }
             }
-            let cost_labels = CostLabels {
-                project: l.project.clone(),
-                model: l.model.clone(),
-                api: l.api,
-            };
             match o.cost_usd {
                 Some(c) => {
-                    self.cost
-                        .get_or_create(&(cost_labels, o.tags.clone()))
-                        .inc_by(c);
+                    self.cost_counter(o).inc_by(c);
                 }
                 None => {
-                    self.unpriced.get_or_create(&cost_labels).inc();
+                    self.unpriced_counter(o).inc();
                 }
             }
         }
-        let api = ApiLabels {
-            api: l.api,
-            stream: if o.stream { "true" } else { "false" },
-        };
+        let api = api_labels(o);
         self.duration
             .get_or_create(&api)
             .observe(o.duration.as_secs_f64());
         if let Some(t) = o.ttfb {
             self.ttfb.get_or_create(&api).observe(t.as_secs_f64());
         }
-        if let Some(t) = o.overhead {
-            self.overhead.observe(t.as_secs_f64());
-        }
+    }
+
+    fn token_counter(&self, o: &Observation<'_>, kind: &'static str) -> Counter {
+        self.tokens.get_or_create_owned(&(
+            TokenLabels {
+                project: o.project.cloned().unwrap_or_else(|| Arc::from("")),
+                model: Arc::from(o.model),
+                api: o.api,
+                r#type: kind,
+            },
+            o.tags.clone(),
+        ))
+    }
+
+    fn cost_counter(&self, o: &Observation<'_>) -> Counter<f64, AtomicU64> {
+        self.cost
+            .get_or_create_owned(&(cost_labels(o), o.tags.clone()))
+    }
+
+    fn unpriced_counter(&self, o: &Observation<'_>) -> Counter {
+        self.unpriced.get_or_create_owned(&cost_labels(o))
     }
 
     /// The Prometheus text exposition, with ledger gauges read now.
@@ -421,6 +460,127 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// The `type` label of each count [`usage_counts`] gives, in its order.
+const TOKEN_TYPES: [&str; 4] = ["input", "cached_input", "output", "reasoning"];
+
+fn usage_counts(u: &Usage) -> [u64; 4] {
+    [u.input, u.cached_input, u.output, u.reasoning]
+}
+
+fn call_labels(o: &Observation<'_>) -> CallLabels {
+    CallLabels {
+        project: o.project.cloned().unwrap_or_else(|| Arc::from("")),
+        model: Arc::from(o.model),
+        api: o.api,
+        status_class: o.status_class,
+        outcome: o.outcome,
+    }
+}
+
+fn cost_labels(o: &Observation<'_>) -> CostLabels {
+    CostLabels {
+        project: o.project.cloned().unwrap_or_else(|| Arc::from("")),
+        model: Arc::from(o.model),
+        api: o.api,
+    }
+}
+
+fn api_labels(o: &Observation<'_>) -> ApiLabels {
+    ApiLabels {
+        api: o.api,
+        stream: if o.stream { "true" } else { "false" },
+    }
+}
+
+/// Kinds of call a project keeps handles for; past it, calls are looked up every time
+/// (model labels are bounded, so a project sees few kinds).
+const MAX_CACHED_KINDS: usize = 64;
+
+/// One project's memo of its series' handles, per kind of call (model, api, status class,
+/// outcome, stream). Looking a series up in its `Family` hashes every label (with the
+/// project's tags) and clones them into a key, for each of the half-dozen series a call
+/// touches; with the memo a call finds all of them with one short scan. It lives in the
+/// project of a config snapshot, so a reload (new names or tags) starts a new one. The
+/// handles share their values with the registry's series; a series a call kind has not used
+/// yet (say `reasoning` tokens) is created on first use, as before.
+#[derive(Default)]
+pub struct HandleCache(arc_swap::ArcSwap<Vec<Arc<CallHandles>>>);
+
+impl std::fmt::Debug for HandleCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HandleCache({} kinds)", self.0.load().len())
+    }
+}
+
+impl HandleCache {
+    fn handles(&self, metrics: &Metrics, o: &Observation<'_>) -> Option<Arc<CallHandles>> {
+        if let Some(h) = self.0.load().iter().find(|h| h.is_for(o)) {
+            return Some(h.clone());
+        }
+        let current = self.0.load_full();
+        if current.len() >= MAX_CACHED_KINDS {
+            return None;
+        }
+        let h = Arc::new(CallHandles::resolve(metrics, o));
+        let mut kept = h.clone();
+        self.0.rcu(|list| {
+            if let Some(other) = list.iter().find(|x| x.is_for(o)) {
+                // Another call added this kind meanwhile: use its handles (the same series).
+                kept = other.clone();
+                return Arc::clone(list);
+            }
+            let mut next = Vec::with_capacity(list.len() + 1);
+            next.extend(list.iter().cloned());
+            next.push(h.clone());
+            Arc::new(next)
+        });
+        Some(kept)
+    }
+}
+
+/// The series one kind of call updates.
+pub struct CallHandles {
+    model: Box<str>,
+    api: &'static str,
+    status_class: &'static str,
+    outcome: &'static str,
+    stream: bool,
+    requests: Counter,
+    tokens: [OnceLock<Counter>; 4],
+    cost: OnceLock<Counter<f64, AtomicU64>>,
+    unpriced: OnceLock<Counter>,
+    duration: Histogram,
+    ttfb: OnceLock<Histogram>,
+}
+
+impl CallHandles {
+    fn resolve(metrics: &Metrics, o: &Observation<'_>) -> Self {
+        Self {
+            model: o.model.into(),
+            api: o.api,
+            status_class: o.status_class,
+            outcome: o.outcome,
+            stream: o.stream,
+            requests: metrics
+                .requests
+                .get_or_create_owned(&(call_labels(o), o.tags.clone())),
+            tokens: Default::default(),
+            cost: OnceLock::new(),
+            unpriced: OnceLock::new(),
+            duration: metrics.duration.get_or_create_owned(&api_labels(o)),
+            ttfb: OnceLock::new(),
+        }
+    }
+
+    fn is_for(&self, o: &Observation<'_>) -> bool {
+        self.api == o.api
+            && self.status_class == o.status_class
+            && self.outcome == o.outcome
+            && self.stream == o.stream
+            && *self.model == *o.model
     }
 }
 

@@ -5,6 +5,7 @@ pub mod facts;
 pub mod headers;
 pub mod relay;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -34,7 +35,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
 
 /// Handles every call that is not one of mantlegate's own endpoints.
-pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
+pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     // One snapshot for the whole call: a reload mid-call does not change its rules.
     let snap = state.snapshot.load_full();
     let in_flight = state.in_flight.fetch_add(1, Ordering::AcqRel) + 1;

@@ -35,6 +35,8 @@ pub struct Project {
     pub tags_json: Arc<str>,
     /// The tags exported as metric labels.
     pub metric_tags: TagLabels,
+    /// Its calls' metric handles, found once per kind of call.
+    pub metric_handles: crate::metrics::HandleCache,
     /// Budgets its calls fall under (indices into [`Snapshot::budgets`]).
     pub budgets: Vec<usize>,
     /// Rate-limit rules on it (indices into the limiter's rules).
@@ -209,6 +211,7 @@ impl Snapshot {
                 tags: p.tags.clone(),
                 tags_json: serde_json::to_string(&p.tags)?.into(),
                 metric_tags,
+                metric_handles: crate::metrics::HandleCache::default(),
                 budgets: Vec::new(),
                 rate_rules: rate_rules_of(config, |r| r.project.as_deref() == Some(&p.name)),
             };

@@ -291,7 +291,7 @@ mod tests {
             std::time::Instant::now(),
             axum::http::Method::POST,
             axum::http::Uri::from_static("/v1/chat/completions"),
-            state,
+            Arc::new(state),
             Arc::clone(&snap),
         );
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
