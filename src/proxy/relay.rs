@@ -50,8 +50,12 @@ pub struct RelayBody<B: Body> {
     trailers: Option<Frame<Bytes>>,
     /// The upstream's error, to end the answer with after the data held.
     broken: Option<axum::BoxError>,
-    /// Fires at the idle deadline (reset on every frame) or the total deadline, if sooner.
+    /// Fires at the idle deadline or the total deadline, if sooner. Not moved on every frame
+    /// (a timer-wheel update each time): when it fires after frames came, it is set again
+    /// for the idle time left since the last one.
     timer: Pin<Box<Sleep>>,
+    /// When the last frame came from the upstream.
+    last_frame: Instant,
     idle: Duration,
     deadline: Instant,
 }
@@ -67,7 +71,8 @@ impl<B: Body> RelayBody<B> {
         idle: Duration,
         deadline: Instant,
     ) -> Self {
-        let first = (Instant::now() + idle).min(deadline);
+        let now = Instant::now();
+        let first = (now + idle).min(deadline);
         Self {
             inner,
             meter,
@@ -79,6 +84,7 @@ impl<B: Body> RelayBody<B> {
             trailers: None,
             broken: None,
             timer: Box::pin(tokio::time::sleep_until(first)),
+            last_frame: now,
             idle,
             deadline,
         }
@@ -157,7 +163,14 @@ where
                     continue;
                 }
                 Poll::Pending => {
-                    ready!(this.timer.as_mut().poll(cx));
+                    loop {
+                        ready!(this.timer.as_mut().poll(cx));
+                        let due = (this.last_frame + this.idle).min(this.deadline);
+                        if Instant::now() >= due {
+                            break;
+                        }
+                        this.timer.as_mut().reset(due);
+                    }
                     // The upstream went quiet too long, or the call ran out of time: end the
                     // answer cleanly (the client sees the stream end) and drop the upstream.
                     this.call.error_code = Some(if Instant::now() >= this.deadline {
@@ -170,8 +183,7 @@ where
                     continue;
                 }
             };
-            let next = (Instant::now() + this.idle).min(this.deadline);
-            this.timer.as_mut().reset(next);
+            this.last_frame = Instant::now();
             match polled {
                 Some(Ok(frame)) => {
                     this.call.mark_first_byte();
@@ -280,6 +292,13 @@ mod tests {
     fn relay(
         kind: crate::meter::stream::Kind,
     ) -> (RelayBody<Fed>, tokio::sync::mpsc::UnboundedSender<Bytes>) {
+        relay_idle(kind, Duration::from_mins(1))
+    }
+
+    fn relay_idle(
+        kind: crate::meter::stream::Kind,
+        idle: Duration,
+    ) -> (RelayBody<Fed>, tokio::sync::mpsc::UnboundedSender<Bytes>) {
         let config = crate::config::Config::from_toml(
             "[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[[projects]]\nname = \"P\"\nid = \"proj_p\"\n",
         )
@@ -300,7 +319,7 @@ mod tests {
             BodyMeter::new(kind, 10),
             call,
             true,
-            Duration::from_mins(1),
+            idle,
             Instant::now() + Duration::from_mins(1),
         );
         (body, tx)
@@ -368,6 +387,30 @@ mod tests {
             Poll::Ready(Some(Bytes::from_static(b"event: d\ndata: {}\n\n")))
         );
         assert!(body.is_end_stream() || poll(&mut body) == Poll::Ready(None));
+    }
+
+    /// The clock is tokio's paused one: it moves only when every task waits, straight to the
+    /// next timer, so the durations below are exact.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_from_the_last_frame_not_the_first() {
+        let idle = Duration::from_millis(100);
+        let (mut body, tx) = relay_idle(crate::meter::stream::Kind::None, idle);
+        // Five frames 60 ms apart: 240 ms in all, more than `idle`, never idle that long.
+        for i in 0..5u8 {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            tx.send(Bytes::from(vec![b'a' + i])).expect("send");
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            let data = frame.expect("a frame").expect("no error").into_data();
+            assert_eq!(data.expect("data"), Bytes::from(vec![b'a' + i]));
+        }
+        let last = Instant::now();
+        let end = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(end.is_none(), "the answer ends once the upstream is quiet");
+        assert_eq!(last.elapsed(), idle, "`idle` after the last frame");
+        assert_eq!(body.call.error_code, Some("upstream_idle_timeout"));
+        drop(tx);
     }
 
     #[tokio::test]
