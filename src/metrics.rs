@@ -596,3 +596,65 @@ pub fn status_class(status: u16) -> &'static str {
         _ => "other",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observation<'a>(
+        project: &'a Arc<str>,
+        tags: &'a TagLabels,
+        handles: Option<&'a HandleCache>,
+        step: u64,
+    ) -> Observation<'a> {
+        // The kinds and facts vary with the step: usage or none, priced or not, reasoning
+        // tokens only later, a time to first byte only sometimes.
+        let usage = (step % 4 != 3).then_some(Usage {
+            input: 10 + step,
+            cached_input: step % 2,
+            output: 5,
+            reasoning: if step > 4 { step } else { 0 },
+        });
+        Observation {
+            project: Some(project),
+            model: if step.is_multiple_of(3) { "m-a" } else { "m-b" },
+            api: "chat.completions",
+            status_class: "2xx",
+            outcome: "forwarded",
+            tags,
+            handles,
+            code: None,
+            usage,
+            cost_usd: (step % 5 != 1).then_some(0.25),
+            stream: step.is_multiple_of(2),
+            duration: Duration::from_millis(3 * step),
+            ttfb: step.is_multiple_of(2).then(|| Duration::from_millis(step)),
+            overhead: Some(Duration::from_micros(20)),
+        }
+    }
+
+    #[test]
+    fn calls_counted_through_the_memo_show_as_when_every_series_is_looked_up() {
+        let project: Arc<str> = Arc::from("P");
+        let tags: TagLabels = vec![(Arc::from("tag_Team"), Arc::from("search"))];
+        let (memo, plain) = (Metrics::new(), Metrics::new());
+        let cache = HandleCache::default();
+        for step in 0..12 {
+            memo.observe(&observation(&project, &tags, Some(&cache), step));
+            plain.observe(&observation(&project, &tags, None, step));
+        }
+        let budgets = Budgets::default();
+        let text = memo.render(None, &budgets, 0);
+        // The same series with the same values (a family lists its series in hash order).
+        let sorted = |t: &str| {
+            let mut lines: Vec<String> = t.lines().map(str::to_owned).collect();
+            lines.sort();
+            lines
+        };
+        assert_eq!(sorted(&text), sorted(&plain.render(None, &budgets, 0)));
+        assert!(text.contains("tokens_total{"), "{text}");
+        assert!(text.contains("type=\"reasoning\""), "{text}");
+        // Two models, two stream values: four kinds remembered.
+        assert_eq!(cache.0.load().len(), 4);
+    }
+}
