@@ -153,7 +153,7 @@ const MS_PER_DAY: i64 = 86_400_000;
 
 /// A roll-up row's identity, borrowed from the batch's records (no copies per record); the
 /// day as its number since the epoch, turned into text once per row.
-#[derive(Hash, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 struct DailyKey<'a> {
     day: i64,
     key: &'a str,
@@ -164,6 +164,20 @@ struct DailyKey<'a> {
     api: &'static str,
     model: &'a str,
     outcome: &'static str,
+}
+
+/// Hashes a subset of the fields (equal keys still hash alike): the tags' JSON, the project's
+/// name and the route follow from the project and key, and hashing the tags' hundred-odd bytes
+/// for every record was most of the roll-up's cost.
+impl std::hash::Hash for DailyKey<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.day.hash(state);
+        self.key.hash(state);
+        self.project_id.hash(state);
+        self.api.hash(state);
+        self.model.hash(state);
+        self.outcome.hash(state);
+    }
 }
 
 /// What a batch adds to a roll-up row.
@@ -394,5 +408,102 @@ impl LedgerRead for Reader {
 
     fn count(&self) -> anyhow::Result<i64> {
         self.with(|c| Ok(c.query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::Usage;
+    use std::sync::Arc;
+
+    fn record(ts_ms: i64, tags: &str, model: &str) -> Record {
+        Record {
+            ts_ms,
+            request_id: format!("mg_{ts_ms}"),
+            key: Some(Arc::from("alice")),
+            key_fp: Some(Arc::from("abcdef012345")),
+            route: None,
+            project: Some(Arc::from("search")),
+            project_id: Some(Arc::from("proj_1")),
+            tags: Some(Arc::from(tags)),
+            api: Some("chat.completions"),
+            model: Some(model.to_owned()),
+            stream: false,
+            status: 200,
+            outcome: "forwarded",
+            error_code: None,
+            usage: Usage {
+                input: 10,
+                cached_input: 0,
+                output: 5,
+                reasoning: 0,
+            },
+            usage_source: crate::meter::UsageSource::Reported,
+            cost_pico: Some(100),
+            duration_ms: 1.0,
+            ttfb_ms: None,
+            upstream_response_id: None,
+            background: None,
+            budget_months: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_batch_rolls_up_per_day_and_per_tags_not_per_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.db");
+        let mut store = SqliteStore::open(&path).expect("open");
+        // 2026-10-31 23:59:59.999 and 2026-11-01 00:00:00.000 UTC.
+        let (late, early) = (1_793_491_199_999, 1_793_491_200_000);
+        let (old_tags, new_tags) = (r#"{"Team":"a"}"#, r#"{"Team":"b"}"#);
+        let batch = [
+            record(late, old_tags, "m"),
+            record(late - 1, old_tags, "m"),
+            record(early, old_tags, "m"),
+            // Same project id, tags changed by a reload: a row of its own.
+            record(early + 1, new_tags, "m"),
+            record(early + 2, new_tags, "m"),
+            record(early + 3, new_tags, "other"),
+        ];
+        store.write_batch(&batch).expect("write");
+        store.write_batch(&batch[..1]).expect("write again");
+        let conn = open_read_only(&path).expect("read");
+        let mut stmt = conn
+            .prepare("SELECT day, tags, model, requests, input_tokens, cost_pico FROM daily ORDER BY day, tags, model")
+            .expect("prepare");
+        let rows: Vec<(String, String, String, i64, i64, i64)> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let row = |day: &str, tags: &str, model: &str, n: i64| {
+            (
+                day.to_owned(),
+                tags.to_owned(),
+                model.to_owned(),
+                n,
+                10 * n,
+                100 * n,
+            )
+        };
+        assert_eq!(
+            rows,
+            [
+                row("2026-10-31", old_tags, "m", 3),
+                row("2026-11-01", old_tags, "m", 1),
+                row("2026-11-01", new_tags, "m", 2),
+                row("2026-11-01", new_tags, "other", 1),
+            ]
+        );
     }
 }
