@@ -321,33 +321,9 @@ impl Metrics {
     /// Records a finished call.
     pub fn observe(&self, o: &Observation<'_>) {
         match o.handles.and_then(|cache| cache.handles(self, o)) {
-            Some(h) => {
-                h.requests.inc();
-                if let Some(u) = o.usage {
-                    for (i, n) in usage_counts(&u).into_iter().enumerate() {
-                        if n > 0 {
-                            h.tokens[i]
-                                .get_or_init(|| self.token_counter(o, TOKEN_TYPES[i]))
-                                .inc_by(n);
-                        }
-                    }
-                    match o.cost_usd {
-                        Some(c) => {
-                            h.cost.get_or_init(|| self.cost_counter(o)).inc_by(c);
-                        }
-                        None => {
-                            h.unpriced.get_or_init(|| self.unpriced_counter(o)).inc();
-                        }
-                    }
-                }
-                h.duration.observe(o.duration.as_secs_f64());
-                if let Some(t) = o.ttfb {
-                    h.ttfb
-                        .get_or_init(|| self.ttfb.get_or_create_owned(&api_labels(o)))
-                        .observe(t.as_secs_f64());
-                }
-            }
-            None => self.observe_uncached(o),
+            Some(h) => self.count(&h, o),
+            // No memo (no project, or a project with too many kinds): looked up this once.
+            None => self.count(&CallHandles::resolve(self, o), o),
         }
         let project = || o.project.cloned().unwrap_or_else(|| Arc::from(""));
         if let Some(code) = o.code {
@@ -373,32 +349,31 @@ impl Metrics {
         }
     }
 
-    /// [`Metrics::observe`] without a memo: every series looked up by its labels.
-    fn observe_uncached(&self, o: &Observation<'_>) {
-        self.requests
-            .get_or_create(&(call_labels(o), o.tags.clone()))
-            .inc();
+    /// Counts a call in the series of its kind; those it has not used yet are created now.
+    fn count(&self, h: &CallHandles, o: &Observation<'_>) {
+        h.requests.inc();
         if let Some(u) = o.usage {
             for (i, n) in usage_counts(&u).into_iter().enumerate() {
                 if n > 0 {
-                    self.token_counter(o, TOKEN_TYPES[i]).inc_by(n);
+                    h.tokens[i]
+                        .get_or_init(|| self.token_counter(o, TOKEN_TYPES[i]))
+                        .inc_by(n);
                 }
             }
             match o.cost_usd {
                 Some(c) => {
-                    self.cost_counter(o).inc_by(c);
+                    h.cost.get_or_init(|| self.cost_counter(o)).inc_by(c);
                 }
                 None => {
-                    self.unpriced_counter(o).inc();
+                    h.unpriced.get_or_init(|| self.unpriced_counter(o)).inc();
                 }
             }
         }
-        let api = api_labels(o);
-        self.duration
-            .get_or_create(&api)
-            .observe(o.duration.as_secs_f64());
+        h.duration.observe(o.duration.as_secs_f64());
         if let Some(t) = o.ttfb {
-            self.ttfb.get_or_create(&api).observe(t.as_secs_f64());
+            h.ttfb
+                .get_or_init(|| self.ttfb.get_or_create_owned(&api_labels(o)))
+                .observe(t.as_secs_f64());
         }
     }
 
@@ -652,8 +627,34 @@ mod tests {
             lines
         };
         assert_eq!(sorted(&text), sorted(&plain.render(None, &budgets, 0)));
-        assert!(text.contains("tokens_total{"), "{text}");
-        assert!(text.contains("type=\"reasoning\""), "{text}");
+        // The figures, worked out by hand from `observation`.
+        let series = |name: &str, model: &str, extra: &str, value: &str| {
+            let line = format!(
+                "mantlegate_{name}{{project=\"P\",model=\"{model}\",api=\"chat.completions\",{extra}}} {value}"
+            );
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        };
+        let tag = "tag_Team=\"search\"";
+        let done = format!("status_class=\"2xx\",outcome=\"forwarded\",{tag}");
+        series("requests_total", "m-a", &done, "4");
+        series("requests_total", "m-b", &done, "8");
+        for (model, kind, n) in [
+            ("m-a", "input", "45"),
+            ("m-a", "cached_input", "1"),
+            ("m-a", "output", "15"),
+            ("m-a", "reasoning", "15"),
+            ("m-b", "input", "90"),
+            ("m-b", "cached_input", "2"),
+            ("m-b", "output", "30"),
+            ("m-b", "reasoning", "23"),
+        ] {
+            series("tokens_total", model, &format!("type=\"{kind}\",{tag}"), n);
+        }
+        series("cost_usd_total", "m-a", tag, "0.5");
+        series("cost_usd_total", "m-b", tag, "1.25");
         // Two models, two stream values: four kinds remembered.
         assert_eq!(cache.0.load().len(), 4);
     }
