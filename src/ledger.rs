@@ -64,6 +64,40 @@ pub struct Record {
     pub budget_months: Vec<(Arc<str>, Arc<str>)>,
 }
 
+/// A plain forwarded call's record, for tests to vary with struct update syntax.
+#[cfg(test)]
+pub(crate) fn sample_record(ts_ms: i64) -> Record {
+    Record {
+        ts_ms,
+        request_id: format!("mg_{ts_ms}"),
+        key: Some(Arc::from("alice")),
+        key_fp: Some(Arc::from("abcdef012345")),
+        route: None,
+        project: Some(Arc::from("search")),
+        project_id: Some(Arc::from("proj_1")),
+        tags: Some(Arc::from(r#"{"team":"core"}"#)),
+        api: Some("chat.completions"),
+        model: Some("gpt-x".to_owned()),
+        stream: false,
+        status: 200,
+        outcome: "forwarded",
+        error_code: None,
+        usage: Usage {
+            input: 10,
+            cached_input: 2,
+            output: 5,
+            reasoning: 1,
+        },
+        usage_source: UsageSource::Reported,
+        cost_pico: Some(1_234_567),
+        duration_ms: 12.345_678_901_234_5,
+        ttfb_ms: Some(0.1 + 0.2),
+        upstream_response_id: None,
+        background: None,
+        budget_months: Vec::new(),
+    }
+}
+
 /// The background-response bookkeeping a record carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Background {

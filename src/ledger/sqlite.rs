@@ -414,38 +414,14 @@ impl LedgerRead for Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meter::Usage;
     use std::sync::Arc;
 
     fn record(ts_ms: i64, tags: &str, model: &str) -> Record {
         Record {
-            ts_ms,
-            request_id: format!("mg_{ts_ms}"),
-            key: Some(Arc::from("alice")),
-            key_fp: Some(Arc::from("abcdef012345")),
-            route: None,
-            project: Some(Arc::from("search")),
-            project_id: Some(Arc::from("proj_1")),
             tags: Some(Arc::from(tags)),
-            api: Some("chat.completions"),
             model: Some(model.to_owned()),
-            stream: false,
-            status: 200,
-            outcome: "forwarded",
-            error_code: None,
-            usage: Usage {
-                input: 10,
-                cached_input: 0,
-                output: 5,
-                reasoning: 0,
-            },
-            usage_source: crate::meter::UsageSource::Reported,
             cost_pico: Some(100),
-            duration_ms: 1.0,
-            ttfb_ms: None,
-            upstream_response_id: None,
-            background: None,
-            budget_months: Vec::new(),
+            ..crate::ledger::sample_record(ts_ms)
         }
     }
 

@@ -364,38 +364,14 @@ mod tests {
     use super::{CallRow, Names, export, import};
     use crate::ledger::sqlite::SqliteStore;
     use crate::ledger::{Record, Store};
-    use crate::meter::{Usage, UsageSource};
-    use std::sync::Arc;
 
     fn record(n: i64) -> Record {
         Record {
-            ts_ms: 1_780_000_000_000 + n,
             request_id: format!("mg_{n}"),
-            key: Some(Arc::from("alice")),
-            key_fp: Some(Arc::from("abcdef012345")),
-            route: None,
-            project: Some(Arc::from("search")),
-            project_id: Some(Arc::from("proj_1")),
-            tags: Some(Arc::from(r#"{"team":"core"}"#)),
-            api: Some("chat.completions"),
-            model: Some("gpt-x".to_owned()),
             stream: n % 2 == 0,
-            status: 200,
-            outcome: "forwarded",
             error_code: (n == 3).then_some("some_new_code"),
-            usage: Usage {
-                input: 10,
-                cached_input: 2,
-                output: 5,
-                reasoning: 1,
-            },
-            usage_source: UsageSource::Reported,
             cost_pico: (n != 2).then_some(1_234_567),
-            duration_ms: 12.345_678_901_234_5,
-            ttfb_ms: Some(0.1 + 0.2),
-            upstream_response_id: None,
-            background: None,
-            budget_months: Vec::new(),
+            ..crate::ledger::sample_record(1_780_000_000_000 + n)
         }
     }
 
