@@ -75,12 +75,66 @@ CREATE TABLE IF NOT EXISTS pending_background (
 ) WITHOUT ROWID;
 ";
 
-const INSERT_CALL: &str = "INSERT INTO calls (ts_ms, request_id, key_name, route, project_name,
+const INSERT_CALLS: &str = "INSERT INTO calls (ts_ms, request_id, key_name, route, project_name,
     project_id, tags, api, model, stream, status, outcome, error_code, input_tokens,
     cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms,
-    ttfb_ms, upstream_response_id, key_fp)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-    ?20, ?21, ?22, ?23)";
+    ttfb_ms, upstream_response_id, key_fp) VALUES ";
+
+/// Values a call row binds ([`bind_call`]).
+const CALL_COLUMNS: usize = 23;
+
+/// Rows per multi-row insert. SQLite does a statement's fixed work (opening the table and its
+/// indexes, ending the statement) once per statement, not per row, so the writer inserts a
+/// batch 16 rows at a time and the rest one by one.
+const ROWS_PER_INSERT: usize = 16;
+
+static INSERT_MANY: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| insert_calls_sql(ROWS_PER_INSERT));
+static INSERT_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_calls_sql(1));
+
+/// `INSERT INTO calls ... VALUES (?, ...), ...` with `rows` rows of placeholders.
+fn insert_calls_sql(rows: usize) -> String {
+    let row = format!("({})", vec!["?"; CALL_COLUMNS].join(", "));
+    format!("{INSERT_CALLS}{}", vec![row; rows].join(", "))
+}
+
+/// Binds `r` as the row of a call insert whose first value is parameter `first` (1-based).
+fn bind_call(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    first: usize,
+    r: &Record,
+) -> rusqlite::Result<()> {
+    let u = &r.usage;
+    let values: [&dyn rusqlite::ToSql; CALL_COLUMNS] = [
+        &r.ts_ms,
+        &r.request_id,
+        &r.key.as_deref(),
+        &r.route.as_deref(),
+        &r.project.as_deref(),
+        &r.project_id.as_deref(),
+        &r.tags.as_deref().unwrap_or("{}"),
+        &r.api,
+        &r.model,
+        &r.stream,
+        &r.status,
+        &r.outcome,
+        &r.error_code,
+        &to_i64(u.input),
+        &to_i64(u.cached_input),
+        &to_i64(u.output),
+        &to_i64(u.reasoning),
+        &r.usage_source.as_str(),
+        &r.cost_pico,
+        &r.duration_ms,
+        &r.ttfb_ms,
+        &r.upstream_response_id,
+        &r.key_fp.as_deref(),
+    ];
+    for (i, value) in values.into_iter().enumerate() {
+        stmt.raw_bind_parameter(first + i, value)?;
+    }
+    Ok(())
+}
 
 const UPSERT_DAILY: &str = "INSERT INTO daily (day, key_name, route, project_name, project_id,
     tags, api, model, outcome, requests, input_tokens, cached_input_tokens, output_tokens,
@@ -228,7 +282,21 @@ impl Store for SqliteStore {
     fn write_batch(&mut self, records: &[Record]) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
         {
-            let mut insert = tx.prepare_cached(INSERT_CALL)?;
+            let mut chunks = records.chunks_exact(ROWS_PER_INSERT);
+            {
+                let mut insert = tx.prepare_cached(&INSERT_MANY)?;
+                for chunk in &mut chunks {
+                    for (i, r) in chunk.iter().enumerate() {
+                        bind_call(&mut insert, 1 + i * CALL_COLUMNS, r)?;
+                    }
+                    insert.raw_execute()?;
+                }
+            }
+            let mut insert = tx.prepare_cached(&INSERT_ONE)?;
+            for r in chunks.remainder() {
+                bind_call(&mut insert, 1, r)?;
+                insert.raw_execute()?;
+            }
             let mut daily = tx.prepare_cached(UPSERT_DAILY)?;
             let mut pending = tx.prepare_cached(
                 "INSERT OR REPLACE INTO pending_background (response_id, project_id, model, ts_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -241,31 +309,6 @@ impl Store for SqliteStore {
                 std::collections::HashMap::new();
             for r in records {
                 let u = &r.usage;
-                insert.execute(params![
-                    r.ts_ms,
-                    r.request_id,
-                    r.key.as_deref(),
-                    r.route.as_deref(),
-                    r.project.as_deref(),
-                    r.project_id.as_deref(),
-                    r.tags.as_deref().unwrap_or("{}"),
-                    r.api,
-                    r.model,
-                    r.stream,
-                    r.status,
-                    r.outcome,
-                    r.error_code,
-                    to_i64(u.input),
-                    to_i64(u.cached_input),
-                    to_i64(u.output),
-                    to_i64(u.reasoning),
-                    r.usage_source.as_str(),
-                    r.cost_pico,
-                    r.duration_ms,
-                    r.ttfb_ms,
-                    r.upstream_response_id,
-                    r.key_fp.as_deref(),
-                ])?;
                 let d = rollup
                     .entry(DailyKey {
                         day: r.ts_ms.div_euclid(MS_PER_DAY),
@@ -423,6 +466,74 @@ mod tests {
             cost_pico: Some(100),
             ..crate::ledger::sample_record(ts_ms)
         }
+    }
+
+    #[test]
+    fn every_row_of_a_multi_row_insert_holds_its_own_record() {
+        type Row = (
+            i64,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<f64>,
+            Option<String>,
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.db");
+        let mut store = SqliteStore::open(&path).expect("open");
+        // Two full statements and a remainder, each record different in every varied field.
+        let n = 2 * ROWS_PER_INSERT + 5;
+        let batch: Vec<Record> = (0..n)
+            .map(|i| {
+                let i64n = i64::try_from(i).expect("small");
+                Record {
+                    request_id: format!("mg_{i}"),
+                    model: Some(format!("model-{i}")),
+                    key_fp: (i % 3 != 0).then(|| Arc::from(format!("fp{i}").as_str())),
+                    cost_pico: (i % 4 != 0).then_some(i64n * 7),
+                    ttfb_ms: (i % 2 == 0)
+                        .then_some(0.5 + f64::from(u32::try_from(i).expect("small"))),
+                    upstream_response_id: (i % 5 == 0).then(|| format!("resp_{i}")),
+                    ..crate::ledger::sample_record(1_793_491_200_000 + i64n)
+                }
+            })
+            .collect();
+        store.write_batch(&batch).expect("write");
+        let conn = open_read_only(&path).expect("read");
+        let mut stmt = conn
+            .prepare("SELECT ts_ms, request_id, model, key_fp, cost_pico, ttfb_ms, upstream_response_id FROM calls ORDER BY id")
+            .expect("prepare");
+        let rows: Vec<Row> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let expected: Vec<Row> = batch
+            .iter()
+            .map(|r| {
+                (
+                    r.ts_ms,
+                    r.request_id.clone(),
+                    r.model.clone(),
+                    r.key_fp.as_deref().map(str::to_owned),
+                    r.cost_pico,
+                    r.ttfb_ms,
+                    r.upstream_response_id.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(rows, expected);
     }
 
     #[test]
