@@ -468,6 +468,17 @@ mod tests {
         }
     }
 
+    /// Every row a query returns, each as a tuple of its columns.
+    fn rows_of<T>(stmt: &mut rusqlite::Statement<'_>) -> Vec<T>
+    where
+        T: for<'a> TryFrom<&'a rusqlite::Row<'a>, Error = rusqlite::Error>,
+    {
+        stmt.query_map([], |r| T::try_from(r))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
     #[test]
     fn every_row_of_a_multi_row_insert_holds_its_own_record() {
         type Row = (
@@ -504,21 +515,7 @@ mod tests {
         let mut stmt = conn
             .prepare("SELECT ts_ms, request_id, model, key_fp, cost_pico, ttfb_ms, upstream_response_id FROM calls ORDER BY id")
             .expect("prepare");
-        let rows: Vec<Row> = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            })
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
+        let rows: Vec<Row> = rows_of(&mut stmt);
         let expected: Vec<Row> = batch
             .iter()
             .map(|r| {
@@ -559,20 +556,7 @@ mod tests {
         let mut stmt = conn
             .prepare("SELECT day, tags, model, requests, input_tokens, cost_pico FROM daily ORDER BY day, tags, model")
             .expect("prepare");
-        let rows: Vec<(String, String, String, i64, i64, i64)> = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
+        let rows: Vec<(String, String, String, i64, i64, i64)> = rows_of(&mut stmt);
         let row = |day: &str, tags: &str, model: &str, n: i64| {
             (
                 day.to_owned(),
