@@ -258,13 +258,9 @@ impl<B: Body> RelayBody<B> {
     /// The upstream body ended while rewriting: flush what is held, then commit.
     fn end_of_upstream(&mut self) {
         if let Some(rest) = self.meter.finish_relay() {
-            self.meter_push(rest);
+            self.meter.push_out(rest);
         }
         self.finish(Outcome::Forwarded);
-    }
-
-    fn meter_push(&mut self, piece: Bytes) {
-        self.meter.push_out(piece);
     }
 }
 
