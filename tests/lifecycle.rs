@@ -235,18 +235,35 @@ async fn reload_under_load_fails_no_call_and_refuses_invalid_configs() {
         metrics.contains("mantlegate_config_reload_failures_total 1"),
         "{metrics}"
     );
-    // New calls carry the new tags into the ledger.
-    proxy.wait_for_records(11).await;
-    let last = proxy
-        .records()
-        .into_iter()
-        .rfind(|r| r["key_name"] == "chatbot-backend")
-        .expect("a record");
+    // A call made after the last reload carries the new tags into the
+    // ledger. It is found by its request ID: calls the load began before a
+    // reload may be written after it, so "the last row" proves nothing.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", proxy.url))
+        .bearer_auth(CHAT_KEY)
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().expect("id").to_owned();
+    r.bytes().await.expect("body");
+    // The load's calls, the ten new keys' calls, the one after the refused
+    // reload and this one: every call has its row.
+    let calls = done.load(Ordering::SeqCst) as u64 + 12;
+    proxy.wait_for_records(calls).await;
+    let records = proxy.records();
+    assert_eq!(records.len() as u64, calls, "one row per call");
+    let after = records
+        .iter()
+        .find(|r| r["request_id"] == id.as_str())
+        .expect("the call's row");
+    assert_eq!(after["key_name"], "chatbot-backend");
     assert!(
-        last["tags"]
+        after["tags"]
             .as_str()
             .expect("tags")
             .contains("\"Version\":\"v10\""),
-        "{last}"
+        "{after}"
     );
 }
