@@ -235,8 +235,13 @@ async fn reload_under_load_fails_no_call_and_refuses_invalid_configs() {
         metrics.contains("mantlegate_config_reload_failures_total 1"),
         "{metrics}"
     );
-    // A call made after the last reload carries the new tags into the
-    // ledger. It is found by its request ID: calls the load began before a
+    after_the_last_reload_rows_carry_its_tags(&proxy, done.load(Ordering::SeqCst)).await;
+}
+
+/// A call made after the last reload carries its tags into the ledger, and every call of
+/// the reload test (`load_calls` of them from the load) has its row.
+async fn after_the_last_reload_rows_carry_its_tags(proxy: &Proxy, load_calls: usize) {
+    // The call is found by its request ID: calls the load began before a
     // reload may be written after it, so "the last row" proves nothing.
     let r = client()
         .post(format!("{}/v1/chat/completions", proxy.url))
@@ -250,7 +255,7 @@ async fn reload_under_load_fails_no_call_and_refuses_invalid_configs() {
     r.bytes().await.expect("body");
     // The load's calls, the ten new keys' calls, the one after the refused
     // reload and this one: every call has its row.
-    let calls = done.load(Ordering::SeqCst) as u64 + 12;
+    let calls = load_calls as u64 + 12;
     proxy.wait_for_records(calls).await;
     let records = proxy.records();
     assert_eq!(records.len() as u64, calls, "one row per call");
