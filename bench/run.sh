@@ -213,11 +213,11 @@ EOF
 start_mantlegate() {
   local dir=$1
   if [ "${2:-}" = drop-access ]; then
-    BENCH_BEDROCK_API_KEY=bench-upstream-key BENCH_ADMIN_TOKEN=bench-admin-token MANTLEGATE_LOG=${BENCH_MANTLEGATE_LOG:-info} \
+    BENCH_BEDROCK_API_KEY=bench-upstream-key BENCH_ADMIN_TOKEN=bench-admin-token MANTLEGATE_LOG=${BENCH_MANTLEGATE_LOG:-info},mantlegate::cli=info \
       taskset -c "$PROXY_CORE" "$MG_BIN" serve --config "$dir/mantlegate.toml" \
       > >(taskset -c "$LOAD_CORE" grep --line-buffered -v '"message":"access"' >>"$dir/mantlegate.log") 2>&1 &
   else
-    BENCH_BEDROCK_API_KEY=bench-upstream-key BENCH_ADMIN_TOKEN=bench-admin-token MANTLEGATE_LOG=${BENCH_MANTLEGATE_LOG:-info} \
+    BENCH_BEDROCK_API_KEY=bench-upstream-key BENCH_ADMIN_TOKEN=bench-admin-token MANTLEGATE_LOG=${BENCH_MANTLEGATE_LOG:-info},mantlegate::cli=info \
       taskset -c "$PROXY_CORE" "$MG_BIN" serve --config "$dir/mantlegate.toml" >>"$dir/mantlegate.log" 2>&1 &
   fi
   MG_PID=$!
