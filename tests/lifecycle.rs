@@ -256,13 +256,8 @@ async fn after_the_last_reload_rows_carry_its_tags(proxy: &Proxy, load_calls: us
     // The load's calls, the ten new keys' calls, the one after the refused
     // reload and this one: every call has its row.
     let calls = load_calls as u64 + 12;
-    proxy.wait_for_records(calls).await;
-    let records = proxy.records();
-    assert_eq!(records.len() as u64, calls, "one row per call");
-    let after = records
-        .iter()
-        .find(|r| r["request_id"] == id.as_str())
-        .expect("the call's row");
+    let after = proxy.record_of(calls, &id).await;
+    assert_eq!(proxy.records().len() as u64, calls, "one row per call");
     assert_eq!(after["key_name"], "chatbot-backend");
     assert!(
         after["tags"]
