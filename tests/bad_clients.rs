@@ -369,13 +369,7 @@ async fn hang_up_before_the_headers_are_done_reaches_nothing() {
     drop(conn);
     // No request was ever complete: nothing to forward and nothing to bill. A call after it
     // is the only one the upstream and the ledger see.
-    let r = client()
-        .post(format!("{}/v1/chat/completions", proxy.url))
-        .bearer_auth(CHAT_KEY)
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .expect("send");
+    let r = proxy.chat(CHAT_KEY).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.expect("body");
     proxy.wait_for_records(1).await;
@@ -625,13 +619,7 @@ async fn only_the_ambiguous_request_of_a_connection_is_refused() {
     // The refusal is below the level of calls (as hyper's own framing refusals): a call after
     // it is the third record.
     assert_serving(&proxy).await;
-    let r = client()
-        .post(format!("{}/v1/chat/completions", proxy.url))
-        .bearer_auth(CHAT_KEY)
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .expect("send");
+    let r = proxy.chat(CHAT_KEY).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.expect("body");
     proxy.wait_for_records(3).await;

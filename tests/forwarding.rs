@@ -298,13 +298,7 @@ async fn unreachable_upstream_is_502_and_slow_head_is_504() {
         l.local_addr().expect("addr")
     };
     let proxy = spawn_proxy(&config(&format!("http://{dead}"), "reject", "")).await;
-    let r = client()
-        .post(format!("{}/v1/chat/completions", proxy.url))
-        .bearer_auth(CHAT_KEY)
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .expect("send");
+    let r = proxy.chat(CHAT_KEY).await;
     assert_eq!(r.status(), 502);
     assert_eq!(error_of(r).await["code"], "upstream_unavailable");
 
@@ -348,13 +342,7 @@ async fn health_and_readiness() {
         .await
         .expect("send");
     assert_eq!(r.status(), 503);
-    let r = client()
-        .post(format!("{}/v1/chat/completions", keyless.url))
-        .bearer_auth(CHAT_KEY)
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .expect("send");
+    let r = keyless.chat(CHAT_KEY).await;
     assert_eq!(r.status(), 503);
     assert_eq!(error_of(r).await["code"], "upstream_key_missing");
     assert!(up.requests().is_empty());

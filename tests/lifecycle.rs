@@ -38,13 +38,7 @@ expires_at = "2999-01-01T00:00:00Z"
     ));
     let proxy = spawn_proxy(&config(&up.url, "reject", &extra)).await;
     for (key, word) in [("mg-expired", "expired"), ("mg-disabled", "disabled")] {
-        let r = client()
-            .post(format!("{}/v1/chat/completions", proxy.url))
-            .bearer_auth(key)
-            .body(CHAT_BODY)
-            .send()
-            .await
-            .expect("send");
+        let r = proxy.chat(key).await;
         assert_eq!(r.status(), 401);
         let e = error_of(r).await;
         assert_eq!(e["code"], "invalid_api_key");
@@ -55,13 +49,7 @@ expires_at = "2999-01-01T00:00:00Z"
             "no other keys named: {msg}"
         );
     }
-    let r = client()
-        .post(format!("{}/v1/chat/completions", proxy.url))
-        .bearer_auth("mg-future")
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .expect("send");
+    let r = proxy.chat("mg-future").await;
     assert_eq!(r.status(), 200);
     assert_eq!(up.requests().len(), 1);
 }
@@ -80,13 +68,7 @@ projects = ["Chatbot"]
     );
     let proxy = spawn_proxy(&config(&up.url, "reject", &extra)).await;
     for key in [CHAT_KEY, "mg-test-chat-NEW"] {
-        let r = client()
-            .post(format!("{}/v1/chat/completions", proxy.url))
-            .bearer_auth(key)
-            .body(CHAT_BODY)
-            .send()
-            .await
-            .expect("send");
+        let r = proxy.chat(key).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.expect("body");
     }
@@ -110,13 +92,7 @@ passthrough = true
         sha(own)
     );
     let proxy = spawn_proxy(&config(&up.url, "reject", &extra)).await;
-    let r = client()
-        .post(format!("{}/v1/chat/completions", proxy.url))
-        .bearer_auth(own)
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .expect("send");
+    let r = proxy.chat(own).await;
     assert_eq!(r.status(), 200);
     let got = up.single();
     assert_eq!(got.headers["authorization"], format!("Bearer {own}"));
@@ -181,13 +157,7 @@ async fn reload_under_load_fails_no_call_and_refuses_invalid_configs() {
         );
         std::fs::write(&path, versioned(&up.url, version, &extra)).expect("write");
         assert!(reloader.reload("test"), "version {version} is valid");
-        let r = client()
-            .post(format!("{}/v1/chat/completions", proxy.url))
-            .bearer_auth(format!("mg-v{version}"))
-            .body(CHAT_BODY)
-            .send()
-            .await
-            .expect("send");
+        let r = proxy.chat(&format!("mg-v{version}")).await;
         assert_eq!(
             r.status(),
             200,
@@ -206,13 +176,7 @@ async fn reload_under_load_fails_no_call_and_refuses_invalid_configs() {
     )
     .expect("write");
     assert!(!reloader.reload("test"));
-    let r = client()
-        .post(format!("{}/v1/chat/completions", proxy.url))
-        .bearer_auth("mg-v10")
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .expect("send");
+    let r = proxy.chat("mg-v10").await;
     assert_eq!(r.status(), 200, "version 10 still serves");
     stop.store(true, Ordering::SeqCst);
     for l in load {
@@ -243,13 +207,7 @@ async fn reload_under_load_fails_no_call_and_refuses_invalid_configs() {
 async fn after_the_last_reload_rows_carry_its_tags(proxy: &Proxy, load_calls: usize) {
     // The call is found by its request ID: calls the load began before a
     // reload may be written after it, so "the last row" proves nothing.
-    let r = client()
-        .post(format!("{}/v1/chat/completions", proxy.url))
-        .bearer_auth(CHAT_KEY)
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .expect("send");
+    let r = proxy.chat(CHAT_KEY).await;
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-request-id"].to_str().expect("id").to_owned();
     r.bytes().await.expect("body");

@@ -849,6 +849,17 @@ pub fn config_tuned(upstream_url: &str, server: &str, upstream: &str, extra: &st
 }
 
 impl Proxy {
+    /// A non-streamed chat call ([`CHAT_BODY`]) with `key`.
+    pub async fn chat(&self, key: &str) -> reqwest::Response {
+        client()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(key)
+            .body(CHAT_BODY)
+            .send()
+            .await
+            .expect("send")
+    }
+
     /// The ledger record of the call the client saw as `request_id` (waits for `n` records first).
     pub async fn record_of(&self, n: u64, request_id: &str) -> serde_json::Value {
         self.wait_for_records(n).await;
