@@ -19,16 +19,6 @@ fn capped(max_tokens: u64) -> String {
     )
 }
 
-async fn chat(proxy: &Proxy, key: &str, body: String) -> reqwest::Response {
-    client()
-        .post(format!("{}/v1/chat/completions", proxy.url))
-        .bearer_auth(key)
-        .body(body)
-        .send()
-        .await
-        .expect("send")
-}
-
 #[tokio::test]
 async fn fifty_concurrent_calls_against_a_budget_with_room_for_ten() {
     let up = FakeUpstream::start().await;
@@ -45,7 +35,7 @@ action = "block"
         .map(|_| {
             let proxy = proxy.clone();
             tokio::spawn(async move {
-                let r = chat(&proxy, CHAT_KEY, capped(100_000)).await;
+                let r = proxy.chat_body(CHAT_KEY, capped(100_000)).await;
                 let status = r.status().as_u16();
                 let code = if status == 429 {
                     assert_eq!(r.headers()["x-should-retry"], "false");
@@ -155,7 +145,7 @@ alert_at = [0.5, 0.8, 1.0]
     let proxy = spawn_proxy(&config(&up.url, "reject", &extra)).await;
     // 12 calls of about $0.06, one after another: crosses 50 %, 80 % and 100 % once each.
     for _ in 0..12 {
-        let r = chat(&proxy, CHAT_KEY, capped(100_000)).await;
+        let r = proxy.chat_body(CHAT_KEY, capped(100_000)).await;
         assert_eq!(r.status(), 200, "alert budgets never refuse");
         r.bytes().await.expect("body");
     }
@@ -204,7 +194,7 @@ requests_per_minute = 5
         .map(|_| {
             let proxy = proxy.clone();
             tokio::spawn(async move {
-                let r = chat(&proxy, CHAT_KEY, CHAT_BODY.to_owned()).await;
+                let r = proxy.chat(CHAT_KEY).await;
                 let headers = r.headers().clone();
                 let status = r.status().as_u16();
                 let body = r.bytes().await.expect("body");
@@ -247,7 +237,7 @@ requests_per_minute = 5
         "limited calls never reach the upstream"
     );
     // Another key is not limited by chatbot-backend's rule.
-    let r = chat(&proxy, SEARCH_KEY, CHAT_BODY.to_owned()).await;
+    let r = proxy.chat(SEARCH_KEY).await;
     assert_eq!(r.status(), 200);
 }
 
@@ -261,15 +251,15 @@ tokens_per_minute = 1000
 "#;
     let proxy = spawn_proxy(&config(&up.url, "reject", extra)).await;
     // Estimated at 600 output tokens + input: the first fits, the second does not.
-    let r = chat(&proxy, CHAT_KEY, capped(600)).await;
+    let r = proxy.chat_body(CHAT_KEY, capped(600)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "1000");
     r.bytes().await.expect("body");
-    let r = chat(&proxy, CHAT_KEY, capped(600)).await;
+    let r = proxy.chat_body(CHAT_KEY, capped(600)).await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("x-ratelimit-reset-tokens"));
     assert_eq!(error_of(r).await["code"], "rate_limit_exceeded");
     // A small call still fits in what is left.
-    let r = chat(&proxy, CHAT_KEY, capped(100)).await;
+    let r = proxy.chat_body(CHAT_KEY, capped(100)).await;
     assert_eq!(r.status(), 200);
 }

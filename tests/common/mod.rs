@@ -851,10 +851,15 @@ pub fn config_tuned(upstream_url: &str, server: &str, upstream: &str, extra: &st
 impl Proxy {
     /// A non-streamed chat call ([`CHAT_BODY`]) with `key`.
     pub async fn chat(&self, key: &str) -> reqwest::Response {
+        self.chat_body(key, CHAT_BODY).await
+    }
+
+    /// A chat call with `key` and `body`.
+    pub async fn chat_body(&self, key: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
         client()
             .post(format!("{}/v1/chat/completions", self.url))
             .bearer_auth(key)
-            .body(CHAT_BODY)
+            .body(body)
             .send()
             .await
             .expect("send")
