@@ -14,7 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header, request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 
 use crate::attribution;
 use crate::call::{Call, Outcome};
@@ -111,7 +111,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Respons
 /// The upstream's answer, ready to relay.
 struct Upstream {
     parts: axum::http::response::Parts,
-    body: hyper::body::Incoming,
+    body: crate::upstream::UpstreamBody,
     meter: BodyMeter,
     sent: Instant,
 }
@@ -346,7 +346,7 @@ async fn send_with_retries(
     client: &UpstreamClient,
     outgoing: &Outgoing<'_>,
     call: &mut Call,
-) -> Result<axum::http::Response<hyper::body::Incoming>, ProxyError> {
+) -> Result<axum::http::Response<crate::upstream::UpstreamBody>, ProxyError> {
     let deadline = tokio::time::Instant::from_std(call.started()) + up.total_timeout;
     let mut attempt = 0u32;
     loop {
@@ -408,7 +408,7 @@ struct Outgoing<'a> {
 impl Outgoing<'_> {
     /// One attempt's request. The client sets `host` and `content-length` (from the body's
     /// exact size).
-    async fn request(&self) -> Result<axum::http::Request<Full<Bytes>>, ProxyError> {
+    async fn request(&self) -> Result<axum::http::Request<Bytes>, ProxyError> {
         let mut headers = self.headers.clone();
         if let Some(signer) = self.signer {
             let body = self.body.as_deref().unwrap_or_default();
@@ -418,8 +418,7 @@ impl Outgoing<'_> {
                 .map_err(|err| ProxyError::UpstreamCredentials(format!("{err:#}")))?;
         }
         // Bytes: a reference count, not a copy.
-        let mut request =
-            axum::http::Request::new(Full::new(self.body.clone().unwrap_or_default()));
+        let mut request = axum::http::Request::new(self.body.clone().unwrap_or_default());
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = headers;
@@ -575,37 +574,8 @@ async fn read_body(body: Body, limit: usize, parts: &request::Parts) -> Result<B
     }
 }
 
-/// Maps a client error to 502; connection details only, never headers.
-fn upstream_error(err: &hyper_util::client::legacy::Error) -> ProxyError {
-    let timed_out = {
-        let mut source = std::error::Error::source(err);
-        let mut found = false;
-        while let Some(s) = source {
-            found |= s
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
-            source = s.source();
-        }
-        found
-    };
-    let what = if timed_out {
-        "connection timed out"
-    } else if err.is_connect() {
-        "connection failed"
-    } else {
-        "the request failed"
-    };
-    // The source chain says why (refused, DNS, TLS) and holds no secret: hyper's errors carry
-    // neither the request's headers nor its body.
-    let mut detail = String::new();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        detail = s.to_string();
-        source = s.source();
-    }
-    if detail.is_empty() {
-        ProxyError::UpstreamUnavailable(what.to_owned())
-    } else {
-        ProxyError::UpstreamUnavailable(format!("{what}: {detail}"))
-    }
+/// Maps a client error to 502. Its message says what failed (refused, timed out, TLS, a
+/// malformed answer) and never holds the request's headers or body.
+fn upstream_error(err: &crate::upstream::Error) -> ProxyError {
+    ProxyError::UpstreamUnavailable(err.to_string())
 }

@@ -1,46 +1,226 @@
-//! The HTTP client that carries calls to bedrock-mantle: hyper's pooled client, over rustls.
+//! The HTTP client that carries calls to bedrock-mantle: HTTP/1.1 over rustls, with a pool of
+//! kept-alive connections, each call's connection driven by the call's own task.
 //!
-//! reqwest (still used for webhooks and the Projects API) costs a proxy more than it gives
-//! it: per call it parsed the URL three times (building the request, its redirect policy, the
-//! response), ran a retry and a redirect layer the proxy does not use (mantlegate retries
-//! itself and never follows redirects), and boxed the bodies twice. Together that was about
-//! 8 % of a non-streamed call's CPU. Here a request is a `http::Request` built from the
-//! scheme and authority parsed once at load, and the answer's body is hyper's own.
+//! reqwest (still used for webhooks and the Projects API) cost a proxy more than it gave: per
+//! call it parsed the URL three times, ran redirect and retry layers the proxy does not use,
+//! and boxed the bodies twice. hyper's pooled client, which replaced it, runs every
+//! connection as a task of its own and hands the answer over through a channel: each stream
+//! event woke that task, was decoded there, and crossed to the call's task. Here the call's
+//! task writes the request and reads the answer itself ([`conn`]); the wire format is in
+//! [`wire`] (httparse's head parser, as in hyper). HTTP/1.1 only, as nginx speaks upstream:
+//! one call per connection at a time, connections reused.
 
+mod conn;
+mod wire;
+
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::{Request, Response};
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
-/// The pooled upstream client (HTTP/1.1, or HTTP/2 when TLS negotiates it).
-pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub use conn::UpstreamBody;
+use conn::{Conn, Pool, Stream, Target};
+
+/// How long an idle connection is kept: under the 60 s after which load balancers commonly
+/// close one, so that the upstream rarely closes a connection as it is being reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a call could not be sent or its answer read. The message names the failure (refused,
+/// timed out, TLS, malformed answer), never the request's headers or body.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    connect: bool,
+    message: String,
+}
+
+impl Error {
+    /// No connection could be made: nothing of the call reached the upstream.
+    #[must_use]
+    pub fn is_connect(&self) -> bool {
+        self.connect
+    }
+
+    fn connect(err: &std::io::Error) -> Self {
+        Self {
+            connect: true,
+            message: format!("connection failed: {err}"),
+        }
+    }
+
+    fn io(what: &str, err: &std::io::Error) -> Self {
+        let what = if err.kind() == std::io::ErrorKind::TimedOut {
+            "connection timed out"
+        } else {
+            what
+        };
+        Self {
+            connect: false,
+            message: format!("{what}: {err}"),
+        }
+    }
+
+    fn protocol(what: &str) -> Self {
+        Self {
+            connect: false,
+            message: what.to_owned(),
+        }
+    }
+}
+
+/// The upstream client; cheap to clone (the pool is shared).
+#[derive(Clone)]
+pub struct UpstreamClient {
+    tls: tokio_rustls::TlsConnector,
+    connect_timeout: Duration,
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Builds the client: TLS verified against the platform's roots, as reqwest did; no Nagle
-/// delay; idle connections kept a minute.
+/// delay; idle connections kept [`IDLE_TIMEOUT`].
 ///
 /// # Errors
 /// When the TLS setup fails (no usable root store).
 pub fn client(connect_timeout: Duration) -> anyhow::Result<UpstreamClient> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    // https is handled by the TLS wrapper, which hands plain connects to this one.
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_platform_verifier(std::sync::Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))?
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_mins(1))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https))
+    use rustls_platform_verifier::BuilderVerifierExt as _;
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_platform_verifier()?
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(UpstreamClient {
+        tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        connect_timeout,
+        pool: Arc::new(Pool::new(IDLE_TIMEOUT)),
+    })
+}
+
+impl UpstreamClient {
+    /// Sends `req` (its URI absolute: scheme and authority say where) and reads the answer's
+    /// head; the body is read as it is polled. A kept-alive connection is used when one is
+    /// idle; if sending on it fails (the upstream closed it as it was taken), the request is
+    /// sent once more on a new connection.
+    ///
+    /// # Errors
+    /// When no connection could be made ([`Error::is_connect`]), sending or reading failed,
+    /// or the answer is not valid HTTP/1.1.
+    pub async fn request(&self, req: Request<Bytes>) -> Result<Response<UpstreamBody>, Error> {
+        let (parts, body) = req.into_parts();
+        let target = Target {
+            https: parts.uri.scheme() == Some(&axum::http::uri::Scheme::HTTPS),
+            authority: parts
+                .uri
+                .authority()
+                .cloned()
+                .ok_or_else(|| Error::protocol("the upstream URL has no host"))?,
+        };
+        let body_len =
+            (!body.is_empty() || wire::announces_empty_body(&parts.method)).then_some(body.len());
+        let mut head = Vec::with_capacity(256 + parts.headers.len() * 64);
+        wire::encode_request(
+            &mut head,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            body_len,
+        );
+
+        let mut conn = match self.pool.checkout(&target) {
+            Some(conn) => conn,
+            None => self.connect(target.clone()).await?,
+        };
+        if let Err(err) = conn.write_request(&head, &body).await {
+            if !conn.reused {
+                return Err(Error::io("sending the request failed", &err));
+            }
+            conn = self.connect(target).await?;
+            conn.write_request(&head, &body)
+                .await
+                .map_err(|err| Error::io("sending the request failed", &err))?;
+        }
+        let head = loop {
+            if let Some(head) =
+                wire::parse_head(&mut conn.buf, &parts.method).map_err(|e| Error::protocol(e.0))?
+            {
+                break head;
+            }
+            if conn.buf.len() >= wire::MAX_HEAD_BYTES {
+                return Err(Error::protocol("the upstream's answer head is too large"));
+            }
+            conn.buf.reserve(conn::READ_SIZE);
+            let read = conn
+                .stream
+                .read_buf(&mut conn.buf)
+                .await
+                .map_err(|err| Error::io("reading the answer failed", &err))?;
+            if read == 0 {
+                return Err(Error::protocol(if conn.reused {
+                    "the upstream closed a kept-alive connection without answering"
+                } else {
+                    "the upstream closed the connection without answering"
+                }));
+            }
+        };
+        let body = UpstreamBody::new(conn, head.framing, head.keep_alive, self.pool.clone());
+        Ok(Response::from_parts(head.parts, body))
+    }
+
+    /// Opens a connection to `target` within the connect timeout (TLS handshake included).
+    async fn connect(&self, target: Target) -> Result<Conn, Error> {
+        self.pool.start_reaper();
+        let https = target.https;
+        let host = target.authority.host();
+        // An IPv6 literal comes bracketed in a URL, and bare to the resolver and to TLS.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .to_owned();
+        let port = target
+            .authority
+            .port_u16()
+            .unwrap_or(if https { 443 } else { 80 });
+        let open = async {
+            let tcp = TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| Error::connect(&e))?;
+            tcp.set_nodelay(true).map_err(|e| Error::connect(&e))?;
+            if !https {
+                return Ok(Stream::Plain(tcp));
+            }
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| Error::protocol("the upstream host is not a valid TLS name"))?;
+            let tls = self
+                .tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| Error::connect(&e))?;
+            Ok(Stream::Tls(Box::new(tls)))
+        };
+        match tokio::time::timeout(self.connect_timeout, open).await {
+            Ok(stream) => Ok(Conn::new(stream?, target)),
+            Err(_) => Err(Error {
+                connect: true,
+                message: format!(
+                    "connection timed out: no connection within {:?}",
+                    self.connect_timeout
+                ),
+            }),
+        }
+    }
 }
 
 /// Where calls go: the scheme and host of `upstream.base_url`, parsed once, and its path.
@@ -136,5 +316,282 @@ mod tests {
     #[test]
     fn the_client_builds_with_the_platform_roots() {
         client(Duration::from_secs(1)).expect("client");
+    }
+
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpListener;
+
+    /// Bounds a step that would otherwise hang if the client misbehaved; never a wait for
+    /// something to happen.
+    async fn bounded<T>(step: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), step)
+            .await
+            .expect("the step did not finish")
+    }
+
+    /// Reads one request (head, and body by its content-length) off the upstream's side.
+    async fn read_request(sock: &mut TcpStream) -> String {
+        let mut buf = Vec::new();
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().expect("length"));
+                if buf.len() >= end + 4 + len {
+                    return String::from_utf8_lossy(&buf).into_owned();
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = sock.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "the client closed the connection mid-request");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn post(addr: std::net::SocketAddr, body: &'static str) -> Request<Bytes> {
+        let mut req = Request::new(Bytes::from_static(body.as_bytes()));
+        *req.method_mut() = axum::http::Method::POST;
+        *req.uri_mut() = format!("http://{addr}/v1/chat/completions")
+            .parse()
+            .expect("uri");
+        req
+    }
+
+    async fn listener() -> (TcpListener, std::net::SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        (l, addr)
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_carries_the_next_call() {
+        let (l, addr) = listener().await;
+        let c = client(Duration::from_secs(5)).expect("client");
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move { c.request(post(addr, "{\"a\":1}")).await }
+        });
+        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
+        let req = bounded(read_request(&mut sock)).await;
+        assert!(
+            req.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+            "{req}"
+        );
+        assert!(req.contains(&format!("host: {addr}\r\n")), "{req}");
+        assert!(req.ends_with("content-length: 7\r\n\r\n{\"a\":1}"), "{req}");
+        sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-up: 1\r\n\r\n{}")
+            .await
+            .expect("write");
+        let res = bounded(first).await.expect("task").expect("answer");
+        assert_eq!(res.headers()["x-up"], "1");
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"{}");
+        assert_eq!(
+            c.pool.idle_count(),
+            1,
+            "read whole, the connection waits for the next call"
+        );
+
+        // The second call comes on the same connection: no second accept.
+        let second = tokio::spawn({
+            let c = c.clone();
+            async move { c.request(post(addr, "")).await }
+        });
+        let req = bounded(read_request(&mut sock)).await;
+        assert!(
+            req.contains("content-length: 0\r\n"),
+            "a POST says its body is empty: {req}"
+        );
+        sock.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .expect("write");
+        let res = bounded(second).await.expect("task").expect("answer");
+        assert_eq!(res.status(), 204);
+        assert!(res.body().is_end_stream());
+        assert_eq!(c.pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_is_handed_over_as_it_comes_and_ends_with_its_last_chunk() {
+        let (l, addr) = listener().await;
+        let c = client(Duration::from_secs(5)).expect("client");
+        let call = tokio::spawn({
+            let c = c.clone();
+            async move { c.request(post(addr, "{}")).await }
+        });
+        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
+        bounded(read_request(&mut sock)).await;
+        sock.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+              d\r\ndata: first\n\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut body = bounded(call)
+            .await
+            .expect("task")
+            .expect("answer")
+            .into_body();
+        let frame = bounded(body.frame()).await.expect("frame").expect("ok");
+        assert_eq!(frame.into_data().expect("data"), "data: first\n\n");
+        assert!(!body.is_end_stream(), "the rest has not come yet");
+        sock.write_all(b"e\r\ndata: second\n\n\r\n0\r\n\r\n")
+            .await
+            .expect("write");
+        let frame = bounded(body.frame()).await.expect("frame").expect("ok");
+        assert_eq!(frame.into_data().expect("data"), "data: second\n\n");
+        assert!(body.is_end_stream(), "its end came with the last chunk");
+        assert_eq!(c.pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_not_used_again() {
+        let (l, addr) = listener().await;
+        let c = client(Duration::from_secs(5)).expect("client");
+        for round in 0..2 {
+            let call = tokio::spawn({
+                let c = c.clone();
+                async move { c.request(post(addr, "{}")).await }
+            });
+            let (mut sock, _) = bounded(l.accept()).await.expect("a new connection");
+            bounded(read_request(&mut sock)).await;
+            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                .await
+                .expect("write");
+            let res = bounded(call).await.expect("task").expect("answer");
+            res.into_body().collect().await.expect("body");
+            assert_eq!(c.pool.idle_count(), 1, "round {round}");
+            // The upstream closes the idle connection; once its FIN is in, the reaper (or
+            // the next checkout) drops it, and the next call opens a new one.
+            drop(sock);
+            bounded(async {
+                while c.pool.idle_count() > 0 {
+                    c.pool.reap();
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn what_the_upstream_says_or_leaves_unsaid_keeps_a_connection_out_of_the_pool() {
+        let (l, addr) = listener().await;
+        let c = client(Duration::from_secs(5)).expect("client");
+        let answers: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}HTTP/1.1 200 OK\r\n",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\n\r\n{}",
+        ];
+        for answer in answers {
+            let call = tokio::spawn({
+                let c = c.clone();
+                async move { c.request(post(addr, "{}")).await }
+            });
+            let (mut sock, _) = bounded(l.accept()).await.expect("accept");
+            bounded(read_request(&mut sock)).await;
+            sock.write_all(answer).await.expect("write");
+            let res = bounded(call).await.expect("task").expect("answer");
+            let mut body = res.into_body();
+            let frame = bounded(body.frame()).await.expect("frame").expect("ok");
+            assert_eq!(frame.into_data().expect("data"), "{}");
+            // A body read until close ends when the upstream closes.
+            drop(sock);
+            assert!(bounded(body.frame()).await.is_none());
+            assert_eq!(
+                c.pool.idle_count(),
+                0,
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_short_is_an_error_and_a_dropped_body_closes_its_connection() {
+        let (l, addr) = listener().await;
+        let c = client(Duration::from_secs(5)).expect("client");
+        let call = tokio::spawn({
+            let c = c.clone();
+            async move { c.request(post(addr, "{}")).await }
+        });
+        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
+        bounded(read_request(&mut sock)).await;
+        sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}")
+            .await
+            .expect("write");
+        drop(sock);
+        let res = bounded(call).await.expect("task").expect("answer");
+        let err = bounded(res.into_body().collect())
+            .await
+            .expect_err("cut short");
+        assert!(
+            err.to_string().contains("before the answer was complete"),
+            "{err}"
+        );
+
+        // A client that leaves mid-answer: the connection is closed, not pooled.
+        let call = tokio::spawn({
+            let c = c.clone();
+            async move { c.request(post(addr, "{}")).await }
+        });
+        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
+        bounded(read_request(&mut sock)).await;
+        sock.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n")
+            .await
+            .expect("write");
+        let mut body = bounded(call)
+            .await
+            .expect("task")
+            .expect("answer")
+            .into_body();
+        bounded(body.frame()).await.expect("frame").expect("ok");
+        drop(body);
+        let mut rest = [0u8; 16];
+        assert_eq!(
+            bounded(sock.read(&mut rest)).await.expect("read"),
+            0,
+            "closed"
+        );
+        assert_eq!(c.pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn refused_and_failed_handshakes_are_connect_errors_and_bad_heads_are_not() {
+        let c = client(Duration::from_secs(5)).expect("client");
+        let (l, addr) = listener().await;
+        drop(l);
+        let err = c.request(post(addr, "{}")).await.expect_err("refused");
+        assert!(err.is_connect(), "{err}");
+        assert!(err.to_string().starts_with("connection failed: "), "{err}");
+
+        // TLS to a server that answers in plain text.
+        let (l, addr) = listener().await;
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = l.accept().await.expect("accept");
+            let _ = sock.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        });
+        let mut req = post(addr, "{}");
+        *req.uri_mut() = format!("https://{addr}/v1/models").parse().expect("uri");
+        let err = bounded(c.request(req)).await.expect_err("no TLS");
+        assert!(err.is_connect(), "{err}");
+        server.await.expect("server");
+
+        let (l, addr) = listener().await;
+        let call = tokio::spawn({
+            let c = c.clone();
+            async move { c.request(post(addr, "{}")).await }
+        });
+        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
+        bounded(read_request(&mut sock)).await;
+        sock.write_all(b"SMTP ready\r\n\r\n").await.expect("write");
+        let err = bounded(call).await.expect("task").expect_err("not HTTP");
+        assert!(!err.is_connect(), "the request was sent: {err}");
+        assert!(err.to_string().contains("not valid HTTP/1.1"), "{err}");
     }
 }
