@@ -2,14 +2,11 @@
 //! chunk mantlegate asked for on the client's behalf), while the meter watches them and the
 //! call commits when the body ends, fails or is dropped.
 //!
-//! Frames that arrive together leave together. hyper's client hands a body over one frame
-//! at a time from the connection's task; relaying each the moment it came cost one `writev`
-//! (and one wake-up of the client) per stream event, where nginx writes what one read brought
-//! in one go. So when the upstream has nothing more ready, the relay gives the connection task
-//! a turn or two ([`HOLD_TURNS`]) to decode what it has already read, then sends everything
-//! held. It never waits for data that has not arrived: a lone event goes out after two
-//! scheduler turns, microseconds. And it never holds more than [`HOLD_BYTES`]: a large answer
-//! arriving without pause is relayed as it comes.
+//! Frames that arrive together leave together, as nginx sends what one read brought in one
+//! write: the relay takes every frame the upstream body has ready (the stream events one read
+//! brought, decoded in this task), and sends them when it has no more, in one `writev`.
+//! It never waits for data that has not arrived, and never holds more than [`HOLD_BYTES`]: a
+//! large answer arriving without pause is relayed as it comes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,12 +20,6 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::call::{Call, Outcome};
 use crate::meter::stream::BodyMeter;
-
-/// Scheduler turns a relay holding frames gives the upstream connection's task to hand over
-/// the next one before sending what it holds. hyper's client needs two: one to take the
-/// receiver's demand, one to decode and send the next frame (measured: with one, every event
-/// still went out in a write of its own).
-const HOLD_TURNS: u8 = 2;
 
 /// Held bytes past which the relay sends at once: a large answer arriving without pause is
 /// relayed as it comes, not gathered whole.
@@ -44,8 +35,6 @@ pub struct RelayBody<B: Body> {
     done: bool,
     /// Handing out what is held (the upstream had nothing more, or ended).
     draining: bool,
-    /// Scheduler turns given to the upstream connection since the last frame, while holding.
-    idle_turns: u8,
     /// Trailers to send after the data held.
     trailers: Option<Frame<Bytes>>,
     /// The upstream's error, to end the answer with after the data held.
@@ -80,7 +69,6 @@ impl<B: Body> RelayBody<B> {
             success,
             done: false,
             draining: false,
-            idle_turns: 0,
             trailers: None,
             broken: None,
             timer: Box::pin(tokio::time::sleep_until(first)),
@@ -149,16 +137,7 @@ where
             let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(frame) => frame,
                 Poll::Pending if this.meter.has_out() => {
-                    if this.idle_turns < HOLD_TURNS && this.meter.out_bytes() < HOLD_BYTES {
-                        // Frames are held, and the upstream connection (another task) may
-                        // have the next ones read already: let it run, then take what it
-                        // has. Events that arrived together go out in one write, as nginx
-                        // sends what one read brought; nothing waits for data to come.
-                        this.idle_turns += 1;
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
-                    this.idle_turns = 0;
+                    // The upstream has nothing more ready: send what it brought.
                     this.draining = true;
                     continue;
                 }
@@ -196,7 +175,6 @@ where
                             continue;
                         }
                     };
-                    this.idle_turns = 0;
                     if this.meter.rewrites() {
                         this.meter.relay(&data);
                         if this.inner.is_end_stream() {
@@ -331,10 +309,9 @@ mod tests {
     #[tokio::test]
     async fn events_that_arrive_together_leave_together_and_none_waits_for_more() {
         let (mut body, tx) = relay(crate::meter::stream::Kind::ResponsesStream);
+        // Two events that one read brought.
         tx.send(Bytes::from_static(b"event: a\ndata: {}\n\n"))
             .expect("send");
-        // Held for the upstream connection's turns; the next event arrives meanwhile.
-        assert!(poll(&mut body).is_pending());
         tx.send(Bytes::from_static(b"event: b\ndata: {}\n\n"))
             .expect("send");
         let mut out = Vec::new();
@@ -343,7 +320,6 @@ mod tests {
             match poll(&mut body) {
                 Poll::Ready(Some(b)) => out.push(b),
                 Poll::Ready(None) => panic!("the body ended"),
-                Poll::Pending if out.is_empty() => {}
                 Poll::Pending => {
                     pendings_between += 1;
                     break;
@@ -361,18 +337,13 @@ mod tests {
         assert_eq!(pendings_between, 1, "then nothing is held");
         assert!(!body.is_end_stream());
 
-        // A lone event goes out after at most HOLD_TURNS turns, with nothing else arriving.
+        // A lone event goes out at once: nothing waits for more to arrive.
         tx.send(Bytes::from_static(b"event: c\ndata: {}\n\n"))
             .expect("send");
-        let mut turns = 0;
-        let lone = loop {
-            match poll(&mut body) {
-                Poll::Ready(b) => break b,
-                Poll::Pending => turns += 1,
-            }
-            assert!(turns <= usize::from(HOLD_TURNS), "a lone event held back");
-        };
-        assert_eq!(lone, Some(Bytes::from_static(b"event: c\ndata: {}\n\n")));
+        assert_eq!(
+            poll(&mut body),
+            Poll::Ready(Some(Bytes::from_static(b"event: c\ndata: {}\n\n")))
+        );
 
         // The end: whatever is held first, then the end of the body.
         tx.send(Bytes::from_static(b"event: d\ndata: {}\n\n"))
