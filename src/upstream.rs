@@ -352,6 +352,38 @@ mod tests {
         }
     }
 
+    /// Sends a POST through `c` in a task of its own; the test plays the upstream meanwhile.
+    fn send(
+        c: &UpstreamClient,
+        addr: std::net::SocketAddr,
+        body: &'static str,
+    ) -> tokio::task::JoinHandle<Result<Response<UpstreamBody>, Error>> {
+        let c = c.clone();
+        tokio::spawn(async move { c.request(post(addr, body)).await })
+    }
+
+    /// Sends a POST through `c`, takes it on a new connection, answers it with `answer`, and
+    /// returns the connection and the answer as the client read it.
+    async fn answered(
+        c: &UpstreamClient,
+        l: &TcpListener,
+        answer: &[u8],
+    ) -> (TcpStream, Response<UpstreamBody>) {
+        let addr = l.local_addr().expect("addr");
+        let call = send(c, addr, "{}");
+        let (mut sock, _) = accept_call(l).await;
+        sock.write_all(answer).await.expect("write");
+        let res = bounded(call).await.expect("task").expect("answer");
+        (sock, res)
+    }
+
+    /// Takes a call on a new connection: the connection, and the request read off it.
+    async fn accept_call(l: &TcpListener) -> (TcpStream, String) {
+        let (mut sock, _) = bounded(l.accept()).await.expect("a new connection");
+        let req = bounded(read_request(&mut sock)).await;
+        (sock, req)
+    }
+
     fn post(addr: std::net::SocketAddr, body: &'static str) -> Request<Bytes> {
         let mut req = Request::new(Bytes::from_static(body.as_bytes()));
         *req.method_mut() = axum::http::Method::POST;
@@ -371,12 +403,8 @@ mod tests {
     async fn a_kept_alive_connection_carries_the_next_call() {
         let (l, addr) = listener().await;
         let c = client(Duration::from_secs(5)).expect("client");
-        let first = tokio::spawn({
-            let c = c.clone();
-            async move { c.request(post(addr, "{\"a\":1}")).await }
-        });
-        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
-        let req = bounded(read_request(&mut sock)).await;
+        let first = send(&c, addr, "{\"a\":1}");
+        let (mut sock, req) = accept_call(&l).await;
         assert!(
             req.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
             "{req}"
@@ -397,10 +425,7 @@ mod tests {
         );
 
         // The second call comes on the same connection: no second accept.
-        let second = tokio::spawn({
-            let c = c.clone();
-            async move { c.request(post(addr, "")).await }
-        });
+        let second = send(&c, addr, "");
         let req = bounded(read_request(&mut sock)).await;
         assert!(
             req.contains("content-length: 0\r\n"),
@@ -417,25 +442,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_chunked_answer_is_handed_over_as_it_comes_and_ends_with_its_last_chunk() {
-        let (l, addr) = listener().await;
+        let (l, _) = listener().await;
         let c = client(Duration::from_secs(5)).expect("client");
-        let call = tokio::spawn({
-            let c = c.clone();
-            async move { c.request(post(addr, "{}")).await }
-        });
-        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
-        bounded(read_request(&mut sock)).await;
-        sock.write_all(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
-              d\r\ndata: first\n\n\r\n",
-        )
-        .await
-        .expect("write");
-        let mut body = bounded(call)
-            .await
-            .expect("task")
-            .expect("answer")
-            .into_body();
+        let (mut sock, res) = answered(&c, &l, b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+              d\r\ndata: first\n\n\r\n").await;
+        let mut body = res.into_body();
         let frame = bounded(body.frame()).await.expect("frame").expect("ok");
         assert_eq!(frame.into_data().expect("data"), "data: first\n\n");
         assert!(!body.is_end_stream(), "the rest has not come yet");
@@ -453,12 +464,8 @@ mod tests {
         let (l, addr) = listener().await;
         let c = client(Duration::from_secs(5)).expect("client");
         for round in 0..2 {
-            let call = tokio::spawn({
-                let c = c.clone();
-                async move { c.request(post(addr, "{}")).await }
-            });
-            let (mut sock, _) = bounded(l.accept()).await.expect("a new connection");
-            bounded(read_request(&mut sock)).await;
+            let call = send(&c, addr, "{}");
+            let (mut sock, _) = accept_call(&l).await;
             sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
                 .await
                 .expect("write");
@@ -489,12 +496,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\n\r\n{}",
         ];
         for answer in answers {
-            let call = tokio::spawn({
-                let c = c.clone();
-                async move { c.request(post(addr, "{}")).await }
-            });
-            let (mut sock, _) = bounded(l.accept()).await.expect("accept");
-            bounded(read_request(&mut sock)).await;
+            let call = send(&c, addr, "{}");
+            let (mut sock, _) = accept_call(&l).await;
             sock.write_all(answer).await.expect("write");
             let res = bounded(call).await.expect("task").expect("answer");
             let mut body = res.into_body();
@@ -516,12 +519,8 @@ mod tests {
     async fn an_answer_cut_short_is_an_error_and_a_dropped_body_closes_its_connection() {
         let (l, addr) = listener().await;
         let c = client(Duration::from_secs(5)).expect("client");
-        let call = tokio::spawn({
-            let c = c.clone();
-            async move { c.request(post(addr, "{}")).await }
-        });
-        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
-        bounded(read_request(&mut sock)).await;
+        let call = send(&c, addr, "{}");
+        let (mut sock, _) = accept_call(&l).await;
         sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}")
             .await
             .expect("write");
@@ -536,20 +535,13 @@ mod tests {
         );
 
         // A client that leaves mid-answer: the connection is closed, not pooled.
-        let call = tokio::spawn({
-            let c = c.clone();
-            async move { c.request(post(addr, "{}")).await }
-        });
-        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
-        bounded(read_request(&mut sock)).await;
-        sock.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n")
-            .await
-            .expect("write");
-        let mut body = bounded(call)
-            .await
-            .expect("task")
-            .expect("answer")
-            .into_body();
+        let (mut sock, res) = answered(
+            &c,
+            &l,
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n",
+        )
+        .await;
+        let mut body = res.into_body();
         bounded(body.frame()).await.expect("frame").expect("ok");
         drop(body);
         let mut rest = [0u8; 16];
@@ -583,12 +575,8 @@ mod tests {
         server.await.expect("server");
 
         let (l, addr) = listener().await;
-        let call = tokio::spawn({
-            let c = c.clone();
-            async move { c.request(post(addr, "{}")).await }
-        });
-        let (mut sock, _) = bounded(l.accept()).await.expect("accept");
-        bounded(read_request(&mut sock)).await;
+        let call = send(&c, addr, "{}");
+        let (mut sock, _) = accept_call(&l).await;
         sock.write_all(b"SMTP ready\r\n\r\n").await.expect("write");
         let err = bounded(call).await.expect("task").expect_err("not HTTP");
         assert!(!err.is_connect(), "the request was sent: {err}");
