@@ -1,6 +1,6 @@
-//! The floor: a bare hyper reverse proxy with none of mantlegate's work, built from the same
-//! parts (the `hyper_util` server connection builder and pooled client, the same runtime
-//! choice). `bench/run.sh` measures it beside mantlegate and nginx when `BENCH_FLOOR=1`, so
+//! The floor: a bare reverse proxy with none of mantlegate's work, built from the same
+//! parts (the `hyper_util` server connection builder, mantlegate's own upstream client, the
+//! same runtime choice). `bench/run.sh` measures it beside mantlegate and nginx when `BENCH_FLOOR=1`, so
 //! the report shows how much of mantlegate's cost per call is the HTTP stack it is built on
 //! and how much is its own (attribution, metering, ledger, metrics, access log).
 //!
@@ -18,15 +18,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use mantlegate::upstream::UpstreamClient;
 use tokio::net::TcpListener;
 
-type Upstream = Client<HttpConnector, Full<Bytes>>;
-type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+type Upstream = UpstreamClient;
+type Body = UnsyncBoxBody<Bytes, mantlegate::upstream::Error>;
 
 struct Args {
     listen: SocketAddr,
@@ -74,7 +73,7 @@ async fn forward(
     parts.uri = uri;
     parts.headers.remove(hyper::header::HOST);
     match client
-        .request(Request::from_parts(parts, Full::new(body.to_bytes())))
+        .request(Request::from_parts(parts, body.to_bytes()))
         .await
     {
         Ok(resp) => resp.map(BodyExt::boxed_unsync),
@@ -93,12 +92,7 @@ fn status(code: StatusCode) -> Response<Body> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    let client: Upstream = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(http);
+    let client: Upstream = mantlegate::upstream::client(std::time::Duration::from_secs(5))?;
     let shared = Arc::new((client, args.upstream));
     let listener = TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);

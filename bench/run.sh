@@ -18,7 +18,7 @@
 # of the one built, e.g. to compare two builds), BENCH_MANTLEGATE_LOG (info: one access log line
 # per call; warn measures without them), BENCH_RESULTS (bench/results/<UTC date>[-<mode>].md),
 # BENCH_KEEP (0: 1 keeps the temp dir), BENCH_FLOOR (0: 1 also measures bench/floor.rs, a bare
-# hyper proxy built from mantlegate's HTTP parts and doing none of its work), BENCH_SCENARIOS (all: a space-separated subset of
+# proxy built from mantlegate's HTTP parts and doing none of its work), BENCH_SCENARIOS (all: a space-separated subset of
 # chat_c1 chat_c64 chat_stream_c64 responses_stream_c64). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
 # (10) between memory samples, SOAK_CONCURRENCY (64) clients, SOAK_EVENT_DELAY_MS (5) between
 # the upstream's stream events, SOAK_MIX (KIND=SHARE,... overriding bench/soak.py's default
@@ -229,7 +229,7 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# start_floor UPSTREAM_ADDR: the bare hyper proxy (bench/floor.rs); sets FLOOR_PID, FLOOR_ADDR.
+# start_floor UPSTREAM_ADDR: the bare proxy (bench/floor.rs); sets FLOOR_PID, FLOOR_ADDR.
 start_floor() {
   [ -x "$FLOOR_BIN" ] || {
     echo "missing $FLOOR_BIN: run with BENCH_BUILD=1" >&2

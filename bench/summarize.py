@@ -141,8 +141,8 @@ def throughput(work, out):
         out.append("\nnginx was not installed: its columns are empty.")
     out.append("")
     if any(t == "floor" for _, t in table):
-        out.append("### The floor: a bare hyper proxy (bench/floor.rs)\n")
-        out.append("The same HTTP parts as mantlegate (hyper's server and pooled client, the same runtime) "
+        out.append("### The floor: a bare proxy (bench/floor.rs)\n")
+        out.append("The same HTTP parts as mantlegate (hyper's server, mantlegate's upstream client, the same runtime) "
                    "doing none of its work: what is left above it is mantlegate's own.\n")
         out.append("| scenario | CPU µs/call floor | CPU µs/call mantlegate | mantlegate − floor "
                    "| CPU µs/call nginx | floor/nginx |")
