@@ -132,8 +132,8 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, W
         };
         // Header values become slices of the head (a reference count each, not a copy).
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
         let count = res.headers.len();
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
         for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
@@ -351,10 +351,11 @@ impl Decoder {
                     }
                 },
                 State::ChunkSize => {
-                    let Some(line) = take_line(buf, MAX_CHUNK_LINE)? else {
+                    let Some((len, taken)) = line_at(buf, MAX_CHUNK_LINE)? else {
                         return Ok(false);
                     };
-                    let size = chunk_size(&line)?;
+                    let size = chunk_size(&buf[..len])?;
+                    buf.advance(taken);
                     self.state = if size == 0 {
                         State::Trailers(0)
                     } else {
@@ -362,14 +363,16 @@ impl Decoder {
                     };
                 }
                 State::Trailers(seen) => {
-                    let Some(line) = take_line(buf, MAX_TRAILER_BYTES - seen)? else {
+                    let Some((len, taken)) = line_at(buf, MAX_TRAILER_BYTES.saturating_sub(seen))?
+                    else {
                         return Ok(false);
                     };
+                    buf.advance(taken);
                     // Trailers are read past, not relayed: OpenAI's APIs send none.
-                    self.state = if line.is_empty() {
+                    self.state = if len == 0 {
                         State::Done
                     } else {
-                        State::Trailers(seen + line.len() + 2)
+                        State::Trailers(seen + taken)
                     };
                 }
             }
@@ -394,29 +397,23 @@ impl Decoder {
     }
 }
 
-/// Takes one line (without its `\r\n` or `\n`) off the front of `buf`; `None` when its end
-/// has not been read yet.
-fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, WireError> {
+/// The line at the front of `buf`: its length without its `\r\n` (or `\n`), and the bytes it
+/// takes with it; `None` when its end has not been read yet. Read in place: no split of the
+/// buffer (a reference count each) for a few bytes of framing.
+fn line_at(buf: &[u8], max: usize) -> Result<Option<(usize, usize)>, WireError> {
+    const LONG: WireError = WireError("a chunk header of the upstream's answer is too long");
     let Some(end) = memchr::memchr(b'\n', buf) else {
-        return if buf.len() > max {
-            Err(WireError(
-                "a chunk header of the upstream's answer is too long",
-            ))
-        } else {
-            Ok(None)
-        };
+        return if buf.len() > max { Err(LONG) } else { Ok(None) };
     };
     if end > max {
-        return Err(WireError(
-            "a chunk header of the upstream's answer is too long",
-        ));
+        return Err(LONG);
     }
-    let mut line = buf.split_to(end + 1);
-    line.truncate(end);
-    if line.last() == Some(&b'\r') {
-        line.truncate(end - 1);
-    }
-    Ok(Some(line))
+    let len = if end > 0 && buf[end - 1] == b'\r' {
+        end - 1
+    } else {
+        end
+    };
+    Ok(Some((len, end + 1)))
 }
 
 /// The size in a chunk-size line (hex digits, then optional extensions after `;`).
@@ -628,6 +625,17 @@ mod tests {
             trailers.extend_from_slice(b"x-t: 0123456789\r\n");
         }
         assert!(decode_in_pieces(Framing::Chunked, &trailers, 512).is_err());
+        // Trailers that take the limit and one byte past it with their last line end: an
+        // error, never an arithmetic overflow, however the bytes are split.
+        let mut trailers = b"0\r\nx-t: ".to_vec();
+        trailers.resize(3 + MAX_TRAILER_BYTES - 5, b'a');
+        trailers.extend_from_slice(b"\r\nabc\n\r\n");
+        for piece in [1, 7, 64, trailers.len()] {
+            assert!(
+                decode_in_pieces(Framing::Chunked, &trailers, piece).is_err(),
+                "{piece}"
+            );
+        }
     }
 
     #[test]
