@@ -15,6 +15,20 @@ use super::{Usage, UsageSource};
 /// usage at the end; bigger ones are relayed without it and recorded as `missing`.
 const MAX_JSON_BODY: usize = 64 * 1024 * 1024;
 
+/// Bytes of an arena block for events relayed with `"usage":null` cut out: about ten events.
+const ARENA_BYTES: usize = 2048;
+
+/// What to cut from a relayed event.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// It has no `"usage":null`.
+    Nothing,
+    /// The bytes `(at, len)` of the chunk.
+    At(usize, usize),
+    /// Not known from the classifier: search the event.
+    Search,
+}
+
 /// What kind of answer is being metered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -68,9 +82,12 @@ pub struct BodyMeter {
     /// Event-aligned relay: the last event relayed (`Some(false)`) or cut (`Some(true)`) ended
     /// its chunk with the `\r` of its blank line, so a `\n` opening the next chunk is its own.
     cr_ended: Option<bool>,
-    /// Event-aligned relay: where each event of the current chunk ends and whether it is cut
-    /// (kept between chunks so that relaying a chunk allocates nothing).
-    cuts: Vec<(usize, bool)>,
+    /// Event-aligned relay: where each event of the current chunk ends, whether it is dropped,
+    /// and what of it to cut (kept between chunks so that relaying a chunk allocates nothing).
+    cuts: Vec<(usize, bool, Cut)>,
+    /// Where events with `"usage":null` cut out are written: one allocation for many events,
+    /// each handed out as a shared slice of it.
+    arena: BytesMut,
     /// Estimated input tokens, from the request body's size.
     input_estimate: u64,
     /// The stream's own end was seen (`[DONE]`, or a Responses terminal event).
@@ -95,6 +112,7 @@ impl BodyMeter {
             out_bytes: 0,
             cr_ended: None,
             cuts: Vec::new(),
+            arena: BytesMut::new(),
             // About four bytes per token, the usual rule of thumb for English text and JSON.
             input_estimate: (request_bytes / 4) as u64,
             ended: false,
@@ -185,9 +203,20 @@ impl BodyMeter {
         let mut cuts = std::mem::take(&mut self.cuts);
         cuts.clear();
         let (usage, content, ended) = (&mut self.usage, &mut self.content_events, &mut self.ended);
+        let base = chunk.as_ptr() as usize;
         self.scanner.feed(chunk, |ev| {
-            let drop = chat_event(ev.data, usage, content, ended);
-            cuts.push((ev.end, drop));
+            let (class, null_usage) = usage::chat_chunk_and_null_usage(ev.data);
+            let drop = apply_chat(class, usage, content, ended);
+            // Where the event's data is a slice of this chunk (one `data:` line read whole), the
+            // classifier's search said where `"usage":null` is, or that there is none. Data
+            // gathered from several lines or chunks is searched again when relayed.
+            let at = (ev.data.as_ptr() as usize).wrapping_sub(base);
+            let cut = if at <= chunk.len() && ev.data.len() <= chunk.len() - at {
+                null_usage.map_or(Cut::Nothing, |(start, len)| Cut::At(at + start, len))
+            } else {
+                Cut::Search
+            };
+            cuts.push((ev.end, drop, cut));
         });
         let mut start = 0;
         // The `\n` of a `\r\n` split between chunks goes with the event its `\r` ended, as it
@@ -200,18 +229,25 @@ impl BodyMeter {
             }
             start = 1;
         }
-        if let Some(&(end, dropped)) = cuts.last()
+        if let Some(&(end, dropped, _)) = cuts.last()
             && end == chunk.len()
             && chunk.last() == Some(&b'\r')
         {
             self.cr_ended = Some(dropped);
         }
-        for &(end, drop) in &cuts {
+        for &(end, drop, cut) in &cuts {
             let piece = chunk.slice(start..end);
             if drop {
                 self.carry.clear();
             } else if self.carry.is_empty() {
-                self.push_out(without_null_usage(piece));
+                let out = match cut {
+                    Cut::Nothing => piece,
+                    Cut::At(at, len) if at >= start && at + len <= end => {
+                        self.cut_out(&piece, at - start, len)
+                    }
+                    Cut::At(..) | Cut::Search => without_null_usage(piece),
+                };
+                self.push_out(out);
             } else {
                 self.carry.extend_from_slice(&piece);
                 let joined = without_null_usage(self.carry.split().freeze());
@@ -223,6 +259,18 @@ impl BodyMeter {
         if start < chunk.len() {
             self.carry.extend_from_slice(&chunk[start..]);
         }
+    }
+
+    /// `piece` without the `len` bytes at `at`, written into the arena.
+    fn cut_out(&mut self, piece: &[u8], at: usize, len: usize) -> Bytes {
+        let need = piece.len() - len;
+        // After a split the arena is empty; what it can still take is its capacity.
+        if self.arena.capacity() < need {
+            self.arena = BytesMut::with_capacity(need.max(ARENA_BYTES));
+        }
+        self.arena.extend_from_slice(&piece[..at]);
+        self.arena.extend_from_slice(&piece[at + len..]);
+        self.arena.split().freeze()
     }
 
     /// Whether pieces wait to be handed to the client.
@@ -402,7 +450,18 @@ fn without_null_usage(piece: Bytes) -> Bytes {
 
 /// Applies one chat stream event to the meter; returns whether it is the usage-only chunk.
 fn chat_event(data: &[u8], usage: &mut Option<Usage>, content: &mut u64, ended: &mut bool) -> bool {
-    match usage::chat_chunk(data) {
+    apply_chat(usage::chat_chunk(data), usage, content, ended)
+}
+
+/// Applies a classified chat stream event to the meter; returns whether it is the usage-only
+/// chunk.
+fn apply_chat(
+    class: ChatChunk,
+    usage: &mut Option<Usage>,
+    content: &mut u64,
+    ended: &mut bool,
+) -> bool {
+    match class {
         ChatChunk::Usage {
             usage: u,
             usage_only,

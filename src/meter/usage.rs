@@ -66,15 +66,50 @@ pub enum ChatChunk {
 /// object is parsed; any other is classified by a byte scan (tens of nanoseconds per chunk).
 #[must_use]
 pub fn chat_chunk(data: &[u8]) -> ChatChunk {
+    chat_chunk_and_null_usage(data).0
+}
+
+/// [`chat_chunk`], and where in `data` the `"usage":null` member that `include_usage` adds to
+/// every chunk sits, with the comma that joins it to its neighbour: `(start, length)` of the
+/// bytes to cut, found by the same search that looks for a usage object. Only that exact
+/// member is found (`,"usage":null`, else `"usage":null,`): inside a JSON string the quotes
+/// would be escaped, so it cannot match text.
+#[must_use]
+pub fn chat_chunk_and_null_usage(raw: &[u8]) -> (ChatChunk, Option<(usize, usize)>) {
     static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
     static CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\""));
     static ERROR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+    const NULL_MEMBER: &[u8] = b"\"usage\":null";
 
-    let data = trim(data);
+    let data = trim(raw);
     if data.starts_with(b"[DONE]") {
-        return ChatChunk::Done;
+        return (ChatChunk::Done, None);
     }
-    if has_key(data, &USAGE, |value| value.first() == Some(&b'{')) {
+    let lead = raw.len() - raw.trim_ascii_start().len();
+    let mut usage_object = false;
+    let (mut comma_before, mut comma_after) = (None, None);
+    for at in USAGE.find_iter(data) {
+        let colon = skip_ws(data, at + USAGE.needle().len());
+        if data.get(colon) != Some(&b':') {
+            continue;
+        }
+        usage_object |= data.get(skip_ws(data, colon + 1)) == Some(&b'{');
+        let member = &data[at..];
+        if comma_before.is_none()
+            && at > 0
+            && data[at - 1] == b','
+            && member.starts_with(NULL_MEMBER)
+        {
+            comma_before = Some((lead + at - 1, NULL_MEMBER.len() + 1));
+        } else if comma_after.is_none()
+            && member.starts_with(NULL_MEMBER)
+            && member.get(NULL_MEMBER.len()) == Some(&b',')
+        {
+            comma_after = Some((lead + at, NULL_MEMBER.len() + 1));
+        }
+    }
+    let null_usage = comma_before.or(comma_after);
+    if usage_object {
         let [usage, choices] = members(data, [b"usage", b"choices"]);
         let usage = usage
             .and_then(|at| parse_at::<Option<ChatUsage>>(data, at))
@@ -82,16 +117,17 @@ pub fn chat_chunk(data: &[u8]) -> ChatChunk {
             .and_then(|usage| usage.usage());
         if let Some(usage) = usage {
             let usage_only = !choices.is_some_and(|at| is_non_empty_array(data, at));
-            return ChatChunk::Usage { usage, usage_only };
+            return (ChatChunk::Usage { usage, usage_only }, null_usage);
         }
     }
-    if has_key(data, &CHOICES, |value| is_non_empty_array(value, 0)) {
+    let class = if has_key(data, &CHOICES, |value| is_non_empty_array(value, 0)) {
         ChatChunk::Content
     } else if has_key(data, &ERROR, |value| !value.starts_with(b"null")) {
         ChatChunk::Error
     } else {
         ChatChunk::Other
-    }
+    };
+    (class, null_usage)
 }
 
 /// One Responses stream event, classified.
@@ -539,6 +575,41 @@ fn trim(data: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_null_usage_to_cut_is_found_with_its_comma_and_nothing_else_is() {
+        let cut = |data: &str| {
+            let (class, at) = chat_chunk_and_null_usage(data.as_bytes());
+            let kept = at.map(|(start, len)| format!("{}{}", &data[..start], &data[start + len..]));
+            (class, kept)
+        };
+        let (class, kept) = cut(
+            r#" {"id":"c","choices":[{"delta":{"content":"say \"usage\":null,"}}],"usage":null}"#,
+        );
+        assert_eq!(class, ChatChunk::Content);
+        assert_eq!(
+            kept.as_deref(),
+            Some(r#" {"id":"c","choices":[{"delta":{"content":"say \"usage\":null,"}}]}"#),
+            "the member, not the text that looks like it, and offsets past the leading space"
+        );
+        let (_, kept) = cut(r#"{"usage":null,"id":"c","choices":[{"delta":{}}]}"#);
+        assert_eq!(
+            kept.as_deref(),
+            Some(r#"{"id":"c","choices":[{"delta":{}}]}"#)
+        );
+        assert_eq!(cut(r#"{"id":"c","choices":[{}],"usage": null}"#).1, None);
+        assert_eq!(cut(r#"{"id":"c","choices":[{}]}"#).1, None);
+        let (class, kept) =
+            cut(r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#);
+        assert!(matches!(
+            class,
+            ChatChunk::Usage {
+                usage_only: true,
+                ..
+            }
+        ));
+        assert_eq!(kept, None);
+    }
 
     fn u(input: u64, cached_input: u64, output: u64, reasoning: u64) -> Usage {
         Usage {
