@@ -80,12 +80,22 @@ pub fn chat_chunk_and_null_usage(raw: &[u8]) -> (ChatChunk, Option<(usize, usize
     static CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\""));
     static ERROR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
     const NULL_MEMBER: &[u8] = b"\"usage\":null";
+    const NULL_LAST: &[u8] = b",\"usage\":null}";
 
     let data = trim(raw);
     if data.starts_with(b"[DONE]") {
         return (ChatChunk::Done, None);
     }
     let lead = raw.len() - raw.trim_ascii_start().len();
+    // The usual chunk ends with the member: then it is the top-level `usage` (the brace after
+    // it closes the chunk), it is null, and nothing else in the chunk needs searching for it.
+    if data.ends_with(NULL_LAST) {
+        let at = data.len() - NULL_LAST.len();
+        return (
+            classify_without_usage(data, &CHOICES, &ERROR),
+            Some((lead + at, NULL_LAST.len() - 1)),
+        );
+    }
     let mut usage_object = false;
     let (mut comma_before, mut comma_after) = (None, None);
     for at in USAGE.find_iter(data) {
@@ -120,14 +130,18 @@ pub fn chat_chunk_and_null_usage(raw: &[u8]) -> (ChatChunk, Option<(usize, usize
             return (ChatChunk::Usage { usage, usage_only }, null_usage);
         }
     }
-    let class = if has_key(data, &CHOICES, |value| is_non_empty_array(value, 0)) {
+    (classify_without_usage(data, &CHOICES, &ERROR), null_usage)
+}
+
+/// A chat chunk without a usable usage object: content, error or other.
+fn classify_without_usage(data: &[u8], choices: &Finder<'_>, error: &Finder<'_>) -> ChatChunk {
+    if has_key(data, choices, |value| is_non_empty_array(value, 0)) {
         ChatChunk::Content
-    } else if has_key(data, &ERROR, |value| !value.starts_with(b"null")) {
+    } else if has_key(data, error, |value| !value.starts_with(b"null")) {
         ChatChunk::Error
     } else {
         ChatChunk::Other
-    };
-    (class, null_usage)
+    }
 }
 
 /// One Responses stream event, classified.
@@ -591,6 +605,19 @@ mod tests {
             kept.as_deref(),
             Some(r#" {"id":"c","choices":[{"delta":{"content":"say \"usage\":null,"}}]}"#),
             "the member, not the text that looks like it, and offsets past the leading space"
+        );
+        // A usage object nested deeper does not make the top-level null one usage.
+        let (class, kept) =
+            cut(r#"{"choices":[{"delta":{"x":{"usage":{"prompt_tokens":1}}}}],"usage":null}"#);
+        assert_eq!(class, ChatChunk::Content);
+        assert_eq!(
+            kept.as_deref(),
+            Some(r#"{"choices":[{"delta":{"x":{"usage":{"prompt_tokens":1}}}}]}"#)
+        );
+        let (class, kept) = cut(r#"{"choices":[],"usage":null}"#);
+        assert_eq!(
+            (class, kept.as_deref()),
+            (ChatChunk::Other, Some(r#"{"choices":[]}"#))
         );
         let (_, kept) = cut(r#"{"usage":null,"id":"c","choices":[{"delta":{}}]}"#);
         assert_eq!(
