@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 
 pub use conn::UpstreamBody;
 use conn::{Conn, Pool, Stream, Target};
+pub(crate) use wire::connection_lists;
 
 /// How long an idle connection is kept: under the 60 s after which load balancers commonly
 /// close one, so that the upstream rarely closes a connection as it is being reused.
@@ -129,9 +130,9 @@ impl UpstreamClient {
         };
         let body_len =
             (!body.is_empty() || wire::announces_empty_body(&parts.method)).then_some(body.len());
-        let mut head = Vec::with_capacity(256 + parts.headers.len() * 64);
+        let mut request_head = Vec::with_capacity(256 + parts.headers.len() * 64);
         wire::encode_request(
-            &mut head,
+            &mut request_head,
             &parts.method,
             &parts.uri,
             &parts.headers,
@@ -142,12 +143,12 @@ impl UpstreamClient {
             Some(conn) => conn,
             None => self.connect(target.clone()).await?,
         };
-        if let Err(err) = conn.write_request(&head, &body).await {
+        if let Err(err) = conn.write_request(&request_head, &body).await {
             if !conn.reused {
                 return Err(Error::io("sending the request failed", &err));
             }
             conn = self.connect(target).await?;
-            conn.write_request(&head, &body)
+            conn.write_request(&request_head, &body)
                 .await
                 .map_err(|err| Error::io("sending the request failed", &err))?;
         }

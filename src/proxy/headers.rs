@@ -41,12 +41,7 @@ fn dropped_upstream(name: &HeaderName) -> bool {
 
 /// Headers named by the client's `Connection` header are hop-by-hop too.
 fn connection_listed(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    crate::upstream::connection_lists(headers, name.as_str())
 }
 
 /// Copies the client's headers that may reach the upstream into `out`.

@@ -241,7 +241,6 @@ pub struct UpstreamBody {
     conn: Option<Conn>,
     decoder: Decoder,
     keep_alive: bool,
-    remaining: Option<u64>,
     pool: Arc<Pool>,
 }
 
@@ -260,11 +259,6 @@ impl UpstreamBody {
             conn: Some(conn),
             decoder: Decoder::new(framing),
             keep_alive,
-            remaining: match framing {
-                Framing::Empty => Some(0),
-                Framing::Length(n) => Some(n),
-                Framing::Chunked | Framing::Close => None,
-            },
             pool,
         };
         if body.decoder.is_done() {
@@ -307,9 +301,6 @@ impl Body for UpstreamBody {
             match this.decoder.step(&mut conn.buf) {
                 Err(err) => return this.fail(Error::protocol(err.0)),
                 Ok(Step::Data(data)) => {
-                    if let Some(r) = &mut this.remaining {
-                        *r -= data.len() as u64;
-                    }
                     // Framing already read past this data (a chunked body's last chunk and
                     // end): the body ends with this frame, and the connection is free now.
                     // An error in it is found again by the next step.
@@ -355,7 +346,8 @@ impl Body for UpstreamBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.remaining
+        self.decoder
+            .remaining()
             .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }

@@ -149,7 +149,8 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, W
             map.append(name, value);
         }
         let (framing, reusable) = framing(&map, status, method)?;
-        let keep_alive = reusable && version == Version::HTTP_11 && !has_token(&map, "close");
+        let keep_alive =
+            reusable && version == Version::HTTP_11 && !connection_lists(&map, "close");
         let (mut parts, ()) = axum::http::Response::new(()).into_parts();
         parts.status = status;
         parts.version = version;
@@ -222,8 +223,10 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// Whether a `connection` header lists `token`.
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
+/// Whether a `connection` header lists `token` (`close`, or a header name that is hop-by-hop
+/// on this message).
+#[must_use]
+pub fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
@@ -277,6 +280,17 @@ impl Decoder {
     #[must_use]
     pub fn is_done(&self) -> bool {
         self.state == State::Done
+    }
+
+    /// Body bytes still to come, when the framing says: the rest of a content-length, or 0
+    /// once the body is complete.
+    #[must_use]
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
     }
 
     /// The next piece of the body in `buf`.
@@ -645,8 +659,11 @@ mod tests {
             assert_eq!((body.as_slice(), done), (&b"hello"[..], true));
         }
         let mut dec = Decoder::new(Framing::Length(5));
+        assert_eq!(dec.remaining(), Some(5));
         let mut buf = BytesMut::from(&b"hel"[..]);
         assert!(matches!(dec.step(&mut buf), Ok(Step::Data(_))));
+        assert_eq!(dec.remaining(), Some(2), "what the size hint says is left");
+        assert_eq!(Decoder::new(Framing::Chunked).remaining(), None);
         assert!(dec.eof().is_err(), "a body cut short is an error");
         let mut dec = Decoder::new(Framing::Close);
         let mut buf = BytesMut::from(&b"all of it"[..]);
