@@ -1,6 +1,6 @@
 //! The floor: a bare reverse proxy with none of mantlegate's work, built from the same
 //! parts (the `hyper_util` server connection builder, mantlegate's own upstream client, the
-//! same runtime choice). `bench/run.sh` measures it beside mantlegate and nginx when `BENCH_FLOOR=1`, so
+//! same runtime and allocator). `bench/run.sh` measures it beside mantlegate and nginx when `BENCH_FLOOR=1`, so
 //! the report shows how much of mantlegate's cost per call is the HTTP stack it is built on
 //! and how much is its own (attribution, metering, ledger, metrics, access log).
 //!
@@ -23,6 +23,10 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use mantlegate::upstream::UpstreamClient;
 use tokio::net::TcpListener;
+
+/// The allocator mantlegate's binary uses (src/main.rs).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type Upstream = UpstreamClient;
 type Body = UnsyncBoxBody<Bytes, mantlegate::upstream::Error>;
