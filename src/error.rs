@@ -71,6 +71,22 @@ pub enum ProxyError {
         "{0}, so its length is ambiguous (a request smuggling pattern): send one Content-Length, or Transfer-Encoding: chunked alone"
     )]
     AmbiguousLength(Ambiguity),
+    /// hyper's parser refused the request head (request line, a header, or framing such as
+    /// differing `Content-Length`s). Refused below the app, see [`crate::framing`].
+    #[error(
+        "the request is not valid HTTP/1.1: its request line, a header or its framing (Content-Length, Transfer-Encoding) could not be parsed. Nothing was forwarded, and the connection is closed"
+    )]
+    MalformedRequest,
+    /// The request head is over hyper's limits (100 header lines, about 400 KiB).
+    #[error(
+        "the request's headers are larger than mantlegate accepts (at most 100 header lines and 400 KiB in all). Nothing was forwarded, and the connection is closed"
+    )]
+    HeadTooLarge,
+    /// The request target is over hyper's limit.
+    #[error(
+        "the request's URI is longer than the 64 KiB mantlegate accepts. Nothing was forwarded, and the connection is closed"
+    )]
+    UriTooLong,
     /// The body could not be read from the client.
     #[error("the request body could not be read: {0}")]
     BadBody(String),
@@ -109,8 +125,12 @@ impl ProxyError {
             | Self::InvalidJson(_)
             | Self::BadBody(_)
             | Self::AmbiguousLength(_)
+            | Self::MalformedRequest
             | Self::ClientGone => StatusCode::BAD_REQUEST,
-            Self::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::HeaderTooLarge(_) | Self::HeadTooLarge => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::UnknownEndpoint { .. } | Self::ResponseNotFound(_) => StatusCode::NOT_FOUND,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited(_) | Self::BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -140,8 +160,10 @@ impl ProxyError {
             // The answer may still reach a half-closed client; the ledger records the call as
             // a client disconnect.
             Self::BadBody(_) | Self::ClientGone => "invalid_body",
-            Self::HeaderTooLarge(_) => "header_too_large",
+            Self::HeaderTooLarge(_) | Self::HeadTooLarge => "header_too_large",
             Self::AmbiguousLength(_) => "ambiguous_length",
+            Self::MalformedRequest => "malformed_request",
+            Self::UriTooLong => "uri_too_long",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamKeyMissing => "upstream_key_missing",

@@ -12,6 +12,12 @@
 //! they pass on their way to hyper, and the app is wrapped in [`Guarded`], which answers the
 //! request whose head was refused with 400 `ambiguous_length` and closes the connection.
 //!
+//! A head hyper's own parser refuses (malformed, or over its limits) never reaches the app:
+//! hyper answers it with a bare status line (400, 414 or 431, no body) and closes the
+//! connection. [`Inspected`] writes the OpenAI-shaped answer every other refusal has in its
+//! place ([`bare_refusal`]): only once its tracker has stopped, so the normal path pays one
+//! branch per write.
+//!
 //! Hand-written because nothing off the shelf does this, and it must follow the byte stream
 //! exactly as hyper frames it to know where each head starts: heads are parsed with httparse,
 //! the parser hyper uses, with the same (default) settings and header limit; bodies are
@@ -37,6 +43,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::Service;
 
 use crate::error::ProxyError;
+
+/// The longest answer taken for hyper's bare refusal (status line, `connection`,
+/// `content-length: 0`, `date`: about 120 bytes).
+const MAX_BARE_ANSWER: usize = 256;
 
 /// The largest request head: hyper's default read buffer limit, set explicitly in
 /// [`crate::serve`] so that a head too long to inspect is always one hyper refuses (431).
@@ -81,17 +91,144 @@ pub struct Inspected<IO> {
     io: IO,
     tracker: Tracker,
     heads: Arc<Heads>,
+    peer: SocketAddr,
+    rewrite: Rewrite,
+}
+
+/// Where the rewriting of hyper's bare refusal is.
+#[derive(Debug, Default)]
+enum Rewrite {
+    /// Watching hyper's writes (once the tracker has stopped) for its bare refusal.
+    #[default]
+    Watching,
+    /// Writing `answer` (`at` bytes of it are out) in place of hyper's `claimed` bytes.
+    Writing {
+        answer: Vec<u8>,
+        at: usize,
+        claimed: usize,
+    },
+    /// Written: hyper closes the connection after it.
+    Done,
 }
 
 impl<IO> Inspected<IO> {
-    /// Wraps `io`; `heads` is given to the [`Guarded`] app serving the same connection.
-    pub fn new(io: IO, heads: Arc<Heads>) -> Self {
+    /// Wraps `io`, a connection from `peer`; `heads` is given to the [`Guarded`] app serving
+    /// the same connection.
+    pub fn new(io: IO, heads: Arc<Heads>, peer: SocketAddr) -> Self {
         Self {
             io,
             tracker: Tracker::default(),
             heads,
+            peer,
+            rewrite: Rewrite::Watching,
         }
     }
+}
+
+impl<IO: AsyncWrite + Unpin> Inspected<IO> {
+    /// Writes the OpenAI-shaped answer in place of hyper's bare refusal, when `bufs` is that
+    /// refusal (or it is being written); `None` when `bufs` is to be written as it is.
+    fn poll_rewrite(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if let Rewrite::Watching = self.rewrite {
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            let first = bufs.iter().find(|b| !b.is_empty());
+            if total > MAX_BARE_ANSWER || !first.is_some_and(|b| b.starts_with(b"HTTP/1.1 4")) {
+                return None;
+            }
+            let written = bufs.iter().fold(Vec::with_capacity(total), |mut all, b| {
+                all.extend_from_slice(b);
+                all
+            });
+            let error = match (bare_refusal(&written)?, self.heads.refused.get()) {
+                // Differing lengths: hyper refused the head the tracker found ambiguous.
+                (ProxyError::MalformedRequest, Some(&(_, ambiguity))) => {
+                    ProxyError::AmbiguousLength(ambiguity)
+                }
+                (error, _) => error,
+            };
+            // Below the level of calls, as the ambiguous-length refusal: no ledger record,
+            // this one log line.
+            tracing::warn!(peer = %self.peer, code = error.code(), "refused a request head hyper could not parse");
+            self.rewrite = Rewrite::Writing {
+                answer: refusal_answer(&error),
+                at: 0,
+                claimed: total,
+            };
+        }
+        let Rewrite::Writing {
+            answer,
+            at,
+            claimed,
+        } = &mut self.rewrite
+        else {
+            return None;
+        };
+        while *at < answer.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &answer[*at..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())));
+                }
+                Poll::Ready(Ok(n)) => *at += n,
+                Poll::Ready(Err(err)) => return Some(Poll::Ready(Err(err))),
+                // hyper writes the same bytes again when woken; they are taken as written
+                // once the answer is out.
+                Poll::Pending => return Some(Poll::Pending),
+            }
+        }
+        let claimed = *claimed;
+        self.rewrite = Rewrite::Done;
+        Some(Poll::Ready(Ok(claimed)))
+    }
+}
+
+/// The error hyper's write `written` announces, when it is hyper's automatic answer to a head
+/// its parser refused (`Server::on_error` in hyper's `proto/h1/role.rs`): a status line of 400,
+/// 414 or 431 and no header but `connection`, `content-length: 0` and `date`. No answer of
+/// mantlegate's looks like that: its errors have a JSON body, and relayed answers keep the
+/// upstream's headers.
+fn bare_refusal(written: &[u8]) -> Option<ProxyError> {
+    let mut headers = [httparse::EMPTY_HEADER; 4];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(written) {
+        Ok(httparse::Status::Complete(len)) if len == written.len() => {}
+        _ => return None,
+    }
+    let bare = response.headers.iter().all(|h| {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            h.value == b"0"
+        } else {
+            h.name.eq_ignore_ascii_case("connection") || h.name.eq_ignore_ascii_case("date")
+        }
+    });
+    if !bare || response.version != Some(1) {
+        return None;
+    }
+    match response.code? {
+        400 => Some(ProxyError::MalformedRequest),
+        414 => Some(ProxyError::UriTooLong),
+        431 => Some(ProxyError::HeadTooLarge),
+        _ => None,
+    }
+}
+
+/// The whole answer to a refused head: the error's status and JSON body, and the connection
+/// closed after it.
+fn refusal_answer(error: &ProxyError) -> Vec<u8> {
+    let body = error.body();
+    let status = error.status();
+    let mut answer = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-should-retry: false\r\nconnection: close\r\n\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(&body);
+    answer
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Inspected<IO> {
@@ -117,7 +254,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Inspected<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.tracker.state == State::Off
+            && let Some(poll) = this.poll_rewrite(cx, &[io::IoSlice::new(buf)])
+        {
+            return poll;
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -125,7 +268,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Inspected<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.tracker.state == State::Off
+            && let Some(poll) = this.poll_rewrite(cx, bufs)
+        {
+            return poll;
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -397,8 +546,16 @@ fn parse_head(buf: &[u8]) -> Parsed {
     }
 }
 
+/// The longest request target hyper takes (`MAX_URI_LEN` in its `proto/h1/role.rs`); it
+/// answers a longer one 414.
+const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+
 /// The framing of a parsed request, by hyper's rules (`Server::parse`), or its refusal.
 fn verdict(request: &httparse::Request<'_, '_>) -> Verdict {
+    if request.path.is_some_and(|path| path.len() > MAX_URI_LEN) {
+        // hyper refuses it (414).
+        return Verdict::Next(State::Off);
+    }
     let mut lengths = 0_usize;
     let mut length = None;
     // Whether the last Transfer-Encoding line ends in `chunked` (hyper looks at that one).
@@ -607,5 +764,112 @@ mod tests {
         assert!(ends_in_chunked(b"gzip,\tCHUNKED "));
         assert!(!ends_in_chunked(b"chunked, gzip"));
         assert!(!ends_in_chunked(b"chunked\x80"));
+    }
+
+    const DATE: &str = "date: Sat, 28 Nov 2026 08:57:57 GMT\r\n";
+
+    #[test]
+    fn hyper_s_bare_refusals_are_recognised_and_nothing_else() {
+        let bare = |status: &str| {
+            format!("HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: 0\r\n{DATE}\r\n")
+        };
+        let code = |written: &str| bare_refusal(written.as_bytes()).map(|e| e.code());
+        // hyper's three automatic answers, as it writes them.
+        assert_eq!(code(&bare("400 Bad Request")), Some("malformed_request"));
+        assert_eq!(code(&bare("414 URI Too Long")), Some("uri_too_long"));
+        assert_eq!(
+            code(&bare("431 Request Header Fields Too Large")),
+            Some("header_too_large")
+        );
+        // Anything else is written as it is.
+        for (what, written) in [
+            ("another status", bare("404 Not Found")),
+            ("a body", format!("{}{{}}", bare("400 Bad Request"))),
+            (
+                "another header",
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 0\r\n{DATE}\r\n"
+                ),
+            ),
+            (
+                "a length",
+                format!("HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n{DATE}\r\n"),
+            ),
+            (
+                "HTTP/1.0",
+                format!("HTTP/1.0 400 Bad Request\r\n{DATE}\r\n"),
+            ),
+            ("half a head", "HTTP/1.1 400 Bad Request\r\n".to_owned()),
+        ] {
+            assert_eq!(code(&written), None, "{what}");
+        }
+    }
+
+    /// Takes at most three bytes per write and is not ready every other time.
+    #[derive(Default)]
+    struct Trickle {
+        out: Vec<u8>,
+        ready: bool,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.ready = !self.ready;
+            if !self.ready {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(3);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_refusal_is_written_whole_through_short_writes_in_place_of_hyper_s() {
+        use tokio::io::AsyncWriteExt as _;
+        let peer = SocketAddr::from(([127, 0, 0, 1], 9));
+        let mut conn = Inspected::new(Trickle::default(), Arc::default(), peer);
+        // Before the tracker stops, even hyper's bare answer is written as it is.
+        let bare = format!(
+            "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n{DATE}\r\n"
+        );
+        conn.write_all(bare.as_bytes()).await.expect("write");
+        assert_eq!(conn.io.out, bare.as_bytes());
+        // A head hyper refuses stops the tracker: its answer is rewritten.
+        conn.io.out.clear();
+        assert_eq!(conn.tracker.feed(b"GET /\0 HTTP/1.1\r\n\r\n"), None);
+        assert_eq!(conn.tracker.state, State::Off);
+        let claimed =
+            std::future::poll_fn(|cx| Pin::new(&mut conn).poll_write(cx, bare.as_bytes()))
+                .await
+                .expect("write");
+        assert_eq!(claimed, bare.len(), "hyper's bytes are taken as written");
+        let out = String::from_utf8(std::mem::take(&mut conn.io.out)).expect("text");
+        let (head, body) = out.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        assert_eq!(v["error"]["code"], "malformed_request");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        // Once written, what follows passes as it is.
+        conn.write_all(b"x").await.expect("write");
+        assert_eq!(conn.io.out, b"x");
     }
 }

@@ -140,7 +140,7 @@ pub async fn serve(
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
         let heads = Arc::new(framing::Heads::default());
-        let io = TokioIo::new(framing::Inspected::new(stream, heads.clone()));
+        let io = TokioIo::new(framing::Inspected::new(stream, heads.clone(), peer));
         let service = TowerToHyperService::new(framing::Guarded::new(app.clone(), heads, peer));
         let connection = builder
             .serve_connection_with_upgrades(io, service)
