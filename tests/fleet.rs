@@ -256,11 +256,20 @@ action = "block"
             tokio::spawn(async move { chat(&url, capped(), 1500).await.status().as_u16() })
         })
         .collect();
-    // Replica B sees them within its refresh...
+    // Replica B sees all six within its refresh (not just the first: seeing five, it would
+    // admit one call more)...
     eventually(
         Duration::from_secs(5),
-        "B sees A's reservations",
-        || async { fleet.budget(1).await["other_replicas_reserved_usd"] != "0" },
+        "A's six calls at the upstream",
+        || async { fleet.up.requests().len() == 6 },
+    )
+    .await;
+    let reserved_on_a = fleet.budget(0).await["reserved_usd"].clone();
+    assert_ne!(reserved_on_a, "0", "A reserves for its calls in flight");
+    eventually(
+        Duration::from_secs(5),
+        "B sees A's six reservations",
+        || async { fleet.budget(1).await["other_replicas_reserved_usd"] == reserved_on_a },
     )
     .await;
     // ...so of six calls sent to B, only those that fit the rest of the budget are admitted.
