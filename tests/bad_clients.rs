@@ -485,6 +485,14 @@ async fn assert_refused_then_closed(conn: &mut TcpStream, code: &str, what: &str
     assert_refused_with(conn, 400, code, what).await;
 }
 
+/// Sends `request` on a new connection and asserts it is refused with `status` and `code`,
+/// then closed.
+async fn assert_refused_alone(proxy: &Proxy, request: &[u8], status: u16, code: &str, what: &str) {
+    let mut conn = connect(proxy).await;
+    conn.write_all(request).await.expect("write");
+    assert_refused_with(&mut conn, status, code, what).await;
+}
+
 /// Asserts that `conn` gets an OpenAI-shaped refusal with `status` and `code`, then is closed.
 async fn assert_refused_with(conn: &mut TcpStream, status: u16, code: &str, what: &str) {
     let answer = read_answer(conn)
@@ -596,9 +604,7 @@ async fn two_content_lengths_are_refused_and_never_forwarded() {
         let request = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\nauthorization: Bearer {CHAT_KEY}\r\n{lengths}\r\n{CHAT_BODY}"
         );
-        let mut conn = connect(&proxy).await;
-        conn.write_all(request.as_bytes()).await.expect("write");
-        assert_refused_then_closed(&mut conn, code, what).await;
+        assert_refused_alone(&proxy, request.as_bytes(), 400, code, what).await;
     }
     assert!(up.requests().is_empty(), "never forwarded");
     assert_serving(&proxy).await;
@@ -756,9 +762,7 @@ async fn malformed_framing_is_400_and_never_forwarded() {
         } else {
             "malformed_request"
         };
-        let mut conn = connect(&proxy).await;
-        conn.write_all(request.as_bytes()).await.expect("write");
-        assert_refused_then_closed(&mut conn, code, what).await;
+        assert_refused_alone(&proxy, request.as_bytes(), 400, code, what).await;
     }
     assert!(up.requests().is_empty(), "never forwarded");
     assert_serving(&proxy).await;
@@ -783,11 +787,8 @@ async fn a_huge_header_block_is_refused() {
         let _ = write!(all, "x-h{i}: v\r\n");
         all
     });
-    let mut conn = connect(&proxy).await;
-    conn.write_all(&post_raw("/v1/chat/completions", &many, CHAT_BODY))
-        .await
-        .expect("write");
-    assert_refused_with(&mut conn, 431, "header_too_large", "200 headers").await;
+    let request = post_raw("/v1/chat/completions", &many, CHAT_BODY);
+    assert_refused_alone(&proxy, &request, 431, "header_too_large", "200 headers").await;
     assert!(up.requests().is_empty(), "never forwarded");
     assert_serving(&proxy).await;
 }
@@ -800,9 +801,14 @@ async fn a_uri_over_64_kib_is_414_uri_too_long() {
         "GET /v1/models?q={} HTTP/1.1\r\nhost: p\r\nauthorization: Bearer {CHAT_KEY}\r\n\r\n",
         "a".repeat(70 * 1024)
     );
-    let mut conn = connect(&proxy).await;
-    conn.write_all(request.as_bytes()).await.expect("write");
-    assert_refused_with(&mut conn, 414, "uri_too_long", "a 70 KiB URI").await;
+    assert_refused_alone(
+        &proxy,
+        request.as_bytes(),
+        414,
+        "uri_too_long",
+        "a 70 KiB URI",
+    )
+    .await;
     assert!(up.requests().is_empty(), "never forwarded");
     assert_serving(&proxy).await;
 }
@@ -824,9 +830,7 @@ async fn tls_or_garbage_on_the_plain_port_is_400_malformed_request() {
             b"P(ST /v1/models HTTP/1.1\r\nhost: p\r\n\r\n".as_slice(),
         ),
     ] {
-        let mut conn = connect(&proxy).await;
-        conn.write_all(bytes).await.expect("write");
-        assert_refused_then_closed(&mut conn, "malformed_request", what).await;
+        assert_refused_alone(&proxy, bytes, 400, "malformed_request", what).await;
     }
     assert!(up.requests().is_empty(), "never forwarded");
     assert_serving(&proxy).await;
