@@ -15,8 +15,13 @@ use super::{Usage, UsageSource};
 /// usage at the end; bigger ones are relayed without it and recorded as `missing`.
 const MAX_JSON_BODY: usize = 64 * 1024 * 1024;
 
-/// Bytes of an arena block for events relayed with `"usage":null` cut out: about ten events.
+/// Bytes of a gathering block (see [`BodyMeter::push_out`]): about ten stream events.
 const ARENA_BYTES: usize = 2048;
+
+/// Pieces up to this size are gathered, copied, into one frame with the pieces queued with
+/// them. hyper's cost is per frame (the chunk-size line it formats, its write queue, three
+/// iovecs), about a thousand instructions; copying a few hundred bytes costs a few dozen.
+const GATHER_MAX: usize = 4096;
 
 /// What to cut from a relayed event.
 #[derive(Debug, Clone, Copy)]
@@ -85,8 +90,9 @@ pub struct BodyMeter {
     /// Event-aligned relay: where each event of the current chunk ends, whether it is dropped,
     /// and what of it to cut (kept between chunks so that relaying a chunk allocates nothing).
     cuts: Vec<(usize, bool, Cut)>,
-    /// Where events with `"usage":null` cut out are written: one allocation for many events,
-    /// each handed out as a shared slice of it.
+    /// Where small pieces queued together are gathered, and events with `"usage":null` cut
+    /// out are written: it comes after everything in `out`, and leaves as one frame (a shared
+    /// slice of one allocation that serves many).
     arena: BytesMut,
     /// Estimated input tokens, from the request body's size.
     input_estimate: u64,
@@ -240,14 +246,13 @@ impl BodyMeter {
             if drop {
                 self.carry.clear();
             } else if self.carry.is_empty() {
-                let out = match cut {
-                    Cut::Nothing => piece,
+                match cut {
+                    Cut::Nothing => self.push_out(piece),
                     Cut::At(at, len) if at >= start && at + len <= end => {
-                        self.cut_out(&piece, at - start, len)
+                        self.cut_out(&piece, at - start, len);
                     }
-                    Cut::At(..) | Cut::Search => without_null_usage(piece),
-                };
-                self.push_out(out);
+                    Cut::At(..) | Cut::Search => self.push_out(without_null_usage(piece)),
+                }
             } else {
                 self.carry.extend_from_slice(&piece);
                 let joined = without_null_usage(self.carry.split().freeze());
@@ -261,22 +266,40 @@ impl BodyMeter {
         }
     }
 
-    /// `piece` without the `len` bytes at `at`, written into the arena.
-    fn cut_out(&mut self, piece: &[u8], at: usize, len: usize) -> Bytes {
+    /// Queues `piece` without the `len` bytes at `at`, written into the arena.
+    fn cut_out(&mut self, piece: &[u8], at: usize, len: usize) {
         let need = piece.len() - len;
-        // After a split the arena is empty; what it can still take is its capacity.
-        if self.arena.capacity() < need {
-            self.arena = BytesMut::with_capacity(need.max(ARENA_BYTES));
-        }
+        self.out_bytes += need;
+        self.gather(need);
         self.arena.extend_from_slice(&piece[..at]);
         self.arena.extend_from_slice(&piece[at + len..]);
-        self.arena.split().freeze()
+    }
+
+    /// Readies the arena to take `need` more bytes after everything queued: a small piece
+    /// queued last moves into it, so that they leave together.
+    fn gather(&mut self, need: usize) {
+        let last = match self.out.back() {
+            Some(last) if self.arena.is_empty() && last.len() <= GATHER_MAX => last.len(),
+            _ => 0,
+        };
+        if self.arena.capacity() - self.arena.len() < last + need {
+            // A full block leaves as a frame of its own: nothing gathered is copied twice.
+            if !self.arena.is_empty() {
+                self.out.push_back(self.arena.split().freeze());
+            }
+            self.arena = BytesMut::with_capacity((last + need).max(ARENA_BYTES));
+        }
+        if last > 0
+            && let Some(piece) = self.out.pop_back()
+        {
+            self.arena.extend_from_slice(&piece);
+        }
     }
 
     /// Whether pieces wait to be handed to the client.
     #[must_use]
     pub fn has_out(&self) -> bool {
-        !self.out.is_empty()
+        !self.out.is_empty() || !self.arena.is_empty()
     }
 
     /// Bytes of the pieces waiting to be handed to the client.
@@ -285,15 +308,33 @@ impl BodyMeter {
         self.out_bytes
     }
 
-    /// Queues a piece for the client after those already queued.
+    /// Queues a piece for the client after those already queued. Pieces queued together leave
+    /// together: small ones are gathered (copied) into one frame, larger ones pass as they are.
     pub fn push_out(&mut self, piece: Bytes) {
+        if piece.is_empty() {
+            return;
+        }
         self.out_bytes += piece.len();
+        let gathering =
+            !self.arena.is_empty() || self.out.back().is_some_and(|last| last.len() <= GATHER_MAX);
+        if piece.len() <= GATHER_MAX && gathering {
+            self.gather(piece.len());
+            self.arena.extend_from_slice(&piece);
+            return;
+        }
+        if !self.arena.is_empty() {
+            self.out.push_back(self.arena.split().freeze());
+        }
         self.out.push_back(piece);
     }
 
     /// The next piece queued by [`BodyMeter::relay`].
     pub fn next_out(&mut self) -> Option<Bytes> {
-        let piece = self.out.pop_front()?;
+        let piece = match self.out.pop_front() {
+            Some(piece) => piece,
+            None if !self.arena.is_empty() => self.arena.split().freeze(),
+            None => return None,
+        };
         self.out_bytes -= piece.len();
         Some(piece)
     }
@@ -541,6 +582,89 @@ data: [DONE]\n\n";
                 );
                 assert_eq!(metered.source, Some(UsageSource::Reported));
             }
+        }
+    }
+
+    fn drain(m: &mut BodyMeter) -> Vec<Bytes> {
+        let mut frames = Vec::new();
+        while let Some(p) = m.next_out() {
+            frames.push(p);
+        }
+        assert_eq!(m.out_bytes(), 0);
+        assert!(!m.has_out());
+        frames
+    }
+
+    #[test]
+    fn pieces_queued_together_leave_as_one_frame_and_a_lone_one_is_not_copied() {
+        let mut m = BodyMeter::new(Kind::ResponsesStream, 0);
+        let lone = Bytes::from_static(b"data: 1\n\n");
+        m.push_out(lone.clone());
+        let frames = drain(&mut m);
+        assert_eq!(frames, std::slice::from_ref(&lone));
+        assert_eq!(frames[0].as_ptr(), lone.as_ptr(), "relayed as it came");
+
+        let big = Bytes::from(vec![b'x'; GATHER_MAX + 1]);
+        let pieces = [
+            Bytes::from_static(b"a"),
+            Bytes::from_static(b"bc"),
+            Bytes::new(),
+            big.clone(),
+            Bytes::from_static(b"d"),
+            Bytes::from_static(b"ef"),
+        ];
+        for p in &pieces {
+            m.push_out(p.clone());
+        }
+        assert_eq!(m.out_bytes(), pieces.iter().map(Bytes::len).sum::<usize>());
+        let frames = drain(&mut m);
+        assert_eq!(
+            frames,
+            [
+                Bytes::from_static(b"abc"),
+                big.clone(),
+                Bytes::from_static(b"def")
+            ]
+        );
+        assert_eq!(
+            frames[1].as_ptr(),
+            big.as_ptr(),
+            "a large piece is not copied"
+        );
+        assert_eq!(m.next_out(), None);
+
+        // More than a block: full blocks leave as frames of their own, nothing is lost.
+        let pieces: Vec<Bytes> = (0..100u8).map(|i| Bytes::from(vec![i; 100])).collect();
+        for p in &pieces {
+            m.push_out(p.clone());
+        }
+        let frames = drain(&mut m);
+        assert_eq!(frames.concat(), pieces.concat());
+        assert!(
+            frames.len() > 1 && frames.len() <= 100 * 100 / ARENA_BYTES + 1,
+            "{}",
+            frames.len()
+        );
+    }
+
+    #[test]
+    fn the_events_of_one_chunk_leave_stripped_as_one_frame() {
+        let mut m = BodyMeter::new(Kind::ChatStream { strip_usage: true }, 40);
+        m.relay(&Bytes::from_static(WITH_USAGE.as_bytes()));
+        assert_eq!(
+            drain(&mut m),
+            [Bytes::from_static(WITHOUT_USAGE.as_bytes())]
+        );
+        // Over many chunks, blocks fill and are replaced; what was handed out stays whole.
+        let mut handed_out = Vec::new();
+        for _ in 0..200 {
+            m.relay(&Bytes::from_static(WITH_USAGE.as_bytes()));
+            let frames = drain(&mut m);
+            assert!(frames.len() <= 2, "{} frames", frames.len());
+            handed_out.push(frames);
+        }
+        for frames in handed_out {
+            assert_eq!(frames.concat(), WITHOUT_USAGE.as_bytes());
         }
     }
 

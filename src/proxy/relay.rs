@@ -328,11 +328,10 @@ mod tests {
         }
         assert_eq!(
             out,
-            [
-                Bytes::from_static(b"event: a\ndata: {}\n\n"),
-                Bytes::from_static(b"event: b\ndata: {}\n\n")
-            ],
-            "both events, in order, handed out back to back"
+            [Bytes::from_static(
+                b"event: a\ndata: {}\n\nevent: b\ndata: {}\n\n"
+            )],
+            "both events, in order, in one frame"
         );
         assert_eq!(pendings_between, 1, "then nothing is held");
         assert!(!body.is_end_stream());
