@@ -328,13 +328,21 @@ impl EventBuf {
 
     /// Dispatches an event whose data is this one line (see [`EventBuf::takes_one_line`]).
     fn dispatch_line(&mut self, data: &[u8], end: usize, on_event: &mut impl FnMut(SseEvent<'_>)) {
-        let event = if self.kind.is_empty() {
+        on_event(SseEvent {
+            event: self.event_type(),
+            data,
+            end,
+        });
+        self.kind.clear();
+    }
+
+    /// The event's type: the last `event:` value, when not empty and valid UTF-8.
+    fn event_type(&self) -> Option<&str> {
+        if self.kind.is_empty() {
             None
         } else {
             std::str::from_utf8(&self.kind).ok()
-        };
-        on_event(SseEvent { event, data, end });
-        self.kind.clear();
+        }
     }
 
     /// A blank line (or the end of the stream): dispatches the event if it has data, then
@@ -346,12 +354,11 @@ impl EventBuf {
             Data::None | Data::Dropped => None,
         };
         if let Some(data) = data {
-            let event = if self.kind.is_empty() {
-                None
-            } else {
-                std::str::from_utf8(&self.kind).ok()
-            };
-            on_event(SseEvent { event, data, end });
+            on_event(SseEvent {
+                event: self.event_type(),
+                data,
+                end,
+            });
         }
         self.state = Data::None;
         self.data.clear();

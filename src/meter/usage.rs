@@ -827,6 +827,27 @@ mod tests {
     const COMPLETED: &str = r#"{"type":"response.completed","sequence_number":9,"response":{"id":"resp_68a1","object":"response","created_at":1754000000,"status":"completed","error":null,"model":"openai.gpt-oss-120b","output":[{"id":"msg_1","type":"message","status":"completed","role":"assistant","content":[{"type":"output_text","text":"the \"status\":\"failed\" \"usage\":{} text","annotations":[]}]}],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":16},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":64},"total_tokens":123}}}"#;
 
     #[test]
+    fn lifecycle_events_read_top_level_members_in_any_order() {
+        // Nested objects carry their own `id`, `status` and `usage` before the response's.
+        let created = r#"{"type":"response.created","response":{"output":[{"id":"msg_0","status":"done"}],"metadata":{"id":"meta"},"id":"resp_late","status":"in_progress"}}"#;
+        assert_eq!(
+            responses_event(Some("response.created"), created.as_bytes()),
+            ResponsesEvent::Created {
+                id: "resp_late".into()
+            }
+        );
+        let completed = r#"{"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":4},"output":[{"id":"msg_1","status":"in_progress","usage":{"input_tokens":99}}],"status":"completed","id":"resp_late"}}"#;
+        assert_eq!(
+            responses_event(Some("response.completed"), completed.as_bytes()),
+            ResponsesEvent::Terminal {
+                id: Some("resp_late".into()),
+                status: "completed".into(),
+                usage: Some(u(3, 0, 4, 0)),
+            }
+        );
+    }
+
+    #[test]
     fn responses_lifecycle_events() {
         let created = ResponsesEvent::Created {
             id: "resp_68a1".into(),
