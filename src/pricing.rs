@@ -80,7 +80,8 @@ pub struct Price {
 /// Prices by model pattern, after layering. Cheap to look up; build it once per config load.
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable {
-    exact: HashMap<String, Price>,
+    /// Looked up on every call: foldhash, not the standard `SipHash`.
+    exact: HashMap<String, Price, foldhash::fast::RandomState>,
     /// Trailing-`*` patterns without the `*`, longest prefix first.
     globs: Vec<(String, Price)>,
 }

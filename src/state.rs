@@ -119,8 +119,8 @@ pub struct Snapshot {
     pub projects: Vec<Project>,
     /// Project by id and by name (what a client may send in `OpenAI-Project`).
     by_handle: HashMap<Arc<str>, ProjectIdx>,
-    /// Keys by SHA-256.
-    keys: HashMap<[u8; 32], Key>,
+    /// Keys by SHA-256 (looked up on every call: foldhash, not the standard `SipHash`).
+    keys: HashMap<[u8; 32], Key, foldhash::fast::RandomState>,
     /// Routes, longest prefix first.
     pub routes: Vec<Route>,
     /// Forwarding settings.
@@ -226,7 +226,10 @@ impl Snapshot {
                 .position(|p| p.name == name)
                 .ok_or_else(|| anyhow::anyhow!("project `{name}` is not declared"))
         };
-        let mut keys = HashMap::with_capacity(config.keys.len());
+        let mut keys = HashMap::with_capacity_and_hasher(
+            config.keys.len(),
+            foldhash::fast::RandomState::default(),
+        );
         for k in &config.keys {
             let hash = parse_sha256(&k.sha256)
                 .ok_or_else(|| anyhow::anyhow!("key `{}` has no valid sha256", k.name))?;
