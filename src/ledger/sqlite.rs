@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use super::{Background, LedgerRead, Record, Store};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = r"
 CREATE TABLE IF NOT EXISTS calls (
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS calls (
 CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts_ms);
 CREATE INDEX IF NOT EXISTS calls_response ON calls (upstream_response_id)
     WHERE upstream_response_id IS NOT NULL;
+-- Dropped by version 2 (`key_last_used` answers the one query it served).
 CREATE INDEX IF NOT EXISTS calls_key_ts ON calls (key_fp, ts_ms);
 
 -- One row per UTC day and combination of dimensions: reports and budgets read this, so they
@@ -74,6 +75,25 @@ CREATE TABLE IF NOT EXISTS pending_background (
     ts_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
+
+/// Version 2: when each key was last used, one row per key, kept by the writer once per batch,
+/// in place of an index on `calls (key_fp, ts_ms)` that every call's row had to be inserted
+/// into for the sake of `mantlegate keys list` alone. Filled from that index, then drops it.
+const SCHEMA_V2: &str = r"
+BEGIN;
+CREATE TABLE IF NOT EXISTS key_last_used (
+    key_fp TEXT PRIMARY KEY,
+    ts_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR REPLACE INTO key_last_used (key_fp, ts_ms)
+    SELECT key_fp, MAX(ts_ms) FROM calls WHERE key_fp IS NOT NULL GROUP BY key_fp;
+DROP INDEX IF EXISTS calls_key_ts;
+PRAGMA user_version = 2;
+COMMIT;
+";
+
+const UPSERT_LAST_USED: &str = "INSERT INTO key_last_used (key_fp, ts_ms) VALUES (?1, ?2)
+    ON CONFLICT (key_fp) DO UPDATE SET ts_ms = MAX(ts_ms, excluded.ts_ms)";
 
 const INSERT_CALLS: &str = "INSERT INTO calls (ts_ms, request_id, key_name, route, project_name,
     project_id, tags, api, model, stream, status, outcome, error_code, input_tokens,
@@ -199,6 +219,9 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
         conn.execute_batch(SCHEMA_V1)?;
         conn.pragma_update(None, "user_version", 1)?;
     }
+    if version < 2 {
+        conn.execute_batch(SCHEMA_V2)?;
+    }
     Ok(())
 }
 
@@ -303,10 +326,16 @@ impl Store for SqliteStore {
             )?;
             let mut settle =
                 tx.prepare_cached("DELETE FROM pending_background WHERE response_id = ?1")?;
+            let mut last_used = tx.prepare_cached(UPSERT_LAST_USED)?;
+            let mut latest: std::collections::HashMap<&str, i64, foldhash::fast::RandomState> =
+                std::collections::HashMap::default();
             // The day's roll-up rows a batch touches are few: add the batch up first, then
             // one upsert per row rather than one per record.
-            let mut rollup: std::collections::HashMap<DailyKey, DailyDelta> =
-                std::collections::HashMap::new();
+            let mut rollup: std::collections::HashMap<
+                DailyKey,
+                DailyDelta,
+                foldhash::fast::RandomState,
+            > = std::collections::HashMap::default();
             for r in records {
                 let u = &r.usage;
                 let d = rollup
@@ -329,6 +358,10 @@ impl Store for SqliteStore {
                 d.reasoning += to_i64(u.reasoning);
                 d.cost = d.cost.saturating_add(r.cost_pico.unwrap_or(0));
                 d.unpriced += i64::from(r.cost_pico.is_none());
+                if let Some(fp) = r.key_fp.as_deref() {
+                    let ts = latest.entry(fp).or_insert(r.ts_ms);
+                    *ts = (*ts).max(r.ts_ms);
+                }
                 match (&r.background, &r.upstream_response_id) {
                     (Some(Background::Pending), Some(id)) => {
                         pending.execute(params![
@@ -343,6 +376,9 @@ impl Store for SqliteStore {
                     }
                     _ => {}
                 }
+            }
+            for (fp, ts) in latest {
+                last_used.execute(params![fp, ts])?;
             }
             for (k, d) in rollup {
                 daily.execute(params![
@@ -434,9 +470,13 @@ impl LedgerRead for Reader {
 
     fn last_used(&self) -> anyhow::Result<std::collections::HashMap<String, i64>> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT key_fp, MAX(ts_ms) FROM calls WHERE key_fp IS NOT NULL GROUP BY key_fp",
-            )?;
+            // A ledger no `serve` of this version has opened yet is still at version 1.
+            let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            let mut stmt = c.prepare(if version >= 2 {
+                "SELECT key_fp, ts_ms FROM key_last_used"
+            } else {
+                "SELECT key_fp, MAX(ts_ms) FROM calls WHERE key_fp IS NOT NULL GROUP BY key_fp"
+            })?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
@@ -531,6 +571,102 @@ mod tests {
             })
             .collect();
         assert_eq!(rows, expected);
+    }
+
+    /// The index names on `calls`.
+    fn call_indexes(conn: &Connection) -> Vec<String> {
+        let mut stmt = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'calls' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+            .expect("prepare");
+        stmt.query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    fn keyed(ts_ms: i64, fp: Option<&str>) -> Record {
+        Record {
+            key_fp: fp.map(Arc::from),
+            ..crate::ledger::sample_record(ts_ms)
+        }
+    }
+
+    #[test]
+    fn the_writer_keeps_each_keys_latest_call_and_never_moves_it_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.db");
+        let mut store = SqliteStore::open(&path).expect("open");
+        // Out of order within a batch, and a later batch carrying an older call (a long
+        // stream that ended after newer calls were written).
+        store
+            .write_batch(&[
+                keyed(3_000, Some("fp_a")),
+                keyed(5_000, Some("fp_a")),
+                keyed(4_000, Some("fp_a")),
+                keyed(2_000, Some("fp_b")),
+                keyed(9_000, None),
+            ])
+            .expect("first batch");
+        store
+            .write_batch(&[keyed(1_000, Some("fp_a")), keyed(7_000, Some("fp_b"))])
+            .expect("second batch");
+        let reader = Reader::new(open_read_only(&path).expect("read"));
+        let expected: std::collections::HashMap<String, i64> =
+            [("fp_a".to_owned(), 5_000), ("fp_b".to_owned(), 7_000)].into();
+        assert_eq!(reader.last_used().expect("last used"), expected);
+        // What the table holds is what the calls say.
+        let conn = open_read_only(&path).expect("read");
+        let from_calls: std::collections::HashMap<String, i64> = conn
+            .prepare(
+                "SELECT key_fp, MAX(ts_ms) FROM calls WHERE key_fp IS NOT NULL GROUP BY key_fp",
+            )
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(from_calls, expected);
+        assert_eq!(call_indexes(&conn), ["calls_response", "calls_ts"]);
+    }
+
+    #[test]
+    fn a_version_1_ledger_is_read_as_it_is_and_migrated_with_its_last_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).expect("create");
+            conn.execute_batch(SCHEMA_V1).expect("v1 schema");
+            conn.pragma_update(None, "user_version", 1)
+                .expect("version");
+            for (ts, fp) in [(10, "fp_a"), (30, "fp_a"), (20, "fp_b")] {
+                conn.execute(
+                    "INSERT INTO calls (ts_ms, request_id, key_fp, status, outcome, usage_source, duration_ms) VALUES (?1, ?2, ?3, 200, 'forwarded', 'reported', 1.0)",
+                    params![ts, format!("mg_{ts}"), fp],
+                )
+                .expect("insert");
+            }
+        }
+        let expected: std::collections::HashMap<String, i64> =
+            [("fp_a".to_owned(), 30), ("fp_b".to_owned(), 20)].into();
+        // `keys list` on a ledger that no serve of this version has opened yet.
+        let before = Reader::new(open_read_only(&path).expect("read v1"));
+        assert_eq!(before.last_used().expect("last used, v1"), expected);
+        drop(before);
+
+        let mut store = SqliteStore::open(&path).expect("migrate");
+        let version: i64 = store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(call_indexes(&store.conn), ["calls_response", "calls_ts"]);
+        store
+            .write_batch(&[keyed(25, Some("fp_b"))])
+            .expect("write after migrating");
+        let after = Reader::new(open_read_only(&path).expect("read v2"));
+        let expected: std::collections::HashMap<String, i64> =
+            [("fp_a".to_owned(), 30), ("fp_b".to_owned(), 25)].into();
+        assert_eq!(after.last_used().expect("last used, v2"), expected);
     }
 
     #[test]
