@@ -134,12 +134,10 @@ pub struct AccessLine(Vec<u8>);
 
 impl AccessLine {
     fn begin(&mut self) {
-        // Microseconds, as tracing-subscriber's other lines have them.
-        let _ = write!(
-            self.0,
-            r#"{{"timestamp":"{:.6}","level":"INFO","message":"access""#,
-            jiff::Timestamp::now()
-        );
+        self.0.extend_from_slice(br#"{"timestamp":""#);
+        write_timestamp(&mut self.0, jiff::Timestamp::now());
+        self.0
+            .extend_from_slice(br#"","level":"INFO","message":"access""#);
     }
 
     fn end(&mut self) {
@@ -157,8 +155,12 @@ impl AccessLine {
     pub fn str(&mut self, name: &str, value: &str) {
         self.key(name);
         // Nearly every value (ids, names, paths, models) needs no escaping: copied as it is.
-        // Anything else goes through serde_json's escaper.
-        if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        // Anything else goes through serde_json's escaper. The check folds over every byte
+        // without stopping early, which the compiler turns into a vector loop.
+        let to_escape = value.bytes().fold(0_u8, |any, b| {
+            any | u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\')
+        });
+        if to_escape == 0 {
             self.0.reserve(value.len() + 2);
             self.0.push(b'"');
             self.0.extend_from_slice(value.as_bytes());
@@ -187,6 +189,48 @@ impl AccessLine {
             self.value(name, v);
         }
     }
+}
+
+/// Writes `ts` as RFC 3339 UTC with microseconds (`2026-11-28T12:43:36.123456Z`), the text
+/// `format!("{ts:.6}")` gives and tracing-subscriber's other lines have. The date and time up
+/// to the second are formatted once per second per thread and reused: through `fmt`, the
+/// whole timestamp cost about as much as the rest of the access line.
+fn write_timestamp(out: &mut Vec<u8>, ts: jiff::Timestamp) {
+    thread_local! {
+        /// The second last formatted, and its text up to and including the `.`.
+        static SECOND: RefCell<(i64, Vec<u8>)> = const { RefCell::new((i64::MIN, Vec::new())) };
+    }
+    let (second, micros) = (ts.as_second(), ts.subsec_microsecond());
+    let Ok(micros) = u32::try_from(micros) else {
+        // Before 1970 the sub-second part is negative: not worth a fast path.
+        let _ = write!(out, "{ts:.6}");
+        return;
+    };
+    SECOND.with(|cell| {
+        let Ok(mut cached) = cell.try_borrow_mut() else {
+            let _ = write!(out, "{ts:.6}");
+            return;
+        };
+        if cached.0 != second {
+            let whole = jiff::Timestamp::from_second(second).unwrap_or(ts);
+            cached.1.clear();
+            let _ = write!(cached.1, "{whole:.0}");
+            // `2026-11-28T12:43:36Z` without its `Z`, then the separator.
+            cached.1.pop();
+            cached.1.push(b'.');
+            cached.0 = second;
+        }
+        out.extend_from_slice(&cached.1);
+    });
+    let mut digits = [b'0'; 6];
+    let mut rest = micros;
+    for d in digits.iter_mut().rev() {
+        // A remainder of ten: the cast cannot truncate.
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b'Z');
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
@@ -324,6 +368,57 @@ mod tests {
         let age = jiff::Timestamp::now().duration_since(parsed);
         assert!(age.as_secs() < 60, "{ts}");
         assert!(text.starts_with(r#"{"timestamp":""#), "{text}");
+    }
+
+    #[test]
+    fn timestamps_are_written_as_jiff_formats_them_across_seconds() {
+        // Whole seconds, microsecond edges, a second reused from the cache and one after it,
+        // a leap day, and times before 1970 (the slow path).
+        let cases = [
+            1_795_000_000_000_000_i64,
+            1_795_000_000_000_001,
+            1_795_000_000_999_999,
+            1_795_000_001_000_000,
+            1_795_000_001_000_123,
+            1_795_000_000_500_000,
+            1_709_164_800_042_000,
+            0,
+            999_999,
+            -1,
+            -1_000_001,
+            253_402_207_199_999_999,
+        ];
+        for micros in cases {
+            let ts = jiff::Timestamp::from_microsecond(micros).expect("in range");
+            let mut out = Vec::new();
+            write_timestamp(&mut out, ts);
+            assert_eq!(
+                String::from_utf8(out).expect("utf8"),
+                format!("{ts:.6}"),
+                "{micros} µs"
+            );
+        }
+    }
+
+    #[test]
+    fn values_that_need_escaping_are_escaped_wherever_the_byte_is() {
+        // The check folds over every byte: a byte to escape at any position of a longer
+        // value (past a vector's width) must still be found.
+        for len in [1_usize, 15, 16, 17, 31, 32, 33, 64, 100] {
+            for at in 0..len {
+                for bad in ['"', '\\', '\n', '\u{1}'] {
+                    let mut value: Vec<char> = vec!['a'; len];
+                    value[at] = bad;
+                    let value: String = value.into_iter().collect();
+                    let mut line = AccessLine(Vec::new());
+                    line.str("k", &value);
+                    let text = String::from_utf8(line.0).expect("utf8");
+                    let json = format!("{{{}}}", &text[1..]);
+                    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+                    assert_eq!(v["k"], value.as_str(), "{len} {at} {bad:?}");
+                }
+            }
+        }
     }
 
     #[test]
