@@ -295,30 +295,29 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Inspected<IO> {
 /// answered 400 `ambiguous_length` (with `connection: close`, so hyper ends the connection
 /// after it) and never reaches the app; every other request goes to the app.
 #[derive(Clone)]
-pub struct Guarded {
-    app: Router,
+pub struct Guarded<A = Router> {
+    app: A,
     heads: Arc<Heads>,
     peer: SocketAddr,
 }
 
-impl Guarded {
+impl<A> Guarded<A> {
     /// Serves `app` on the connection from `peer` whose heads are `heads`.
-    pub fn new(app: Router, heads: Arc<Heads>, peer: SocketAddr) -> Self {
+    pub fn new(app: A, heads: Arc<Heads>, peer: SocketAddr) -> Self {
         Self { app, heads, peer }
     }
 }
 
-impl<B> Service<Request<B>> for Guarded
+impl<A, B> Service<Request<B>> for Guarded<A>
 where
-    Router: Service<Request<B>, Response = Response, Error = Infallible>,
+    A: Service<Request<B>, Response = Response, Error = Infallible>,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future =
-        Either<Ready<Result<Response, Infallible>>, <Router as Service<Request<B>>>::Future>;
+    type Future = Either<Ready<Result<Response, Infallible>>, A::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Service::<Request<B>>::poll_ready(&mut self.app, cx)
+        self.app.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
