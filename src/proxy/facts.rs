@@ -66,7 +66,7 @@ impl<'de: 'a, 'a> Visitor<'de> for FactsVisitor<'a> {
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
         let mut facts = RequestFacts::default();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(Name(key)) = map.next_key::<Name<'de>>()? {
             match &*key {
                 "model" => facts.model = map.next_value::<Lenient<Cow<'de, str>>>()?.0,
                 "stream" => facts.stream = map.next_value::<Lenient<bool>>()?.0 == Some(true),
@@ -89,6 +89,29 @@ impl<'de: 'a, 'a> Visitor<'de> for FactsVisitor<'a> {
             }
         }
         Ok(facts)
+    }
+}
+
+/// A member name, borrowed from the body unless it holds escapes. (serde's own
+/// `Deserialize` for `Cow<str>` always copies: a string allocated per top-level member.)
+struct Name<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(V)
     }
 }
 
@@ -349,6 +372,23 @@ mod tests {
         assert_eq!(f, RequestFacts::default());
         let f = RequestFacts::parse(br#"{"model":"a\"b"}"#).expect("escaped");
         assert_eq!(f.model.as_deref(), Some("a\"b"));
+    }
+
+    #[test]
+    fn member_names_are_recognised_with_or_without_escapes() {
+        // Names are borrowed from the body when they can be and copied when they hold escapes;
+        // either way `stream` is `stream`.
+        let plain =
+            RequestFacts::parse(br#"{"model":"m","stream":true,"max_tokens":7}"#).expect("plain");
+        let escaped =
+            RequestFacts::parse(br#"{"mod\u0065l":"m","str\u0065am":true,"max\u005ftokens":7}"#)
+                .expect("escaped");
+        assert_eq!(plain, escaped);
+        assert_eq!(plain.model.as_deref(), Some("m"));
+        assert!(plain.stream);
+        assert_eq!(plain.max_output_tokens, Some(7));
+        // A name that is not a string is not JSON.
+        assert!(RequestFacts::parse(b"{1:2}").is_err());
     }
 
     #[test]
