@@ -77,7 +77,7 @@ async fn forward(
     parts.uri = uri;
     parts.headers.remove(hyper::header::HOST);
     match client
-        .request(Request::from_parts(parts, body.to_bytes()))
+        .request(&Request::from_parts(parts, body.to_bytes()))
         .await
     {
         Ok(resp) => resp.map(BodyExt::boxed_unsync),

@@ -244,13 +244,15 @@ async fn forward(
     }
     upstream_headers.insert(OPENAI_PROJECT.clone(), project.id_header.clone());
 
-    let outgoing = Outgoing {
-        method: parts.method,
-        uri,
-        headers: upstream_headers,
-        body: endpoint.forwards_body().then_some(body),
-        signer,
-    };
+    let mut request = axum::http::Request::new(if endpoint.forwards_body() {
+        body
+    } else {
+        Bytes::new()
+    });
+    *request.method_mut() = parts.method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = upstream_headers;
+    let outgoing = Outgoing { request, signer };
     let sent = Instant::now();
     let response = send_with_retries(&snap.upstream, &state.upstream, &outgoing, call).await?;
     call.upstream_status = Some(response.status().as_u16());
@@ -350,8 +352,9 @@ async fn send_with_retries(
     let deadline = tokio::time::Instant::from_std(call.started()) + up.total_timeout;
     let mut attempt = 0u32;
     loop {
-        // A fresh request (and signature: SigV4 refuses stale ones) for every attempt.
-        let current = outgoing.request().await?;
+        // A fresh signature for every attempt: SigV4 refuses stale ones.
+        let signed = outgoing.signed().await?;
+        let current = signed.as_ref().unwrap_or(&outgoing.request);
         let timeout = up.response_timeout;
         let outcome = tokio::time::timeout(timeout, client.request(current)).await;
         let retry_after = match &outcome {
@@ -395,34 +398,38 @@ async fn send_with_retries(
     }
 }
 
-/// What is sent upstream, unsigned; one request is built from it per attempt.
+/// What is sent upstream: the request as it goes without SigV4 (every attempt sends it as it
+/// is, no copy), and the signer when there is one. The client sets `host` and
+/// `content-length` (from the body's exact size).
 struct Outgoing<'a> {
-    method: axum::http::Method,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    /// `None`: the endpoint forwards no body.
-    body: Option<Bytes>,
+    /// An empty body when the endpoint forwards none.
+    request: axum::http::Request<Bytes>,
     signer: Option<&'a crate::sigv4::Signer>,
 }
 
 impl Outgoing<'_> {
-    /// One attempt's request. The client sets `host` and `content-length` (from the body's
-    /// exact size).
-    async fn request(&self) -> Result<axum::http::Request<Bytes>, ProxyError> {
-        let mut headers = self.headers.clone();
-        if let Some(signer) = self.signer {
-            let body = self.body.as_deref().unwrap_or_default();
-            signer
-                .sign(&self.method, &self.uri.to_string(), &mut headers, body)
-                .await
-                .map_err(|err| ProxyError::UpstreamCredentials(format!("{err:#}")))?;
-        }
+    /// One attempt's signed copy of the request, or `None` when it goes unsigned.
+    async fn signed(&self) -> Result<Option<axum::http::Request<Bytes>>, ProxyError> {
+        let Some(signer) = self.signer else {
+            return Ok(None);
+        };
+        let base = &self.request;
+        let mut headers = base.headers().clone();
+        signer
+            .sign(
+                base.method(),
+                &base.uri().to_string(),
+                &mut headers,
+                base.body(),
+            )
+            .await
+            .map_err(|err| ProxyError::UpstreamCredentials(format!("{err:#}")))?;
         // Bytes: a reference count, not a copy.
-        let mut request = axum::http::Request::new(self.body.clone().unwrap_or_default());
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
+        let mut request = axum::http::Request::new(base.body().clone());
+        *request.method_mut() = base.method().clone();
+        *request.uri_mut() = base.uri().clone();
         *request.headers_mut() = headers;
-        Ok(request)
+        Ok(Some(request))
     }
 }
 

@@ -111,50 +111,44 @@ pub fn client(connect_timeout: Duration) -> anyhow::Result<UpstreamClient> {
 
 impl UpstreamClient {
     /// Sends `req` (its URI absolute: scheme and authority say where) and reads the answer's
-    /// head; the body is read as it is polled. A kept-alive connection is used when one is
+    /// head; the body is read as it is polled. Borrowed: a caller that may send the same
+    /// request again (retries) keeps it without copying its headers for each attempt. A kept-alive connection is used when one is
     /// idle; if sending on it fails (the upstream closed it as it was taken), the request is
     /// sent once more on a new connection.
     ///
     /// # Errors
     /// When no connection could be made ([`Error::is_connect`]), sending or reading failed,
     /// or the answer is not valid HTTP/1.1.
-    pub async fn request(&self, req: Request<Bytes>) -> Result<Response<UpstreamBody>, Error> {
-        let (parts, body) = req.into_parts();
+    pub async fn request(&self, req: &Request<Bytes>) -> Result<Response<UpstreamBody>, Error> {
+        let (method, uri, headers, body) = (req.method(), req.uri(), req.headers(), req.body());
         let target = Target {
-            https: parts.uri.scheme() == Some(&axum::http::uri::Scheme::HTTPS),
-            authority: parts
-                .uri
+            https: uri.scheme() == Some(&axum::http::uri::Scheme::HTTPS),
+            authority: uri
                 .authority()
                 .cloned()
                 .ok_or_else(|| Error::protocol("the upstream URL has no host"))?,
         };
         let body_len =
-            (!body.is_empty() || wire::announces_empty_body(&parts.method)).then_some(body.len());
-        let mut request_head = Vec::with_capacity(256 + parts.headers.len() * 64);
-        wire::encode_request(
-            &mut request_head,
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            body_len,
-        );
+            (!body.is_empty() || wire::announces_empty_body(method)).then_some(body.len());
+        let mut request_head = Vec::with_capacity(256 + headers.len() * 64);
+        wire::encode_request(&mut request_head, method, uri, headers, body_len);
 
         let mut conn = match self.pool.checkout(&target) {
             Some(conn) => conn,
             None => self.connect(target.clone()).await?,
         };
-        if let Err(err) = conn.write_request(&request_head, &body).await {
+        if let Err(err) = conn.write_request(&request_head, body).await {
             if !conn.reused {
                 return Err(Error::io("sending the request failed", &err));
             }
             conn = self.connect(target).await?;
-            conn.write_request(&request_head, &body)
+            conn.write_request(&request_head, body)
                 .await
                 .map_err(|err| Error::io("sending the request failed", &err))?;
         }
         let head = loop {
             if let Some(head) =
-                wire::parse_head(&mut conn.buf, &parts.method).map_err(|e| Error::protocol(e.0))?
+                wire::parse_head(&mut conn.buf, method).map_err(|e| Error::protocol(e.0))?
             {
                 break head;
             }
@@ -360,7 +354,7 @@ mod tests {
         body: &'static str,
     ) -> tokio::task::JoinHandle<Result<Response<UpstreamBody>, Error>> {
         let c = c.clone();
-        tokio::spawn(async move { c.request(post(addr, body)).await })
+        tokio::spawn(async move { c.request(&post(addr, body)).await })
     }
 
     /// Sends a POST through `c`, takes it on a new connection, answers it with `answer`, and
@@ -559,7 +553,7 @@ mod tests {
         let c = client(Duration::from_secs(5)).expect("client");
         let (l, addr) = listener().await;
         drop(l);
-        let err = c.request(post(addr, "{}")).await.expect_err("refused");
+        let err = c.request(&post(addr, "{}")).await.expect_err("refused");
         assert!(err.is_connect(), "{err}");
         assert!(err.to_string().starts_with("connection failed: "), "{err}");
 
@@ -571,7 +565,7 @@ mod tests {
         });
         let mut req = post(addr, "{}");
         *req.uri_mut() = format!("https://{addr}/v1/models").parse().expect("uri");
-        let err = bounded(c.request(req)).await.expect_err("no TLS");
+        let err = bounded(c.request(&req)).await.expect_err("no TLS");
         assert!(err.is_connect(), "{err}");
         server.await.expect("server");
 
