@@ -23,7 +23,7 @@ use super::Usage;
 #[must_use]
 pub fn chat_usage(json: &[u8]) -> Option<Usage> {
     let [usage] = members(json, [b"usage"]);
-    parse_at::<Option<ChatUsage>>(json, usage?)??.usage()
+    chat_usage_at(json, usage?)
 }
 
 /// Usage of a Responses API `response` object JSON (`input_tokens`, `output_tokens`,
@@ -121,10 +121,7 @@ pub fn chat_chunk_and_null_usage(raw: &[u8]) -> (ChatChunk, Option<(usize, usize
     let null_usage = comma_before.or(comma_after);
     if usage_object {
         let [usage, choices] = members(data, [b"usage", b"choices"]);
-        let usage = usage
-            .and_then(|at| parse_at::<Option<ChatUsage>>(data, at))
-            .flatten()
-            .and_then(|usage| usage.usage());
+        let usage = usage.and_then(|at| chat_usage_at(data, at));
         if let Some(usage) = usage {
             let usage_only = !choices.is_some_and(|at| is_non_empty_array(data, at));
             return (ChatChunk::Usage { usage, usage_only }, null_usage);
@@ -344,7 +341,226 @@ impl Facts {
 }
 
 fn responses_usage_at(json: &[u8], at: usize) -> Option<Usage> {
-    parse_at::<Option<ResponsesUsage>>(json, at)??.usage()
+    match plain_usage(json, at, &RESPONSES_NAMES) {
+        Ok(read) => read,
+        Err(NotPlain) => parse_at::<Option<ResponsesUsage>>(json, at)??.usage(),
+    }
+}
+
+/// The Chat Completions `usage` value at `json[at]`.
+fn chat_usage_at(json: &[u8], at: usize) -> Option<Usage> {
+    match plain_usage(json, at, &CHAT_NAMES) {
+        Ok(read) => read,
+        Err(NotPlain) => parse_at::<Option<ChatUsage>>(json, at)??.usage(),
+    }
+}
+
+/// The member names of a usage object: its input and output counts and their details.
+struct UsageNames {
+    input: &'static [u8],
+    input_details: &'static [u8],
+    output: &'static [u8],
+    output_details: &'static [u8],
+}
+
+const CHAT_NAMES: UsageNames = UsageNames {
+    input: b"prompt_tokens",
+    input_details: b"prompt_tokens_details",
+    output: b"completion_tokens",
+    output_details: b"completion_tokens_details",
+};
+
+const RESPONSES_NAMES: UsageNames = UsageNames {
+    input: b"input_tokens",
+    input_details: b"input_tokens_details",
+    output: b"output_tokens",
+    output_details: b"output_tokens_details",
+};
+
+/// Reads the usage value at `json[at]` without serde when it has the plain shape upstreams
+/// send: `null`, or an object whose members are counts (non-negative integers of at most 19
+/// digits, or `null`) and, under the two details names, `null` or objects of counts. Names
+/// must be printable ASCII without escapes, and no known name may repeat.
+///
+/// `Ok(usage)` is what [`ChatUsage`]/[`ResponsesUsage`] through serde give for the same
+/// text; `Err(NotPlain)` leaves anything else (floats, strings, escapes, repeats, nesting elsewhere,
+/// malformed JSON) to serde, so the billing rules of [`Count`] stay serde's. A test compares
+/// the two on random usage objects. Serde's generic path cost about 3,700 instructions per
+/// usage object, most of a non-streamed call's metering.
+fn plain_usage(json: &[u8], at: usize, names: &UsageNames) -> Result<Option<Usage>, NotPlain> {
+    let mut p = Plain { json, at };
+    p.ws();
+    if p.literal(b"null") {
+        return Ok(None);
+    }
+    let mut input = None;
+    let mut output = None;
+    let mut cached = None;
+    let mut reasoning = None;
+    p.object(|p, name| {
+        if name == names.input {
+            once(&mut input, p.count()?)
+        } else if name == names.output {
+            once(&mut output, p.count()?)
+        } else if name == names.input_details {
+            once(&mut cached, p.details(b"cached_tokens")?)
+        } else if name == names.output_details {
+            once(&mut reasoning, p.details(b"reasoning_tokens")?)
+        } else {
+            p.count().map(drop)
+        }
+    })
+    .ok_or(NotPlain)?;
+    Ok(usage(
+        input.unwrap_or_default(),
+        cached.and_then(Details::count),
+        output.unwrap_or_default(),
+        reasoning.and_then(Details::count),
+    ))
+}
+
+/// A usage value [`plain_usage`] leaves to serde.
+#[derive(Debug, PartialEq, Eq)]
+struct NotPlain;
+
+/// A details member's value.
+#[derive(Clone, Copy)]
+enum Details {
+    Null,
+    /// An object, and the count it holds (0 when absent).
+    Object(Count),
+}
+
+impl Details {
+    fn count(self) -> Option<Count> {
+        match self {
+            Self::Null => None,
+            Self::Object(count) => Some(count),
+        }
+    }
+}
+
+/// Sets a member seen once; a second time gives up (serde refuses repeated fields).
+fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(value);
+    Some(())
+}
+
+/// A cursor for [`plain_usage`]. Every method returns `None` for what it does not read.
+struct Plain<'a> {
+    json: &'a [u8],
+    at: usize,
+}
+
+impl Plain<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.json.get(self.at).copied()
+    }
+
+    /// JSON's whitespace (not `u8::is_ascii_whitespace`, which also takes form feed).
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    fn literal(&mut self, text: &[u8]) -> bool {
+        let found = self
+            .json
+            .get(self.at..)
+            .is_some_and(|rest| rest.starts_with(text));
+        if found {
+            self.at += text.len();
+        }
+        found
+    }
+
+    fn byte(&mut self, b: u8) -> Option<()> {
+        (self.peek() == Some(b)).then(|| self.at += 1)
+    }
+
+    /// An object: `member` reads each value, given the name.
+    fn object(&mut self, mut member: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+        self.byte(b'{')?;
+        self.ws();
+        if self.byte(b'}').is_some() {
+            return Some(());
+        }
+        loop {
+            self.byte(b'"')?;
+            let start = self.at;
+            let len = memchr::memchr(b'"', self.json.get(start..)?)?;
+            let name = &self.json[start..start + len];
+            // Folded without stopping early, which compiles to a vector loop.
+            let odd = name.iter().fold(0_u8, |odd, &b| {
+                odd | u8::from(!(0x20..0x7f).contains(&b)) | u8::from(b == b'\\')
+            });
+            if odd != 0 {
+                return None;
+            }
+            self.at = start + len + 1;
+            self.ws();
+            self.byte(b':')?;
+            self.ws();
+            member(self, name)?;
+            self.ws();
+            match self.peek()? {
+                b',' => {
+                    self.at += 1;
+                    self.ws();
+                }
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// A count: `null` (0) or a non-negative integer of at most 19 digits (below 2^64).
+    fn count(&mut self) -> Option<Count> {
+        if self.literal(b"null") {
+            return Some(Count::default());
+        }
+        let digits = self.json.get(self.at..)?;
+        let len = digits
+            .iter()
+            .take(20)
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        // No digits, a leading zero, or more than 19 digits; then no fraction or exponent.
+        if len == 0 || len > 19 || (len > 1 && digits[0] == b'0') {
+            return None;
+        }
+        if matches!(digits.get(len), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        let n = digits[..len]
+            .iter()
+            .fold(0_u64, |n, d| n * 10 + u64::from(d - b'0'));
+        self.at += len;
+        Some(Count(Some(n)))
+    }
+
+    /// A details value: `null`, or an object of counts of which `name` is the one kept.
+    fn details(&mut self, name: &[u8]) -> Option<Details> {
+        if self.literal(b"null") {
+            return Some(Details::Null);
+        }
+        let mut kept = None;
+        self.object(|p, member| {
+            if member == name {
+                once(&mut kept, p.count()?)
+            } else {
+                p.count().map(drop)
+            }
+        })?;
+        Some(Details::Object(kept.unwrap_or_default()))
+    }
 }
 
 /// Chat Completions `usage` (`CompletionUsage`); other members are ignored.
@@ -687,6 +903,164 @@ mod tests {
           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}},
       "service_tier": "default", "system_fingerprint": null
     }"#;
+
+    /// Usage objects made of random parts, plain and not: every one the plain reader takes
+    /// must come out as serde reads it.
+    fn random_usage_texts(names: &UsageNames, count: usize) -> Vec<Vec<u8>> {
+        use std::fmt::Write as _;
+        // A fixed xorshift: the same cases on every run, no generator to seed.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            usize::try_from(state % (n as u64)).expect("small")
+        };
+        let name = |s: &[u8]| String::from_utf8(s.to_vec()).expect("ascii");
+        let keys = [
+            name(names.input),
+            name(names.output),
+            name(names.input_details),
+            name(names.output_details),
+            "total_tokens".to_owned(),
+            "audio_tokens".to_owned(),
+            format!(
+                "{}\\u0073",
+                &name(names.input)[..name(names.input).len() - 1]
+            ),
+            "caf\u{e9}".to_owned(),
+        ];
+        let counts = [
+            "0",
+            "7",
+            "123",
+            "null",
+            "-1",
+            "-0",
+            "1.5",
+            "1e3",
+            "2E1",
+            "01",
+            "00",
+            "9999999999999999999",
+            "18446744073709551615",
+            "99999999999999999999",
+            "\"5\"",
+            "true",
+            "[1]",
+            "{}",
+            "12x",
+        ];
+        let details = [
+            "null",
+            "{}",
+            "{\"cached_tokens\":3}",
+            "{\"reasoning_tokens\":4}",
+            "{\"cached_tokens\":null,\"audio_tokens\":0}",
+            "{\"reasoning_tokens\":9,\"x\":1}",
+            "{\"cached_tokens\":1,\"cached_tokens\":2}",
+            "{\"reasoning_tokens\":1.0}",
+            "{\"cached_tokens\":2,}",
+            "[3]",
+            "{\"reasoning_tokens\":\"3\"}",
+            "{\"cached_tokens\":5,\"reasoning_tokens\":6}",
+        ];
+        let spaces = ["", "", "", " ", "\n  ", "\t", "\r\n", "\u{c}"];
+        (0..count)
+            .map(|_| {
+                let mut text = String::from(spaces[next(spaces.len())]);
+                text.push('{');
+                let members = next(7);
+                for i in 0..members {
+                    if i > 0 {
+                        text.push(',');
+                    }
+                    text.push_str(spaces[next(spaces.len())]);
+                    let key = &keys[next(keys.len())];
+                    let is_details = key.ends_with("_details");
+                    let value = if is_details && next(4) > 0 {
+                        details[next(details.len())]
+                    } else {
+                        counts[next(counts.len())]
+                    };
+                    let _ = write!(
+                        text,
+                        "\"{key}\"{}:{}{value}",
+                        spaces[next(3)],
+                        spaces[next(3)]
+                    );
+                }
+                match next(12) {
+                    0 => text.push_str(",}"),
+                    1 => {}
+                    _ => text.push('}'),
+                }
+                text.push_str(spaces[next(spaces.len())]);
+                // Cut anywhere, inside a character too: the readers take bytes.
+                let text = text.into_bytes();
+                match next(10) {
+                    0 => b"null".to_vec(),
+                    1 => text[..next(text.len() + 1)].to_vec(),
+                    _ => text,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_plain_usage_reader_agrees_with_serde_wherever_it_reads() {
+        for (names, slow) in [
+            (
+                &CHAT_NAMES,
+                (|t: &[u8]| parse_at::<Option<ChatUsage>>(t, 0)??.usage()) as fn(&[u8]) -> _,
+            ),
+            (&RESPONSES_NAMES, |t: &[u8]| {
+                parse_at::<Option<ResponsesUsage>>(t, 0)??.usage()
+            }),
+        ] {
+            let mut read = 0;
+            let texts = random_usage_texts(names, 20_000);
+            for text in &texts {
+                if let Ok(fast) = plain_usage(text, 0, names) {
+                    read += 1;
+                    assert_eq!(fast, slow(text), "{}", String::from_utf8_lossy(text));
+                }
+            }
+            // The plain reader takes a good share of them (and the rest go to serde).
+            assert!(read > texts.len() / 10 && read < texts.len(), "{read}");
+        }
+    }
+
+    #[test]
+    fn usage_as_upstreams_send_it_is_read_without_serde() {
+        let chat = r#"{"prompt_tokens": 120, "completion_tokens": 45, "total_tokens": 165,
+            "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 30, "audio_tokens": 0,
+            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}"#;
+        assert_eq!(
+            plain_usage(chat.as_bytes(), 0, &CHAT_NAMES),
+            Ok(Some(u(120, 100, 45, 30)))
+        );
+        let responses = r#"{"input_tokens":36,"input_tokens_details":{"cached_tokens":0},
+            "output_tokens":87,"output_tokens_details":{"reasoning_tokens":12},"total_tokens":123}"#;
+        assert_eq!(
+            plain_usage(responses.as_bytes(), 0, &RESPONSES_NAMES),
+            Ok(Some(u(36, 0, 87, 12)))
+        );
+        // Left to serde: a float, a string, an escaped name, a repeated name.
+        for text in [
+            r#"{"prompt_tokens":1.0}"#,
+            r#"{"prompt_tokens":"1"}"#,
+            r#"{"prompt\u005ftokens":1}"#,
+            r#"{"prompt_tokens":1,"prompt_tokens":2}"#,
+        ] {
+            assert_eq!(
+                plain_usage(text.as_bytes(), 0, &CHAT_NAMES),
+                Err(NotPlain),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn chat_usage_reads_totals_and_details() {
