@@ -35,7 +35,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -62,38 +62,39 @@ const RESPONSE_INDEX_TTL: Duration = Duration::from_mins(2);
 /// everything else goes to [`proxy::handle`],
 /// which classifies the path itself so that routes and endpoints can change on reload.
 pub fn router(state: AppState) -> Router {
-    routes(Arc::new(state))
+    routes(Arc::new(state)).0
 }
 
-/// [`router`] over shared state.
-fn routes(state: Arc<AppState>) -> Router {
-    let mut app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
-    if state.metrics_on_main {
-        app = app.route("/metrics", get(admin::metrics));
+/// mantlegate's own endpoints: the only routes of the router, whatever else goes to the
+/// handler. [`App`] sends these paths to the router and no others, so this is the one list.
+fn own_routes(metrics_on_main: bool) -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
+    let mut own = vec![
+        ("/healthz", get(healthz)),
+        ("/readyz", get(readyz)),
+        ("/admin/v1/costs", get(admin::costs)),
+        ("/admin/v1/budgets", get(admin::budgets)),
+        ("/admin/v1/projects", get(admin::projects)),
+    ];
+    if metrics_on_main {
+        own.push(("/metrics", get(admin::metrics)));
     }
-    app.route("/admin/v1/costs", get(admin::costs))
-        .route("/admin/v1/budgets", get(admin::budgets))
-        .route("/admin/v1/projects", get(admin::projects))
+    own
+}
+
+/// [`router`] over shared state, and the paths it has routes for.
+fn routes(state: Arc<AppState>) -> (Router, Vec<&'static str>) {
+    let mut app = Router::new();
+    let mut paths = Vec::new();
+    for (path, route) in own_routes(state.metrics_on_main) {
+        app = app.route(path, route);
+        paths.push(path);
+    }
+    let app = app
         .fallback(proxy::handle)
         // Behind one `Arc`: axum clones the state for every request.
         .with_state(state)
-        .layer(CatchPanicLayer::custom(panic_response))
-}
-
-/// mantlegate's own endpoints, the paths [`routes`] gives a route of their own.
-const OWN_PATHS: [&str; 5] = [
-    "/healthz",
-    "/readyz",
-    "/admin/v1/costs",
-    "/admin/v1/budgets",
-    "/admin/v1/projects",
-];
-
-/// Whether `path` is one of mantlegate's own endpoints rather than a call to forward.
-fn is_own_path(path: &str, metrics_on_main: bool) -> bool {
-    OWN_PATHS.contains(&path) || (metrics_on_main && path == "/metrics")
+        .layer(CatchPanicLayer::custom(panic_response));
+    (app, paths)
 }
 
 /// What a connection serves: [`router`] for mantlegate's own endpoints, and every call to
@@ -104,6 +105,8 @@ fn is_own_path(path: &str, metrics_on_main: bool) -> bool {
 #[derive(Clone)]
 pub struct App {
     router: Router,
+    /// The paths of the router's own routes ([`own_routes`]).
+    own: Arc<[&'static str]>,
     state: Arc<AppState>,
 }
 
@@ -112,8 +115,10 @@ impl App {
     #[must_use]
     pub fn new(state: AppState) -> Self {
         let state = Arc::new(state);
+        let (router, own) = routes(state.clone());
         Self {
-            router: routes(state.clone()),
+            router,
+            own: own.into(),
             state,
         }
     }
@@ -142,7 +147,7 @@ where
     fn call(&mut self, req: axum::extract::Request<B>) -> Self::Future {
         use futures_util::FutureExt as _;
         use futures_util::future::Either;
-        if is_own_path(req.uri().path(), self.state.metrics_on_main) {
+        if self.own.contains(&req.uri().path()) {
             return Either::Left(self.router.call(req));
         }
         let state = self.state.clone();
@@ -298,13 +303,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn own_endpoints_go_to_the_router_and_every_other_path_to_the_handler() {
-        for path in OWN_PATHS {
-            assert!(is_own_path(path, false), "{path}");
+    fn own_endpoints_are_exact_paths_and_metrics_only_where_served() {
+        let paths = |metrics| {
+            own_routes(metrics)
+                .into_iter()
+                .map(|(path, _)| path)
+                .collect::<Vec<_>>()
+        };
+        let with = paths(true);
+        let without = paths(false);
+        assert!(with.contains(&"/metrics") && !without.contains(&"/metrics"));
+        assert!(without.iter().all(|p| with.contains(p)));
+        for path in [
+            "/healthz",
+            "/readyz",
+            "/admin/v1/costs",
+            "/admin/v1/budgets",
+            "/admin/v1/projects",
+        ] {
+            assert!(without.contains(&path), "{path}");
         }
-        // `/metrics` is an endpoint of its own only where it is served.
-        assert!(is_own_path("/metrics", true));
-        assert!(!is_own_path("/metrics", false));
         // Exact paths only: anything near one is a call for the handler to classify.
         for path in [
             "",
@@ -318,7 +336,7 @@ mod tests {
             "/admin/v1",
             "/metrics/",
         ] {
-            assert!(!is_own_path(path, true), "{path}");
+            assert!(!with.contains(&path), "{path}");
         }
     }
 }
