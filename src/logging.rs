@@ -191,25 +191,29 @@ impl AccessLine {
     }
 }
 
+thread_local! {
+    /// For [`write_timestamp`]: the second last formatted, and its text up to and including
+    /// the `.`.
+    static TIMESTAMP_SECOND: RefCell<(i64, Vec<u8>)> =
+        const { RefCell::new((i64::MIN, Vec::new())) };
+}
+
 /// Writes `ts` as RFC 3339 UTC with microseconds (`2026-11-28T12:43:36.123456Z`), the text
 /// `format!("{ts:.6}")` gives and tracing-subscriber's other lines have. The date and time up
 /// to the second are formatted once per second per thread and reused: through `fmt`, the
 /// whole timestamp cost about as much as the rest of the access line.
 fn write_timestamp(out: &mut Vec<u8>, ts: jiff::Timestamp) {
-    thread_local! {
-        /// The second last formatted, and its text up to and including the `.`.
-        static SECOND: RefCell<(i64, Vec<u8>)> = const { RefCell::new((i64::MIN, Vec::new())) };
-    }
     let (second, micros) = (ts.as_second(), ts.subsec_microsecond());
     let Ok(micros) = u32::try_from(micros) else {
         // Before 1970 the sub-second part is negative: not worth a fast path.
         let _ = write!(out, "{ts:.6}");
         return;
     };
-    SECOND.with(|cell| {
+    let whole_written = TIMESTAMP_SECOND.with(|cell| {
         let Ok(mut cached) = cell.try_borrow_mut() else {
+            // Never busy on one thread's one call path; if it were, the slow path is whole.
             let _ = write!(out, "{ts:.6}");
-            return;
+            return true;
         };
         if cached.0 != second {
             let whole = jiff::Timestamp::from_second(second).unwrap_or(ts);
@@ -221,7 +225,11 @@ fn write_timestamp(out: &mut Vec<u8>, ts: jiff::Timestamp) {
             cached.0 = second;
         }
         out.extend_from_slice(&cached.1);
+        false
     });
+    if whole_written {
+        return;
+    }
     let mut digits = [b'0'; 6];
     let mut rest = micros;
     for d in digits.iter_mut().rev() {
@@ -398,6 +406,17 @@ mod tests {
                 "{micros} µs"
             );
         }
+    }
+
+    #[test]
+    fn a_timestamp_is_whole_even_when_the_cache_is_busy() {
+        let ts = jiff::Timestamp::from_microsecond(1_795_000_000_123_456).expect("in range");
+        let mut out = Vec::new();
+        TIMESTAMP_SECOND.with(|cell| {
+            let _held = cell.borrow_mut();
+            write_timestamp(&mut out, ts);
+        });
+        assert_eq!(String::from_utf8(out).expect("utf8"), format!("{ts:.6}"));
     }
 
     #[test]
