@@ -306,6 +306,19 @@ cpu_ticks() {
   echo "$total"
 }
 
+# User CPU ticks alone (field 14) of the given pids: with cpu_ticks, splits a proxy's CPU into
+# its own code's time and the kernel's (sockets, wake-ups, file writes).
+user_ticks() {
+  local total=0 p s f
+  for p in "$@"; do
+    s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+    s=${s##*) }
+    read -r -a f <<<"$s"
+    total=$((total + f[11]))
+  done
+  echo "$total"
+}
+
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 proxy_pids() {
@@ -344,10 +357,12 @@ EOF
 # measure SCENARIO BODY CONCURRENCY TARGET ADDR RUN SECONDS: one wrk run, one line of runs.tsv.
 measure() {
   local scenario=$1 body=$2 conc=$3 target=$4 addr=$5 run=$6 secs=$7
-  local pids c0 c1 u0 u1 q_end=- q_max=- out line qfile=$WORK/qmax
+  local pids c0 c1 u0 u1 k0 k1 q_end=- q_max=- out line qfile=$WORK/qmax
   pids=$(proxy_pids "$target")
   # shellcheck disable=SC2086
   c0=$(cpu_ticks $pids)
+  # shellcheck disable=SC2086
+  k0=$(user_ticks $pids)
   u0=$(cpu_ticks "$UP_PID")
   out=$WORK/wrk-$scenario-$target-$run.txt
   BENCH_BODY=$body BENCH_KEY=$KEY taskset -c "$LOAD_CORE" \
@@ -377,6 +392,8 @@ measure() {
   fi
   # shellcheck disable=SC2086
   c1=$(cpu_ticks $pids)
+  # shellcheck disable=SC2086
+  k1=$(user_ticks $pids)
   {
     echo "## $scenario $target $run"
     cat "$out"
@@ -390,9 +407,9 @@ measure() {
   # name=value pairs -> tab-separated row
   local kv
   kv=$(echo "${line#@@bench }" | tr ' ' '\n' | cut -d= -f2 | tr '\n' '\t')
-  local cpu=-
-  [ "$target" != direct ] && cpu=$((c1 - c0))
-  printf '%s\t%s\t%s\t%s\t%s%s\t%s\t%s\t%s\n' "$scenario" "$conc" "$target" "$run" "$kv" "$cpu" "$((u1 - u0))" "$q_end" "$q_max" >>"$WORK/runs.tsv"
+  local cpu=- user=-
+  [ "$target" != direct ] && cpu=$((c1 - c0)) && user=$((k1 - k0))
+  printf '%s\t%s\t%s\t%s\t%s%s\t%s\t%s\t%s\t%s\n' "$scenario" "$conc" "$target" "$run" "$kv" "$cpu" "$((u1 - u0))" "$q_end" "$q_max" "$user" >>"$WORK/runs.tsv"
   # Keep the access logs from filling the disk: their writing is measured, their bytes are not kept.
   if [ "$target" = mantlegate ]; then
     grep -v '"message":"access"' "$WORK/mg/mantlegate.log" >>"$WORK/mg/other.log" || true

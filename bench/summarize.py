@@ -14,7 +14,7 @@ TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 RUN_COLUMNS = [
     "scenario", "conc", "target", "run", "requests", "duration_us", "bytes", "p50_us",
     "p99_us", "max_us", "err_connect", "err_read", "err_write", "err_status", "err_timeout",
-    "cpu_ticks", "upstream_ticks", "queue_end", "queue_max",
+    "cpu_ticks", "upstream_ticks", "queue_end", "queue_max", "user_ticks",
 ]
 TARGETS = ["direct", "mantlegate", "nginx", "floor"]
 
@@ -41,6 +41,7 @@ def run_figures(r):
     requests = num(r["requests"])
     seconds = num(r["duration_us"]) / 1e6
     cpu = num(r["cpu_ticks"])
+    user = num(r.get("user_ticks"))
     up = num(r["upstream_ticks"])
     errors = sum(int(r[k]) for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
     return {
@@ -49,6 +50,9 @@ def run_figures(r):
         "p50_ms": num(r["p50_us"]) / 1000,
         "p99_ms": num(r["p99_us"]) / 1000,
         "cpu_us": cpu * TICK_US / requests if cpu is not None and requests else None,
+        "user_us": user * TICK_US / requests if user is not None and requests else None,
+        "kernel_us": (cpu - user) * TICK_US / requests
+        if cpu is not None and user is not None and requests else None,
         "busy": cpu * TICK_US / 1e6 / seconds if cpu is not None and seconds else None,
         "up_us": up * TICK_US / requests if up is not None and requests else None,
         "bytes_per_call": num(r["bytes"]) / requests if requests else 0,
@@ -152,6 +156,21 @@ def throughput(work, out):
             own = m["cpu_us"] - f["cpu_us"] if m.get("cpu_us") is not None and f.get("cpu_us") is not None else None
             out.append(f"| {s.replace('_c', ', c=')} | {fmt(f.get('cpu_us'))} | {fmt(m.get('cpu_us'))} | {fmt(own)} "
                        f"| {fmt(n.get('cpu_us'))} | {fmt(ratio(f.get('cpu_us'), n.get('cpu_us')), 2)} |")
+        out.append("")
+    split_targets = [t for t in ("nginx", "floor", "mantlegate") if any(x == t for _, x in table)]
+    if split_targets:
+        out.append("### Where the proxy's CPU goes: its own code (user) and the kernel\n")
+        out.append("User time is the proxy's own code (HTTP parsing, and for mantlegate its metering, "
+                   "logging and ledger); kernel time is the sockets, wake-ups of the load core and "
+                   "file writes. From /proc's utime and stime, µs per call, medians.\n")
+        out.append("| scenario | " + " | ".join(f"user {t}" for t in split_targets) + " | "
+                   + " | ".join(f"kernel {t}" for t in split_targets) + " |")
+        out.append("|---|" + "---:|" * (2 * len(split_targets)))
+        for s in scenarios:
+            xs = [table.get((s, t), {}) for t in split_targets]
+            out.append(f"| {s.replace('_c', ', c=')} | "
+                       + " | ".join(fmt(x.get("user_us")) for x in xs) + " | "
+                       + " | ".join(fmt(x.get("kernel_us")) for x in xs) + " |")
         out.append("")
     out.append("### Per target\n")
     out.append("| scenario | target | req/s | p50 | p99 | proxy CPU µs/call | proxy core busy "
