@@ -5,10 +5,14 @@
 //! and how much is its own (attribution, metering, ledger, metrics, access log).
 //!
 //! ```text
-//! bench-floor --upstream 127.0.0.1:PORT [--listen 127.0.0.1:0]
+//! bench-floor --upstream 127.0.0.1:PORT [--listen 127.0.0.1:0] [--work-us N]
 //! ```
 //! Prints `listening on ADDR` once bound. Every request is forwarded as it came (the body read
 //! whole first, as mantlegate does to find the model); the answer streams back as it arrives.
+//!
+//! `--work-us N` makes the floor busy-wait N µs of its own CPU on each request before
+//! forwarding it: a stand-in for per-call work, to measure what a given amount of a proxy's
+//! own work costs in the harness in all (user time, and the kernel time it drags along).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,11 +38,13 @@ type Body = UnsyncBoxBody<Bytes, mantlegate::upstream::Error>;
 struct Args {
     listen: SocketAddr,
     upstream: hyper::http::uri::Authority,
+    work: std::time::Duration,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut listen: SocketAddr = "127.0.0.1:0".parse()?;
     let mut upstream = None;
+    let mut work = std::time::Duration::ZERO;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -47,20 +53,36 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--listen" => listen = value.parse().context("--listen")?,
             "--upstream" => upstream = Some(value.parse().context("--upstream")?),
+            "--work-us" => {
+                work = std::time::Duration::from_micros(value.parse().context("--work-us")?);
+            }
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
     Ok(Args {
         listen,
         upstream: upstream.context("--upstream HOST:PORT is required")?,
+        work,
     })
+}
+
+/// Keeps the CPU busy for `work` (`--work-us`).
+fn busy(work: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < work {
+        std::hint::spin_loop();
+    }
 }
 
 async fn forward(
     client: &Upstream,
     upstream: &hyper::http::uri::Authority,
+    work: std::time::Duration,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    if !work.is_zero() {
+        busy(work);
+    }
     let (mut parts, body) = req.into_parts();
     let Ok(body) = body.collect().await else {
         return status(StatusCode::BAD_REQUEST);
@@ -97,7 +119,7 @@ fn status(code: StatusCode) -> Response<Body> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let client: Upstream = mantlegate::upstream::client(std::time::Duration::from_secs(5))?;
-    let shared = Arc::new((client, args.upstream));
+    let shared = Arc::new((client, args.upstream, args.work));
     let listener = TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
     let mut builder = Builder::new(TokioExecutor::new());
@@ -108,7 +130,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let shared = shared.clone();
         let service = tower::service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
-            async move { Ok::<_, std::convert::Infallible>(forward(&shared.0, &shared.1, req).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    forward(&shared.0, &shared.1, shared.2, req).await,
+                )
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))

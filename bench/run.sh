@@ -18,7 +18,8 @@
 # of the one built, e.g. to compare two builds), BENCH_MANTLEGATE_LOG (info: one access log line
 # per call; warn measures without them), BENCH_RESULTS (bench/results/<UTC date>[-<mode>].md),
 # BENCH_KEEP (0: 1 keeps the temp dir), BENCH_FLOOR (0: 1 also measures bench/floor.rs, a bare
-# proxy built from mantlegate's HTTP parts and doing none of its work), BENCH_SCENARIOS (all: a space-separated subset of
+# proxy built from mantlegate's HTTP parts and doing none of its work; BENCH_FLOOR_WORK_US=N makes
+# it also busy-wait N µs per call, a stand-in for a proxy's own work), BENCH_SCENARIOS (all: a space-separated subset of
 # chat_c1 chat_c64 chat_stream_c64 responses_stream_c64). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
 # (10) between memory samples, SOAK_CONCURRENCY (64) clients, SOAK_EVENT_DELAY_MS (5) between
 # the upstream's stream events, SOAK_MIX (KIND=SHARE,... overriding bench/soak.py's default
@@ -235,7 +236,7 @@ start_floor() {
     echo "missing $FLOOR_BIN: run with BENCH_BUILD=1" >&2
     exit 1
   }
-  taskset -c "$PROXY_CORE" "$FLOOR_BIN" --upstream "$1" >"$WORK/floor.out" 2>&1 &
+  taskset -c "$PROXY_CORE" "$FLOOR_BIN" --upstream "$1" --work-us "${BENCH_FLOOR_WORK_US:-0}" >"$WORK/floor.out" 2>&1 &
   FLOOR_PID=$!
   PIDS+=("$FLOOR_PID")
   FLOOR_ADDR=$(wait_line "$WORK/floor.out" 'listening on ' | sed 's/listening on //')
@@ -663,7 +664,7 @@ esac
 
 cut -d' ' -f1-3 /proc/loadavg >>"$WORK/loadavg"
 python3 "$ROOT/bench/summarize.py" "$WORK" \
-  --settings "seconds=$SECS warmup=$WARMUP runs=$RUNS load_core=$LOAD_CORE proxy_core=$PROXY_CORE stream_framing=$FRAMING" \
+  --settings "seconds=$SECS warmup=$WARMUP runs=$RUNS load_core=$LOAD_CORE proxy_core=$PROXY_CORE stream_framing=$FRAMING floor_work_us=${BENCH_FLOOR_WORK_US:-0}" \
   --mantlegate "$MG_BIN" >"$RESULTS"
 cat "$RESULTS"
 echo
