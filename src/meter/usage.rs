@@ -797,16 +797,46 @@ fn has_key(data: &[u8], finder: &Finder<'_>, value: impl Fn(&[u8]) -> bool) -> b
 
 /// Index of the `"` closing the string whose content starts at `at`.
 fn string_end(json: &[u8], mut at: usize) -> Option<usize> {
-    // memchr even for the short strings most of an answer is made of: a byte loop over them
-    // was tried and cost more (3,400 instructions per non-streamed answer against 2,900).
     loop {
-        let found = at + memchr::memchr2(b'"', b'\\', json.get(at..)?)?;
+        let found = quote_or_escape(json, at)?;
         if json[found] == b'"' {
             return Some(found);
         }
         // Skip the escaped character, which may be a quote.
         at = found + 2;
     }
+}
+
+/// Words [`quote_or_escape`] reads eight bytes at a time before handing over to memchr.
+const SHORT_WORDS: usize = 4;
+
+/// Index of the first `"` or `\` at or after `at`.
+///
+/// Most strings in an answer are short (member names, ids, enum values). memchr's set-up costs
+/// more than the search for them, and a byte loop costs more per byte (both counted with
+/// callgrind), so the first 32 bytes are searched a word at a time: for each of the two bytes,
+/// the classic has-zero-byte test on the word exclusive-or that byte. The lowest bit set is
+/// the first match; the test's false positives only ever lie above a true one. Longer strings
+/// (the content) go on to memchr.
+fn quote_or_escape(json: &[u8], mut at: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero_bytes = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    for _ in 0..SHORT_WORDS {
+        let Some(word) = json.get(at..at + 8) else {
+            break;
+        };
+        let mut bytes = [0_u8; 8];
+        bytes.copy_from_slice(word);
+        let x = u64::from_le_bytes(bytes);
+        let hits =
+            zero_bytes(x ^ (ONES * u64::from(b'"'))) | zero_bytes(x ^ (ONES * u64::from(b'\\')));
+        if hits != 0 {
+            return Some(at + (hits.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    Some(at + memchr::memchr2(b'"', b'\\', json.get(at..)?)?)
 }
 
 fn is_non_empty_array(json: &[u8], at: usize) -> bool {
@@ -1439,8 +1469,8 @@ mod tests {
 
     #[test]
     fn the_end_of_a_string_is_found_wherever_it_is() {
-        // Random strings of quotes, escapes and letters up to 40 bytes long, from any
-        // position: the memchr search agrees with a plain scan.
+        // Random strings up to 40 bytes long, searched from any position: a word at a time
+        // for the first 32 bytes, memchr after, agree with a plain scan.
         fn reference(json: &[u8], mut at: usize) -> Option<usize> {
             while at < json.len() {
                 match json[at] {
@@ -1460,7 +1490,12 @@ mod tests {
         };
         for _ in 0..20_000 {
             let len = next(41);
-            let text: Vec<u8> = (0..len).map(|_| b"ab\\\"xy z"[next(8)]).collect();
+            // Quotes, escapes, their neighbours, and bytes that differ from them only in
+            // the top bit (0xa2, 0xdc) or are zero: the word-at-a-time search must not
+            // mistake any of them.
+            let text: Vec<u8> = (0..len)
+                .map(|_| b"ab\\\"xy z\x00\x01!#[]\xa2\xdc\xc3\xa9"[next(18)])
+                .collect();
             for at in 0..=len + 1 {
                 assert_eq!(
                     string_end(&text, at),
