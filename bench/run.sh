@@ -295,27 +295,18 @@ EOF
 # ------------------------------------------------------------------------------------------
 # Measurements
 
-# User + system CPU ticks (1/100 s) of the given pids, from /proc/PID/stat fields 14 and 15.
+# CPU ticks (1/100 s) of the given pids, from /proc/PID/stat: `cpu_ticks all PID...` is user +
+# system time (fields 14 and 15), `cpu_ticks user PID...` user time alone (field 14). With both,
+# a proxy's CPU splits into its own code's time and the kernel's (sockets, wake-ups, file writes).
 cpu_ticks() {
-  local total=0 p s f
-  for p in "$@"; do
-    s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
-    s=${s##*) }
-    read -r -a f <<<"$s"
-    total=$((total + f[11] + f[12]))
-  done
-  echo "$total"
-}
-
-# User CPU ticks alone (field 14) of the given pids: with cpu_ticks, splits a proxy's CPU into
-# its own code's time and the kernel's (sockets, wake-ups, file writes).
-user_ticks() {
-  local total=0 p s f
+  local which=$1 total=0 p s f
+  shift
   for p in "$@"; do
     s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
     s=${s##*) }
     read -r -a f <<<"$s"
     total=$((total + f[11]))
+    [ "$which" = user ] || total=$((total + f[12]))
   done
   echo "$total"
 }
@@ -361,10 +352,10 @@ measure() {
   local pids c0 c1 u0 u1 k0 k1 q_end=- q_max=- out line qfile=$WORK/qmax
   pids=$(proxy_pids "$target")
   # shellcheck disable=SC2086
-  c0=$(cpu_ticks $pids)
+  c0=$(cpu_ticks all $pids)
   # shellcheck disable=SC2086
-  k0=$(user_ticks $pids)
-  u0=$(cpu_ticks "$UP_PID")
+  k0=$(cpu_ticks user $pids)
+  u0=$(cpu_ticks all "$UP_PID")
   out=$WORK/wrk-$scenario-$target-$run.txt
   BENCH_BODY=$body BENCH_KEY=$KEY taskset -c "$LOAD_CORE" \
     wrk -t1 -c"$conc" -d"${secs}s" --latency -s "$ROOT/bench/wrk.lua" "http://$addr" >"$out" 2>&1 &
@@ -383,7 +374,7 @@ measure() {
     local sampler=$!
   fi
   wait "$wrk_pid" || true
-  u1=$(cpu_ticks "$UP_PID")
+  u1=$(cpu_ticks all "$UP_PID")
   if [ "$target" = mantlegate ]; then
     wait "$sampler" || true
     q_end=$(metric mantlegate_ledger_queue_depth)
@@ -392,9 +383,9 @@ measure() {
     drain_ledger
   fi
   # shellcheck disable=SC2086
-  c1=$(cpu_ticks $pids)
+  c1=$(cpu_ticks all $pids)
   # shellcheck disable=SC2086
-  k1=$(user_ticks $pids)
+  k1=$(cpu_ticks user $pids)
   {
     echo "## $scenario $target $run"
     cat "$out"
