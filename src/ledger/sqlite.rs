@@ -205,17 +205,13 @@ impl Binder {
         at: usize,
         value: Option<i64>,
     ) -> rusqlite::Result<()> {
-        let slot = &mut self.last[at - 1];
-        let same = match (value, &*slot) {
-            (None, Bound::Null) => true,
-            (Some(v), Bound::Int(last)) => v == *last,
-            _ => false,
-        };
-        if !same {
-            stmt.raw_bind_parameter(at, value)?;
-            *slot = value.map_or(Bound::Null, Bound::Int);
-        }
-        Ok(())
+        self.put(
+            stmt,
+            at,
+            value,
+            |v, last| matches!(last, Bound::Int(l) if l == v),
+            Bound::Int,
+        )
     }
 
     fn fixed(
@@ -224,17 +220,8 @@ impl Binder {
         at: usize,
         value: Option<&'static str>,
     ) -> rusqlite::Result<()> {
-        let slot = &mut self.last[at - 1];
-        let same = match (value, &*slot) {
-            (None, Bound::Null) => true,
-            (Some(v), Bound::Static(last)) => v == *last,
-            _ => false,
-        };
-        if !same {
-            stmt.raw_bind_parameter(at, value)?;
-            *slot = value.map_or(Bound::Null, Bound::Static);
-        }
-        Ok(())
+        let holds = |v: &&str, last: &Bound| matches!(last, Bound::Static(l) if l == v);
+        self.put(stmt, at, value, holds, Bound::Static)
     }
 
     fn shared(
@@ -243,17 +230,8 @@ impl Binder {
         at: usize,
         value: Option<&Arc<str>>,
     ) -> rusqlite::Result<()> {
-        let slot = &mut self.last[at - 1];
-        let same = match (value, &*slot) {
-            (None, Bound::Null) => true,
-            (Some(v), Bound::Shared(last)) => Arc::ptr_eq(v, last) || **v == **last,
-            _ => false,
-        };
-        if !same {
-            stmt.raw_bind_parameter(at, value.map(|v| &**v))?;
-            *slot = value.map_or(Bound::Null, |v| Bound::Shared(v.clone()));
-        }
-        Ok(())
+        let holds = |v: &&Arc<str>, last: &Bound| matches!(last, Bound::Shared(l) if Arc::ptr_eq(v, l) || ***v == **l);
+        self.put(stmt, at, value, holds, |v| Bound::Shared(v.clone()))
     }
 
     fn text(
@@ -262,22 +240,28 @@ impl Binder {
         at: usize,
         value: Option<&str>,
     ) -> rusqlite::Result<()> {
+        let holds = |v: &&str, last: &Bound| matches!(last, Bound::Text(l) if l == v);
+        self.put(stmt, at, value, holds, |v| Bound::Text(v.to_owned()))
+    }
+
+    /// Binds `value` to parameter `at` unless the parameter already holds it: `holds` tells
+    /// whether what was last bound there equals the value, `remember` what to keep of it.
+    fn put<T: rusqlite::ToSql>(
+        &mut self,
+        stmt: &mut rusqlite::CachedStatement<'_>,
+        at: usize,
+        value: Option<T>,
+        holds: impl FnOnce(&T, &Bound) -> bool,
+        remember: impl FnOnce(T) -> Bound,
+    ) -> rusqlite::Result<()> {
         let slot = &mut self.last[at - 1];
-        let same = match (value, &*slot) {
-            (None, Bound::Null) => true,
-            (Some(v), Bound::Text(last)) => v == last,
-            _ => false,
+        let same = match &value {
+            None => matches!(slot, Bound::Null),
+            Some(v) => holds(v, slot),
         };
         if !same {
-            stmt.raw_bind_parameter(at, value)?;
-            match (value, slot) {
-                (None, slot) => *slot = Bound::Null,
-                (Some(v), Bound::Text(last)) => {
-                    last.clear();
-                    last.push_str(v);
-                }
-                (Some(v), slot) => *slot = Bound::Text(v.to_owned()),
-            }
+            stmt.raw_bind_parameter(at, &value)?;
+            *slot = value.map_or(Bound::Null, remember);
         }
         Ok(())
     }
