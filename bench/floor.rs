@@ -41,12 +41,18 @@ struct Args {
     work: std::time::Duration,
 }
 
+const USAGE: &str = "usage: bench-floor --upstream HOST:PORT [--listen 127.0.0.1:0] [--work-us N]";
+
 fn parse_args() -> anyhow::Result<Args> {
     let mut listen: SocketAddr = "127.0.0.1:0".parse()?;
     let mut upstream = None;
     let mut work = std::time::Duration::ZERO;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "-h" || flag == "--help" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
         let value = args
             .next()
             .with_context(|| format!("{flag} needs a value"))?;
@@ -56,7 +62,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--work-us" => {
                 work = std::time::Duration::from_micros(value.parse().context("--work-us")?);
             }
-            other => anyhow::bail!("unknown flag {other}"),
+            other => anyhow::bail!("unknown argument {other}; {USAGE}"),
         }
     }
     Ok(Args {

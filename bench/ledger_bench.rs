@@ -24,6 +24,8 @@ use mantlegate::ledger::sqlite::{self, Reader, SqliteStore};
 use mantlegate::ledger::{Ledger, LedgerStats, Record};
 use mantlegate::meter::{Usage, UsageSource};
 
+const USAGE: &str = "usage: ledger-bench --db PATH [--records N] [--rate R --seconds S]";
+
 struct Args {
     db: PathBuf,
     records: u64,
@@ -46,9 +48,11 @@ fn parse_args() -> anyhow::Result<Args> {
             "--records" => args.records = value()?.parse().context("--records")?,
             "--rate" => args.rate = Some(value()?.parse().context("--rate")?),
             "--seconds" => args.seconds = value()?.parse().context("--seconds")?,
-            other => anyhow::bail!(
-                "unknown argument {other}; usage: ledger-bench --db PATH [--records N] [--rate R --seconds S]"
-            ),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown argument {other}; {USAGE}"),
         }
     }
     anyhow::ensure!(

@@ -59,6 +59,9 @@ struct Args {
     burst: bool,
 }
 
+const USAGE: &str =
+    "usage: bench-upstream [--listen ADDR] [--events N] [--event-delay-ms MS] [--burst]";
+
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         listen: "127.0.0.1:0".parse()?,
@@ -76,9 +79,11 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.event_delay = Duration::from_millis(value()?.parse().context("--delay")?);
             }
             "--burst" => args.burst = true,
-            other => anyhow::bail!(
-                "unknown argument {other}; usage: bench-upstream [--listen ADDR] [--events N] [--event-delay-ms MS] [--burst]"
-            ),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown argument {other}; {USAGE}"),
         }
     }
     anyhow::ensure!(args.events >= 1, "--events must be at least 1");
