@@ -159,7 +159,7 @@ fn writer_cpu_time() -> Option<Duration> {
     std::fs::read_dir("/proc/self/task").ok()?.find_map(|task| {
         let dir = task.ok()?.path();
         let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-        (comm.trim_end() == "ledger-writer")
+        (comm.trim_end() == mantlegate::ledger::WRITER_THREAD)
             .then(|| stat_cpu_time(dir.join("stat")))
             .flatten()
     })

@@ -180,6 +180,9 @@ enum Msg {
     Stop,
 }
 
+/// The writer thread's name, as `ps -L`, `top -H` and `/proc/PID/task/*/comm` show it.
+pub const WRITER_THREAD: &str = "ledger-writer";
+
 /// Handle used by the request path: `record` never blocks and never awaits.
 #[derive(Clone)]
 pub struct Ledger {
@@ -231,7 +234,7 @@ impl Ledger {
         let shutdown = Arc::new(std::sync::OnceLock::new());
         let thread_shutdown = shutdown.clone();
         let thread = std::thread::Builder::new()
-            .name("ledger-writer".to_owned())
+            .name(WRITER_THREAD.to_owned())
             .spawn(move || {
                 write_loop(store, &rx, &thread_stats, &*on_committed, &thread_shutdown);
             })?;
