@@ -26,10 +26,21 @@ pub fn credential(headers: &HeaderMap) -> Result<&str, ProxyError> {
                 .map(str::trim)
         })
         .filter(|k| !k.is_empty())
-        .ok_or(ProxyError::InvalidApiKey(
-            "no API key: send your mantlegate key as `Authorization: Bearer KEY` (the OpenAI SDKs' api_key) or `x-api-key: KEY`".into(),
-        ))?;
+        .ok_or_else(|| ProxyError::InvalidApiKey(missing_key(headers).into()))?;
     Ok(key)
+}
+
+/// Why a call carried no key, in words that say what to send instead.
+fn missing_key(headers: &HeaderMap) -> &'static str {
+    // The SDKs' Bedrock clients sign with AWS credentials when given them instead of a key.
+    let signed = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes().starts_with(b"AWS4-"));
+    if signed {
+        "this call is signed with AWS credentials (SigV4), which mantlegate does not take from callers: send your mantlegate key as `Authorization: Bearer KEY` (the api_key of the OpenAI SDKs and of their Bedrock clients)"
+    } else {
+        "no API key: send your mantlegate key as `Authorization: Bearer KEY` (the OpenAI SDKs' api_key) or `x-api-key: KEY`"
+    }
 }
 
 /// The key for a credential, found by its SHA-256 (the key itself is never compared).
@@ -228,6 +239,35 @@ mod tests {
         assert_eq!(credential(&h).expect("bearer"), "k-chat");
         h.insert("authorization", "Basic abc".parse().expect("value"));
         assert!(credential(&h).is_err());
+    }
+
+    #[test]
+    fn a_sigv4_signed_call_is_told_to_send_a_key_instead() {
+        let message = |authorization: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("authorization", authorization.parse().expect("value"));
+            match credential(&h) {
+                Err(ProxyError::InvalidApiKey(m)) => m.into_owned(),
+                other => panic!("expected invalid_api_key, got {other:?}"),
+            }
+        };
+        let signed = message(
+            "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261206/us-east-1/bedrock/aws4_request, \
+             SignedHeaders=host;x-amz-date, Signature=abc",
+        );
+        assert!(
+            signed.contains("SigV4") && signed.contains("Bearer"),
+            "{signed}"
+        );
+        assert!(
+            !signed.contains("AKIDEXAMPLE"),
+            "the credential is not echoed"
+        );
+        let basic = message("Basic abc");
+        assert!(
+            basic.starts_with("no API key") && !basic.contains("SigV4"),
+            "{basic}"
+        );
     }
 
     #[test]
