@@ -1025,7 +1025,9 @@ fn check_prefix(v: &mut Validator, path: &str, prefix: &str) {
 }
 
 /// Paths this proxy serves itself; a route must not shadow them.
-const RESERVED_FIRST_SEGMENTS: [&str; 5] = ["v1", "admin", "healthz", "readyz", "metrics"];
+/// (`/openai` holds `/openai/v1`, the API root of the SDKs' Bedrock clients.)
+const RESERVED_FIRST_SEGMENTS: [&str; 6] =
+    ["v1", "openai", "admin", "healthz", "readyz", "metrics"];
 
 fn check_route_prefix(v: &mut Validator, path: &str, prefix: &str) {
     if prefix == "/" {
@@ -1164,6 +1166,32 @@ mod tests {
             assert!(
                 paths.iter().any(|p| p == expected),
                 "{expected} missing from {paths:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn routes_must_not_shadow_the_api_roots_or_mantlegates_own_paths() {
+        let with_route = |prefix: &str| {
+            format!(
+                "{MINIMAL}\n[[projects]]\nname = \"A\"\nid = \"proj_1\"\n\
+                 [[routes]]\nprefix = \"{prefix}\"\nproject = \"A\"\n"
+            )
+        };
+        for prefix in ["/v1", "/openai", "/openai/v1", "/admin/app", "/metrics"] {
+            let found = problems(&with_route(prefix));
+            assert_eq!(found.len(), 1, "{prefix}: {found:?}");
+            assert_eq!(found[0].path, "routes[0].prefix");
+            assert!(
+                found[0].message.contains("which mantlegate serves itself"),
+                "{prefix}: {}",
+                found[0].message
+            );
+        }
+        for prefix in ["/openai-bot", "/chatbot/openai", "/v1app"] {
+            assert!(
+                Config::from_toml(&with_route(prefix)).is_ok(),
+                "{prefix} should be a valid route"
             );
         }
     }

@@ -140,10 +140,8 @@ async fn forward(
     let route = snap.route_for(path);
     call.route = route.map(|r| r.prefix.clone());
     let after_route = route.map_or(path, |r| &path[r.prefix.len()..]);
-    let rest = after_route
-        .strip_prefix("/v1")
-        .filter(|r| r.is_empty() || r.starts_with('/'))
-        .ok_or_else(|| endpoint::unknown(&parts.method, path))?;
+    let rest =
+        endpoint::api_rest(after_route).ok_or_else(|| endpoint::unknown(&parts.method, path))?;
     // Authenticate before classifying, so a probe of an unforwarded path is logged with its key.
     let credential = attribution::credential(&parts.headers)?;
     let key = attribution::authenticate(snap, credential)?;

@@ -172,6 +172,125 @@ async fn base_url_path_prefix_is_kept() {
     assert_eq!(up.single().uri, "/gateway/v1/models");
 }
 
+/// The OpenAI SDKs' `BedrockOpenAI` clients call bedrock-mantle under `/openai/v1` by default:
+/// the same endpoints answer there, through routes too, the upstream prefix still chosen by the
+/// model.
+#[tokio::test]
+async fn the_openai_v1_root_serves_the_same_endpoints() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let c = client();
+    let cases = [
+        (
+            "POST",
+            "/openai/v1/chat/completions",
+            CHAT_KEY,
+            r#"{"model":"openai.gpt-oss-20b","messages":[]}"#,
+            "/v1/chat/completions",
+            "proj_chat",
+        ),
+        (
+            "POST",
+            "/openai/v1/responses",
+            CHAT_KEY,
+            r#"{"model":"openai.gpt-5.4","input":"x"}"#,
+            "/openai/v1/responses",
+            "proj_chat",
+        ),
+        (
+            "GET",
+            "/openai/v1/models",
+            CHAT_KEY,
+            "",
+            "/v1/models",
+            "proj_chat",
+        ),
+        (
+            "GET",
+            "/openai/v1/responses/resp_1/input_items?limit=2",
+            CHAT_KEY,
+            "",
+            "/v1/responses/resp_1/input_items?limit=2",
+            "proj_chat",
+        ),
+        (
+            "POST",
+            "/searchapp/openai/v1/chat/completions",
+            BARE_KEY,
+            r#"{"model":"openai.gpt-oss-20b","messages":[]}"#,
+            "/v1/chat/completions",
+            "proj_search",
+        ),
+    ];
+    for (method, path, key, body, _, project) in cases {
+        let r = c
+            .request(
+                method.parse().expect("method"),
+                format!("{}{path}", proxy.url),
+            )
+            .bearer_auth(key)
+            .body(body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "{method} {path}");
+        assert_eq!(r.headers()["x-mantlegate-project"], project, "{path}");
+    }
+    let seen: Vec<(String, String, String)> = up
+        .requests()
+        .iter()
+        .map(|r| {
+            (
+                r.method.to_string(),
+                r.uri.clone(),
+                r.headers["openai-project"]
+                    .to_str()
+                    .expect("ascii")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = cases
+        .iter()
+        .map(|(m, _, _, _, upstream, project)| {
+            (
+                (*m).to_owned(),
+                (*upstream).to_owned(),
+                (*project).to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn nothing_else_under_the_openai_v1_root_is_forwarded() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let c = client();
+    for (method, path) in [
+        ("GET", "/openai/v1/organization/projects"),
+        ("POST", "/openai/v1/embeddings"),
+        ("GET", "/openai/models"),
+        ("GET", "/openai/v2/models"),
+        ("GET", "/openaiv1/models"),
+        ("POST", "/anthropic/v1/messages"),
+    ] {
+        let r = c
+            .request(
+                method.parse().expect("method"),
+                format!("{}{path}", proxy.url),
+            )
+            .bearer_auth(CHAT_KEY)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 404, "{method} {path}");
+        assert_eq!(error_of(r).await["code"], "unknown_endpoint");
+    }
+    assert!(up.requests().is_empty());
+}
+
 #[tokio::test]
 async fn everything_else_is_unknown_endpoint_and_never_forwarded() {
     let up = FakeUpstream::start().await;

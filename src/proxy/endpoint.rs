@@ -126,6 +126,18 @@ impl Endpoint {
     }
 }
 
+/// The part of a call's path after its API root, the route's prefix already taken off: the root
+/// is `/v1`, or `/openai/v1`, where the OpenAI SDKs' `BedrockOpenAI` clients point by default
+/// (bedrock-mantle's root for some models). Both lead to the same endpoints, and the upstream
+/// prefix is chosen by the body's model either way, so an app may keep whichever root it used
+/// with bedrock-mantle, whatever model it calls. `None`: neither root.
+#[must_use]
+pub fn api_rest(path: &str) -> Option<&str> {
+    let path = path.strip_prefix("/openai").unwrap_or(path);
+    path.strip_prefix("/v1")
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// 404 `unknown_endpoint` for `method path`.
 #[must_use]
 pub fn unknown(method: &Method, path: &str) -> ProxyError {
@@ -224,6 +236,28 @@ mod tests {
             (&get, "/responses/resp_1/input_items/x"),
         ] {
             assert_eq!(class(m, rest), Err("unknown_endpoint"), "{m} {rest}");
+        }
+    }
+
+    #[test]
+    fn both_api_roots_lead_to_the_same_rest() {
+        for (path, rest) in [
+            ("/v1/chat/completions", Some("/chat/completions")),
+            ("/openai/v1/chat/completions", Some("/chat/completions")),
+            ("/openai/v1/responses/resp_1", Some("/responses/resp_1")),
+            ("/v1", Some("")),
+            ("/openai/v1", Some("")),
+            ("/v1x/models", None),
+            ("/openai/v1x/models", None),
+            ("/openaiv1/models", None),
+            ("/openai/models", None),
+            ("/openai", None),
+            ("/openai/openai/v1/models", None),
+            ("/anthropic/v1/messages", None),
+            ("/v2/models", None),
+            ("", None),
+        ] {
+            assert_eq!(api_rest(path), rest, "{path}");
         }
     }
 

@@ -318,6 +318,65 @@ def test_unknown_endpoint_is_not_found(proxy: Proxy) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The SDK's Bedrock client
+
+
+def bedrock_client(proxy: Proxy, api_key: str, root: str, **options: Any) -> openai.BedrockOpenAI:
+    """`openai.BedrockOpenAI` moved from bedrock-mantle to mantlegate: host and key changed, the
+    API root kept (`/openai/v1` is where the client points by default)."""
+    return openai.BedrockOpenAI(
+        api_key=api_key, base_url=f"http://{proxy.addr}{root}", timeout=15.0, **options
+    )
+
+
+@pytest.mark.parametrize("root", ["/openai/v1", "/v1"])
+def test_bedrock_client_works_at_its_own_root_and_at_v1(proxy: Proxy, root: str) -> None:
+    client = bedrock_client(proxy, CHATBOT_KEY, root)
+    raw = client.chat.completions.with_raw_response.create(model=CHAT_MODEL, messages=MESSAGES)
+    assert raw.parse().choices[0].message.content
+    assert projects_of(raw) == ("proj_chatbot", "proj_chatbot")
+    line = proxy.access(raw.headers["x-request-id"])
+    assert (line["path"], line["key"], line["api"], line["outcome"]) == (
+        f"{root}/chat/completions",
+        "chatbot-backend",
+        "chat.completions",
+        "forwarded",
+    )
+
+    # A model bedrock-mantle serves under /openai/v1 goes there whichever root the app uses.
+    raw = client.responses.with_raw_response.create(model=GPT5_MODEL, input="Stream me.", stream=True)
+    events = list(raw.parse())
+    assert events[-1].type == "response.completed"
+    usage = events[-1].response.usage
+    assert usage is not None and usage.total_tokens > 0
+    assert projects_of(raw) == ("proj_chatbot", "proj_chatbot")
+    row = proxy.ledger_row(raw.headers["x-request-id"])
+    assert (row["api"], row["model"], row["usage_source"]) == ("responses", GPT5_MODEL, "reported")
+    assert (row["input_tokens"], row["output_tokens"]) == (usage.input_tokens, usage.output_tokens)
+
+
+def test_bedrock_client_picks_projects_and_gets_refusals_like_the_plain_client(proxy: Proxy) -> None:
+    raw = bedrock_client(
+        proxy, SEARCH_KEY, "/openai/v1", project="proj_chatbot"
+    ).chat.completions.with_raw_response.create(model=CHAT_MODEL, messages=MESSAGES)
+    assert projects_of(raw) == ("proj_chatbot", "proj_chatbot")
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        bedrock_client(proxy, UNKNOWN_KEY, "/openai/v1", max_retries=0).chat.completions.create(
+            model=CHAT_MODEL, messages=MESSAGES
+        )
+    assert_openai_error(caught.value, 401, "invalid_api_key", "authentication_error")
+
+    # The Projects admin API stays out of reach under this root too.
+    with pytest.raises(openai.NotFoundError) as caught:
+        bedrock_client(proxy, CHATBOT_KEY, "/openai/v1", max_retries=0).get(
+            "/organization/projects", cast_to=object
+        )
+    assert_openai_error(caught.value, 404, "unknown_endpoint", "invalid_request_error")
+    assert "x-simulated-project" not in caught.value.response.headers
+
+
+# ---------------------------------------------------------------------------------------------
 # The access log
 
 
