@@ -103,8 +103,10 @@ impl Dims {
         let i = usize::try_from(n % 3).unwrap_or(0);
         let responses = n % 2 == 1;
         let (project, project_id, tags) = &self.projects[i];
+        let ts_ms = self.now_ms + i64::try_from(n / 64).unwrap_or(0);
         Record {
-            ts_ms: self.now_ms + i64::try_from(n / 64).unwrap_or(0),
+            call_id: mantlegate::ledger::new_call_id(ts_ms),
+            ts_ms,
             request_id: format!("req_{n:024x}"),
             key: Some(self.keys[i].clone()),
             key_fp: None,

@@ -58,6 +58,9 @@ pub struct Call {
     pub method: Method,
     /// Request URI (cheap to clone: shares the request's bytes).
     pub uri: Uri,
+    /// mantlegate's own id for the call: its identity in the ledger, whatever ids the client
+    /// or the upstream send.
+    id: String,
     /// The id the client sees in `x-request-id`.
     pub request_id: Option<HeaderValue>,
     /// Route prefix the call came through.
@@ -116,6 +119,7 @@ impl Call {
         let in_flight = InFlightSlot(state.in_flight.clone());
         Self {
             started,
+            id: crate::ledger::new_call_id(wall_ms),
             wall_ms,
             state,
             snap,
@@ -151,9 +155,16 @@ impl Call {
         &self.snap
     }
 
-    /// The client-visible request id, minted on first use when the upstream gave none.
+    /// The client-visible request id; when the upstream gave none, the call id.
     pub fn request_id(&mut self) -> &HeaderValue {
-        self.request_id.get_or_insert_with(new_request_id)
+        self.request_id
+            .get_or_insert_with(|| header_value(&self.id))
+    }
+
+    /// mantlegate's own id for the call, as the ledger records it.
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// When the call arrived.
@@ -182,7 +193,7 @@ impl Call {
         }
         self.committed = true;
         if self.request_id.is_none() {
-            self.request_id = Some(new_request_id());
+            self.request_id = Some(header_value(&self.id));
         }
         let duration = self.started.elapsed();
         let metered = self.metered.take().unwrap_or_default();
@@ -279,6 +290,7 @@ impl Call {
         let project = self.project.map(|p| &self.snap.projects[p]);
         crate::logging::access(|line| {
             line.str("request_id", self.request_id_str());
+            line.str("call_id", &self.id);
             line.str("method", self.method.as_str());
             line.str("path", self.uri.path());
             line.opt_str("route", self.route.as_deref());
@@ -343,6 +355,7 @@ impl Call {
         };
         let project = self.project.map(|p| &self.snap.projects[p]);
         ledger.record(Record {
+            call_id: std::mem::take(&mut self.id),
             ts_ms: self.wall_ms,
             request_id: self.request_id_str().to_owned(),
             key: self.key.clone(),
@@ -459,11 +472,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// `mg_` followed by 24 random hex digits.
-fn new_request_id() -> HeaderValue {
-    let n: u128 = rand::random();
-    let id = format!("mg_{:024x}", n >> 32);
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("mg_unknown"))
+/// A call id as a header value (it is ASCII letters and digits).
+fn header_value(call_id: &str) -> HeaderValue {
+    HeaderValue::from_str(call_id).unwrap_or_else(|_| HeaderValue::from_static("mg_unknown"))
 }
 
 /// Announces a crossed budget threshold: a warning in the log and, when configured, a POST

@@ -16,9 +16,14 @@ use crate::meter::{Usage, UsageSource};
 /// One call, as the ledger keeps it.
 #[derive(Debug, Clone)]
 pub struct Record {
+    /// mantlegate's own id for the call ([`new_call_id`]): the ledger's identity for it, the
+    /// one unique key of `calls`.
+    pub call_id: String,
     /// Arrival time, Unix milliseconds (UTC).
     pub ts_ms: i64,
-    /// The id the client saw in `x-request-id`.
+    /// The id the client saw in `x-request-id`: the upstream's when it sent one, which may be
+    /// anything a client or gateway chose. A plain column, never an identity: many calls can
+    /// share it.
     pub request_id: String,
     /// Name of the caller's key.
     pub key: Option<Arc<str>>,
@@ -68,6 +73,7 @@ pub struct Record {
 #[cfg(test)]
 pub(crate) fn sample_record(ts_ms: i64) -> Record {
     Record {
+        call_id: new_call_id(ts_ms),
         ts_ms,
         request_id: format!("mg_{ts_ms}"),
         key: Some(Arc::from("alice")),
@@ -96,6 +102,41 @@ pub(crate) fn sample_record(ts_ms: i64) -> Record {
         background: None,
         budget_months: Vec::new(),
     }
+}
+
+/// A new call id: `mg_`, the arrival time (Unix ms) in 12 hex digits, then 80 random bits in 20.
+///
+/// Unique across replicas without coordination: two calls collide only if they arrive in the
+/// same millisecond and draw the same 80 bits. Time first, so that ids sort by arrival and a
+/// new id lands at the end of the unique index on `calls` (SQLite and `PostgreSQL` B-trees
+/// append to their last page instead of dirtying a random one per call, as 128 purely random
+/// bits would), and so that an id says when its call arrived.
+#[must_use]
+pub fn new_call_id(ts_ms: i64) -> String {
+    let time = u64::try_from(ts_ms).unwrap_or(0) & 0xffff_ffff_ffff;
+    let random = rand::random::<u128>() >> 48;
+    format!("mg_{time:012x}{random:020x}")
+}
+
+/// The call id given to a call recorded before calls had ids (a migrated ledger row, or a line
+/// of an older export): `mgr_` and the first 32 hex digits of the SHA-256 of
+/// `"{request_id}\n{ts_ms}"`, the identity such calls had. `nth` counts the earlier calls
+/// with the same request id and time (possible in a SQLite ledger or its export, where that
+/// pair was never unique): `0` for the first, and from `1` the text gets `"\n{nth}"` appended.
+/// Deterministic, so that importing the same old file again, or an old export of rows a
+/// migration already named, finds the same ids. The `PostgreSQL` migration computes the same
+/// (`migrations/postgres/0003_call_id.sql`).
+#[must_use]
+pub fn legacy_call_id(request_id: &str, ts_ms: i64, nth: u64) -> String {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    hash.update(request_id.as_bytes());
+    hash.update(format!("\n{ts_ms}").as_bytes());
+    if nth > 0 {
+        hash.update(format!("\n{nth}").as_bytes());
+    }
+    let digest = hash.finalize();
+    format!("mgr_{}", hex::encode(&digest[..16]))
 }
 
 /// The background-response bookkeeping a record carries.
@@ -251,7 +292,7 @@ impl Ledger {
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 if let Msg::Record(r) = m {
-                    tracing::error!(request_id = %r.request_id, "ledger queue full or closed: record dropped");
+                    tracing::error!(call_id = %r.call_id, request_id = %r.request_id, "ledger queue full or closed: record dropped");
                 }
             }
         }
@@ -392,4 +433,42 @@ fn spill_all(mut batch: Vec<Record>, rx: &Receiver<Msg>, spill: &Spill, stats: &
         n.min(stats.queued.load(Ordering::Relaxed)),
         Ordering::Relaxed,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{legacy_call_id, new_call_id};
+
+    #[test]
+    fn call_ids_are_unique_and_begin_with_their_time() {
+        let ts = 1_793_491_200_123;
+        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| new_call_id(ts)).collect();
+        assert_eq!(ids.len(), 10_000, "80 random bits per millisecond");
+        for id in &ids {
+            assert_eq!(id.len(), 3 + 32, "{id}");
+            assert!(id.starts_with(&format!("mg_{ts:012x}")), "{id}");
+            assert!(id[3..].bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        }
+        // Later calls sort after earlier ones.
+        assert!(new_call_id(ts) < new_call_id(ts + 1));
+        assert!(new_call_id(-5).starts_with("mg_000000000000"));
+    }
+
+    #[test]
+    fn legacy_ids_follow_the_request_id_time_and_rank() {
+        // sha256("req_1\n1700000000000"), as the PostgreSQL migration computes it.
+        assert_eq!(
+            legacy_call_id("req_1", 1_700_000_000_000, 0),
+            "mgr_3cda8a0865fb7434710f758c21c99e82"
+        );
+        let first = legacy_call_id("req_1", 1_700_000_000_000, 0);
+        assert_eq!(first, legacy_call_id("req_1", 1_700_000_000_000, 0));
+        for other in [
+            legacy_call_id("req_1", 1_700_000_000_000, 1),
+            legacy_call_id("req_1", 1_700_000_000_001, 0),
+            legacy_call_id("req_2", 1_700_000_000_000, 0),
+        ] {
+            assert_ne!(first, other);
+        }
+    }
 }

@@ -97,6 +97,7 @@ fn fixture(n: u64) -> Vec<Record> {
                 None => Vec::new(),
             };
             Record {
+                call_id: format!("mg_{ts_ms:012x}{i:020x}"),
                 ts_ms,
                 request_id: format!("mg_{i:024x}"),
                 key: key.map(Arc::from),

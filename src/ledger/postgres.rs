@@ -22,6 +22,10 @@ use crate::report::{DailyRow, Period};
 const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../migrations/postgres/0002_fleet.sql")),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_call_id.sql"),
+    ),
 ];
 
 /// Newest schema version this build knows: the last migration's.
@@ -48,36 +52,37 @@ const EXPORT_PAGE: i64 = 5000;
 const CALL_COLUMNS: &str = "ts_ms, request_id, key_name, key_fp, route, project_name, project_id,
     tags, api, model, stream, status, outcome, error_code, input_tokens, cached_input_tokens,
     output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms, ttfb_ms,
-    upstream_response_id";
+    upstream_response_id, call_id";
 
-/// One statement per batch, whatever its size: the rows arrive as arrays. Only the rows the
+/// One statement per batch, whatever its size: the rows arrive as arrays. A call is known by
+/// its call id (mantlegate's own, never a client's or the upstream's); only the rows the
 /// insert really adds (`RETURNING`) feed the daily and budget upserts, so a batch retried
-/// after a commit whose answer was lost counts nothing twice. Upserts go in key order, so two
+/// after a commit whose answer was lost, or an import run twice, counts nothing twice. Upserts go in key order, so two
 /// replicas touching the same rows lock them in the same order (no deadlock).
 const WRITE_SQL: &str = "WITH src AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::boolean[],
         $12::integer[], $13::text[], $14::text[], $15::bigint[], $16::bigint[], $17::bigint[],
         $18::bigint[], $19::text[], $20::bigint[], $21::float8[], $22::float8[], $23::text[],
-        $24::text[])
+        $24::text[], $25::text[])
     AS s(ts_ms, request_id, key_name, key_fp, route, project_name, project_id, tags, api,
         model, stream, status, outcome, error_code, input_tokens, cached_input_tokens,
         output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms, ttfb_ms,
-        upstream_response_id, day)
+        upstream_response_id, day, call_id)
 ), ins AS (
-    INSERT INTO calls (ts_ms, request_id, key_name, key_fp, route, project_name, project_id,
-        tags, api, model, stream, status, outcome, error_code, input_tokens,
+    INSERT INTO calls (call_id, ts_ms, request_id, key_name, key_fp, route, project_name,
+        project_id, tags, api, model, stream, status, outcome, error_code, input_tokens,
         cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico,
         duration_ms, ttfb_ms, upstream_response_id)
-    SELECT ts_ms, request_id, key_name, key_fp, route, project_name, project_id, tags, api,
-        model, stream, status, outcome, error_code, input_tokens, cached_input_tokens,
+    SELECT call_id, ts_ms, request_id, key_name, key_fp, route, project_name, project_id, tags,
+        api, model, stream, status, outcome, error_code, input_tokens, cached_input_tokens,
         output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms, ttfb_ms,
         upstream_response_id
     FROM src
-    ON CONFLICT (request_id, ts_ms) DO NOTHING
-    RETURNING request_id, ts_ms
+    ON CONFLICT (call_id, ts_ms) DO NOTHING
+    RETURNING call_id
 ), new AS (
-    SELECT src.* FROM src JOIN ins USING (request_id, ts_ms)
+    SELECT src.* FROM src JOIN ins USING (call_id)
 ), d AS (
     INSERT INTO daily (day, key_name, route, project_name, project_id, tags, api, model,
         outcome, requests, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens,
@@ -101,9 +106,8 @@ const WRITE_SQL: &str = "WITH src AS (
 ), b AS (
     INSERT INTO budget_spend (budget, month, spent_pico)
     SELECT bm.budget, bm.month, sum(new.cost_pico)::bigint
-    FROM unnest($25::text[], $26::bigint[], $27::text[], $28::text[])
-        AS bm(request_id, ts_ms, budget, month)
-    JOIN new USING (request_id, ts_ms)
+    FROM unnest($26::text[], $27::text[], $28::text[]) AS bm(call_id, budget, month)
+    JOIN new USING (call_id)
     WHERE new.cost_pico IS NOT NULL
     GROUP BY 1, 2
     ORDER BY 1, 2
@@ -454,6 +458,7 @@ impl Row {
             *s = text(s);
         }
         for s in [
+            &mut call.call_id,
             &mut call.key_name,
             &mut call.key_fp,
             &mut call.route,
@@ -489,17 +494,17 @@ impl Row {
         }
     }
 
-    /// The rows of a batch; a record repeated in it (same request id and time) is kept once,
-    /// and a record no partition can hold (a time outside the years 1 to 9998) is dropped.
+    /// The rows of a batch; a record repeated in it (same call id) is kept once, and a record
+    /// no partition can hold (a time outside the years 1 to 9998) is dropped.
     fn batch(records: &[Record]) -> Vec<Self> {
         let mut seen = HashSet::with_capacity(records.len());
         let mut rows = Vec::with_capacity(records.len());
         for r in records {
             let Some(month) = MonthKey::of_ms(r.ts_ms) else {
-                tracing::error!(request_id = %r.request_id, ts_ms = r.ts_ms, "ledger record time out of range: dropped");
+                tracing::error!(call_id = %r.call_id, request_id = %r.request_id, ts_ms = r.ts_ms, "ledger record time out of range: dropped");
                 continue;
             };
-            if seen.insert((r.request_id.as_str(), r.ts_ms)) {
+            if seen.insert(r.call_id.as_str()) {
                 rows.push(Self::new(r, month));
             }
         }
@@ -542,8 +547,8 @@ struct Columns {
     ttfb_ms: Vec<Option<f64>>,
     upstream_response_id: Vec<Option<String>>,
     day: Vec<String>,
-    budget_request_id: Vec<String>,
-    budget_ts_ms: Vec<i64>,
+    call_id: Vec<String>,
+    budget_call_id: Vec<String>,
     budget_name: Vec<String>,
     budget_month: Vec<String>,
 }
@@ -577,12 +582,13 @@ impl Columns {
             c.ttfb_ms.push(r.ttfb_ms);
             c.upstream_response_id.push(r.upstream_response_id.clone());
             c.day.push(row.day.clone());
+            let call_id = r.call_id.clone().unwrap_or_default();
             for (budget, month) in &row.budget_months {
-                c.budget_request_id.push(r.request_id.clone());
-                c.budget_ts_ms.push(r.ts_ms);
+                c.budget_call_id.push(call_id.clone());
                 c.budget_name.push(budget.clone());
                 c.budget_month.push(month.clone());
             }
+            c.call_id.push(call_id);
         }
         c
     }
@@ -657,8 +663,8 @@ async fn write_rows(client: &mut Object, rows: &[Row]) -> Result<i64, tokio_post
                 &c.ttfb_ms,
                 &c.upstream_response_id,
                 &c.day,
-                &c.budget_request_id,
-                &c.budget_ts_ms,
+                &c.call_id,
+                &c.budget_call_id,
                 &c.budget_name,
                 &c.budget_month,
             ],
@@ -703,7 +709,7 @@ async fn write_batch(
                 match write_rows(client, std::slice::from_ref(row)).await {
                     Ok(_) => {}
                     Err(err) if is_data_error(&err) => {
-                        tracing::error!(request_id = %row.call.request_id, error = %format!("{err:#}"), "ledger record refused by postgresql: dropped");
+                        tracing::error!(call_id = ?row.call.call_id, request_id = %row.call.request_id, error = %format!("{err:#}"), "ledger record refused by postgresql: dropped");
                     }
                     Err(err) => return Err(err.into()),
                 }
@@ -711,7 +717,7 @@ async fn write_batch(
             Ok(())
         }
         Err(err) if is_data_error(&err) => {
-            tracing::error!(request_id = %rows[0].call.request_id, error = %format!("{err:#}"), "ledger record refused by postgresql: dropped");
+            tracing::error!(call_id = ?rows[0].call.call_id, request_id = %rows[0].call.request_id, error = %format!("{err:#}"), "ledger record refused by postgresql: dropped");
             Ok(())
         }
         Err(err) => Err(err.into()),
@@ -1306,6 +1312,7 @@ fn call_row(r: &tokio_postgres::Row) -> Result<CallRow, tokio_postgres::Error> {
         duration_ms: r.try_get(20)?,
         ttfb_ms: r.try_get(21)?,
         upstream_response_id: r.try_get(22)?,
+        call_id: r.try_get(23)?,
     })
 }
 
@@ -1316,11 +1323,12 @@ impl RecordSource for PgReader {
         to_ms: i64,
         each: &mut dyn FnMut(CallRow) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        // Pages in (ts_ms, request_id) order: each is a short query, however big the range.
+        // Pages in (ts_ms, call_id) order (the key): each is a short query, however big the
+        // range.
         let sql = format!(
             "SELECT {CALL_COLUMNS} FROM calls
-             WHERE ts_ms >= $1 AND ts_ms < $2 AND (ts_ms, request_id) > ($3, $4)
-             ORDER BY ts_ms, request_id LIMIT {EXPORT_PAGE}"
+             WHERE ts_ms >= $1 AND ts_ms < $2 AND (ts_ms, call_id) > ($3, $4)
+             ORDER BY ts_ms, call_id LIMIT {EXPORT_PAGE}"
         );
         let mut after = (i64::MIN, String::new());
         loop {
@@ -1334,7 +1342,7 @@ impl RecordSource for PgReader {
             })?;
             let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= EXPORT_PAGE;
             if let Some(last) = page.last() {
-                after = (last.ts_ms, last.request_id.clone());
+                after = (last.ts_ms, last.call_id.clone().unwrap_or_default());
             }
             for row in page {
                 each(row)?;

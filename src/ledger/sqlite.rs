@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use super::{Background, LedgerRead, Record, Store};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = r"
 CREATE TABLE IF NOT EXISTS calls (
@@ -92,16 +92,29 @@ PRAGMA user_version = 2;
 COMMIT;
 ";
 
+/// Version 3: each call's identity is mantlegate's own call id, unique; the request id (the
+/// upstream's, or anything a client had it echo) is a plain column. Rows written before get
+/// their [`legacy_call_id`](super::legacy_call_id) in [`migrate_v3`] between these two steps.
+const SCHEMA_V3_COLUMN: &str = "ALTER TABLE calls ADD COLUMN call_id TEXT";
+const SCHEMA_V3_INDEX: &str = r"
+CREATE UNIQUE INDEX IF NOT EXISTS calls_call_id ON calls (call_id);
+PRAGMA user_version = 3;
+";
+
 const UPSERT_LAST_USED: &str = "INSERT INTO key_last_used (key_fp, ts_ms) VALUES (?1, ?2)
     ON CONFLICT (key_fp) DO UPDATE SET ts_ms = MAX(ts_ms, excluded.ts_ms)";
 
 const INSERT_CALLS: &str = "INSERT INTO calls (ts_ms, request_id, key_name, route, project_name,
     project_id, tags, api, model, stream, status, outcome, error_code, input_tokens,
     cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms,
-    ttfb_ms, upstream_response_id, key_fp) VALUES ";
+    ttfb_ms, upstream_response_id, key_fp, call_id) VALUES ";
 
-/// Values a call row binds ([`bind_call`]).
-const CALL_COLUMNS: usize = 23;
+/// A call already in the ledger (a retried batch, an import run twice) is skipped, and only
+/// that: other constraint failures still fail the batch.
+const ON_CONFLICT: &str = " ON CONFLICT (call_id) DO NOTHING";
+
+/// Values a call row binds ([`Binder::row`]).
+const CALL_COLUMNS: usize = 24;
 
 /// Rows per multi-row insert. SQLite does a statement's fixed work (opening the table and its
 /// indexes, ending the statement) once per statement, not per row, so the writer inserts a
@@ -115,7 +128,7 @@ static INSERT_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| ins
 /// `INSERT INTO calls ... VALUES (?, ...), ...` with `rows` rows of placeholders.
 fn insert_calls_sql(rows: usize) -> String {
     let row = format!("({})", vec!["?"; CALL_COLUMNS].join(", "));
-    format!("{INSERT_CALLS}{}", vec![row; rows].join(", "))
+    format!("{INSERT_CALLS}{}{ON_CONFLICT}", vec![row; rows].join(", "))
 }
 
 /// What one parameter of a prepared insert was last bound to, in this batch.
@@ -137,9 +150,9 @@ enum Bound {
 /// leaves them bound; rusqlite clears them only when the statement goes back to its cache),
 /// and most of a call row repeats from one row to the next: the key, project, tags, model,
 /// outcome, status. Binding text is the expensive part: rusqlite always binds it as
-/// `SQLITE_TRANSIENT`, so SQLite allocates and copies each value. Binding all 23 values was
+/// `SQLITE_TRANSIENT`, so SQLite allocates and copies each value. Binding every value of a row was
 /// about 40 % of the writer's instructions per row; skipping the unchanged ones leaves the
-/// ones that vary (time, request id, durations, counts).
+/// ones that vary (time, call and request ids, durations, counts).
 ///
 /// A `Binder` belongs to one statement for one batch: a new batch (or a retried one) starts a
 /// new one, which binds everything once.
@@ -195,6 +208,7 @@ impl Binder {
         stmt.raw_bind_parameter(next(), r.ttfb_ms)?;
         stmt.raw_bind_parameter(next(), &r.upstream_response_id)?;
         self.shared(stmt, next(), r.key_fp.as_ref())?;
+        stmt.raw_bind_parameter(next(), &r.call_id)?;
         debug_assert_eq!(at - first, CALL_COLUMNS);
         Ok(())
     }
@@ -333,6 +347,47 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
     if version < 2 {
         conn.execute_batch(SCHEMA_V2)?;
     }
+    if version < 3 {
+        migrate_v3(conn)?;
+    }
+    Ok(())
+}
+
+/// Schema version 3, in one transaction: the `call_id` column, filled for the rows already
+/// there with their [`legacy_call_id`](super::legacy_call_id) (counting calls that share a
+/// request id and time in the order they were written, as an export lists them), then made
+/// unique.
+fn migrate_v3(conn: &Connection) -> anyhow::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(SCHEMA_V3_COLUMN)?;
+    {
+        // The window is computed (sorted) before the first row comes back, and the update
+        // changes no column the query reads: updating while reading is safe here.
+        let mut read = tx.prepare(
+            "SELECT id, request_id, ts_ms,
+                row_number() OVER (PARTITION BY request_id, ts_ms ORDER BY id) - 1
+             FROM calls",
+        )?;
+        let mut write = tx.prepare("UPDATE calls SET call_id = ?1 WHERE id = ?2")?;
+        let mut rows = read.query([])?;
+        let mut n = 0u64;
+        while let Some(row) = rows.next()? {
+            let (id, request_id, ts_ms, nth): (i64, String, i64, i64) =
+                (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+            let call_id =
+                super::legacy_call_id(&request_id, ts_ms, u64::try_from(nth).unwrap_or(0));
+            write.execute(params![call_id, id])?;
+            n += 1;
+        }
+        if n > 0 {
+            tracing::info!(
+                calls = n,
+                "sqlite ledger: call ids given to the calls recorded before them"
+            );
+        }
+    }
+    tx.execute_batch(SCHEMA_V3_INDEX)?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -380,6 +435,89 @@ struct DailyDelta {
     unpriced: i64,
 }
 
+/// Inserts the batch's rows into `calls`; returns which records were skipped as already there,
+/// or `None` when none was.
+fn insert_calls(
+    tx: &rusqlite::Transaction<'_>,
+    records: &[Record],
+) -> rusqlite::Result<Option<Skipped>> {
+    // Which records were new: `None` while all were (the usual case, known from each
+    // insert's count of rows added without looking further).
+    let mut skipped: Option<Skipped> = None;
+    let mut chunks = records.chunks_exact(ROWS_PER_INSERT);
+    {
+        let mut insert = tx.prepare_cached(&INSERT_MANY)?;
+        let mut binder = Binder::new(ROWS_PER_INSERT * CALL_COLUMNS);
+        for (c, chunk) in (&mut chunks).enumerate() {
+            for (i, r) in chunk.iter().enumerate() {
+                binder.row(&mut insert, 1 + i * CALL_COLUMNS, r)?;
+            }
+            let added = insert.raw_execute()?;
+            if added < chunk.len() {
+                skipped
+                    .get_or_insert_with(|| Skipped::new(records.len()))
+                    .find(tx, c * ROWS_PER_INSERT, chunk, added)?;
+            }
+        }
+    }
+    let mut insert = tx.prepare_cached(&INSERT_ONE)?;
+    let mut binder = Binder::new(CALL_COLUMNS);
+    let rest = records.len() - chunks.remainder().len();
+    for (i, r) in chunks.remainder().iter().enumerate() {
+        binder.row(&mut insert, 1, r)?;
+        if insert.raw_execute()? == 0 {
+            skipped
+                .get_or_insert_with(|| Skipped::new(records.len()))
+                .old[rest + i] = true;
+        }
+    }
+    Ok(skipped)
+}
+
+/// The records of a batch that were already in the ledger (same call id), and so skipped.
+struct Skipped {
+    /// By position in the batch.
+    old: Vec<bool>,
+    /// Rows of this batch found for a record: a call id twice in a batch is new only once.
+    claimed: std::collections::HashSet<i64>,
+}
+
+impl Skipped {
+    fn new(records: usize) -> Self {
+        Self {
+            old: vec![false; records],
+            claimed: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Marks which records of `chunk` (starting at `first` in the batch) the insert that just
+    /// ran skipped; it added `added` rows. Those rows have the `added` highest ids, one after
+    /// another (a new row's id is one past the largest, and one writer inserts at a time): a
+    /// record whose call id's row is not among them, or was already claimed by an earlier copy
+    /// in the chunk, was skipped.
+    fn find(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        first: usize,
+        chunk: &[Record],
+        added: usize,
+    ) -> rusqlite::Result<()> {
+        let top = tx.last_insert_rowid();
+        let low = top - i64::try_from(added).unwrap_or(i64::MAX);
+        let mut find = tx.prepare_cached("SELECT id FROM calls WHERE call_id = ?1")?;
+        for (i, r) in chunk.iter().enumerate() {
+            let id: Option<i64> = if added == 0 {
+                None
+            } else {
+                find.query_row([&r.call_id], |row| row.get(0)).optional()?
+            };
+            let new = id.is_some_and(|id| id > low && id <= top && self.claimed.insert(id));
+            self.old[first + i] = !new;
+        }
+        Ok(())
+    }
+}
+
 /// The SQLite [`Store`].
 pub struct SqliteStore {
     conn: Connection,
@@ -416,23 +554,7 @@ impl Store for SqliteStore {
     fn write_batch(&mut self, records: &[Record]) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
         {
-            let mut chunks = records.chunks_exact(ROWS_PER_INSERT);
-            {
-                let mut insert = tx.prepare_cached(&INSERT_MANY)?;
-                let mut binder = Binder::new(ROWS_PER_INSERT * CALL_COLUMNS);
-                for chunk in &mut chunks {
-                    for (i, r) in chunk.iter().enumerate() {
-                        binder.row(&mut insert, 1 + i * CALL_COLUMNS, r)?;
-                    }
-                    insert.raw_execute()?;
-                }
-            }
-            let mut insert = tx.prepare_cached(&INSERT_ONE)?;
-            let mut binder = Binder::new(CALL_COLUMNS);
-            for r in chunks.remainder() {
-                binder.row(&mut insert, 1, r)?;
-                insert.raw_execute()?;
-            }
+            let skipped = insert_calls(&tx, records)?;
             let mut daily = tx.prepare_cached(UPSERT_DAILY)?;
             let mut pending = tx.prepare_cached(
                 "INSERT OR REPLACE INTO pending_background (response_id, project_id, model, ts_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -449,7 +571,11 @@ impl Store for SqliteStore {
                 DailyDelta,
                 foldhash::fast::RandomState,
             > = std::collections::HashMap::default();
-            for r in records {
+            for (i, r) in records.iter().enumerate() {
+                // A call already recorded counts nowhere again.
+                if skipped.as_ref().is_some_and(|s| s.old[i]) {
+                    continue;
+                }
                 let u = &r.usage;
                 let d = rollup
                     .entry(DailyKey {
@@ -693,7 +819,7 @@ mod tests {
                 "SELECT ts_ms, request_id, key_name, route, project_name, project_id, tags, api,
                  model, stream, status, outcome, error_code, input_tokens, cached_input_tokens,
                  output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms, ttfb_ms,
-                 upstream_response_id, key_fp FROM calls ORDER BY id",
+                 upstream_response_id, key_fp, call_id FROM calls ORDER BY id",
             )
             .expect("prepare");
         stmt.query_map([], |row| {
@@ -735,6 +861,7 @@ mod tests {
             r.ttfb_ms.map_or(Value::Null, Value::Real),
             text(r.upstream_response_id.as_deref()),
             text(r.key_fp.as_deref()),
+            Value::Text(r.call_id.clone()),
         ]
     }
 
@@ -859,7 +986,10 @@ mod tests {
             .collect::<Result<_, _>>()
             .expect("rows");
         assert_eq!(from_calls, expected);
-        assert_eq!(call_indexes(&conn), ["calls_response", "calls_ts"]);
+        assert_eq!(
+            call_indexes(&conn),
+            ["calls_call_id", "calls_response", "calls_ts"]
+        );
     }
 
     #[test]
@@ -892,7 +1022,10 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
         assert_eq!(version, SCHEMA_VERSION);
-        assert_eq!(call_indexes(&store.conn), ["calls_response", "calls_ts"]);
+        assert_eq!(
+            call_indexes(&store.conn),
+            ["calls_call_id", "calls_response", "calls_ts"]
+        );
         store
             .write_batch(&[keyed(25, Some("fp_b"))])
             .expect("write after migrating");
@@ -900,6 +1033,150 @@ mod tests {
         let expected: std::collections::HashMap<String, i64> =
             [("fp_a".to_owned(), 30), ("fp_b".to_owned(), 25)].into();
         assert_eq!(after.last_used().expect("last used, v2"), expected);
+    }
+
+    /// `(rows in calls, requests in daily, cost in daily, priced spend of the calls)`.
+    fn totals(path: &Path) -> (i64, i64, i64, i64) {
+        let conn = open_read_only(path).expect("read");
+        conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM calls), (SELECT COALESCE(SUM(requests), 0) FROM daily),
+                (SELECT COALESCE(SUM(cost_pico), 0) FROM daily),
+                (SELECT COALESCE(SUM(cost_pico), 0) FROM calls)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .expect("totals")
+    }
+
+    #[test]
+    fn calls_sharing_a_request_id_and_time_are_all_kept_and_a_known_call_id_is_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.db");
+        let mut store = SqliteStore::open(&path).expect("open");
+        let ts = 1_793_491_200_000;
+        // 40 calls with one client-chosen x-request-id echoed back, in one millisecond.
+        let calls: Vec<Record> = (0..40)
+            .map(|_| Record {
+                request_id: "client-chosen".to_owned(),
+                ..record(ts, "{}", "m")
+            })
+            .collect();
+        store.write_batch(&calls).expect("write");
+        assert_eq!(totals(&path), (40, 40, 4000, 4000));
+
+        // The same batch again (a retry after a lost commit), then a batch mixing known calls,
+        // new ones and a new one twice, across a full multi-row insert and the remainder.
+        store.write_batch(&calls).expect("retry");
+        assert_eq!(totals(&path), (40, 40, 4000, 4000));
+        let fresh: Vec<Record> = (0..6).map(|_| record(ts + 1, "{}", "m")).collect();
+        let mixed = vec![
+            calls[0].clone(),
+            fresh[0].clone(),
+            fresh[0].clone(),
+            calls[1].clone(),
+            fresh[1].clone(),
+            calls[2].clone(),
+            calls[3].clone(),
+            fresh[2].clone(),
+            calls[4].clone(),
+            calls[5].clone(),
+            calls[6].clone(),
+            calls[7].clone(),
+            fresh[3].clone(),
+            calls[8].clone(),
+            calls[9].clone(),
+            fresh[1].clone(),
+            // The remainder: known, new, new again.
+            calls[10].clone(),
+            fresh[4].clone(),
+            fresh[4].clone(),
+            fresh[0].clone(),
+            fresh[5].clone(),
+        ];
+        assert!(mixed.len() > ROWS_PER_INSERT);
+        store.write_batch(&mixed).expect("mixed");
+        assert_eq!(totals(&path), (46, 46, 4600, 4600));
+        // A batch of known calls only (every row of a multi-row insert skipped).
+        store.write_batch(&mixed).expect("mixed again");
+        assert_eq!(totals(&path), (46, 46, 4600, 4600));
+        let conn = open_read_only(&path).expect("read");
+        let distinct: i64 = conn
+            .query_row("SELECT COUNT(DISTINCT call_id) FROM calls", [], |r| {
+                r.get(0)
+            })
+            .expect("distinct");
+        assert_eq!(distinct, 46);
+    }
+
+    #[test]
+    fn a_version_2_ledger_gets_call_ids_and_keeps_calls_that_shared_a_request_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v2.db");
+        let old = [
+            ("req_a", 10),
+            ("req_a", 10),
+            ("req_b", 10),
+            ("req_a", 11),
+            ("req_a", 10),
+        ];
+        {
+            let conn = Connection::open(&path).expect("create");
+            conn.execute_batch(SCHEMA_V1).expect("v1 schema");
+            conn.pragma_update(None, "user_version", 1)
+                .expect("version");
+            conn.execute_batch(SCHEMA_V2).expect("v2 schema");
+            for (request_id, ts) in old {
+                conn.execute(
+                    "INSERT INTO calls (ts_ms, request_id, status, outcome, usage_source, duration_ms, cost_pico) VALUES (?1, ?2, 200, 'forwarded', 'reported', 1.0, 5)",
+                    params![ts, request_id],
+                )
+                .expect("insert");
+            }
+        }
+        // An export of it before it is migrated (read-only) names no call ids.
+        let mut lines = Vec::new();
+        let conn = open_read_only(&path).expect("read v2");
+        crate::ledger::transfer::export(&conn, 0, 100, &mut lines).expect("export v2");
+        drop(conn);
+        assert!(!String::from_utf8_lossy(&lines).contains("call_id"));
+
+        let mut store = SqliteStore::open(&path).expect("migrate");
+        let version: i64 = store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        let ids: Vec<String> = store
+            .conn
+            .prepare("SELECT call_id FROM calls ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let legacy = crate::ledger::legacy_call_id;
+        assert_eq!(
+            ids,
+            [
+                legacy("req_a", 10, 0),
+                legacy("req_a", 10, 1),
+                legacy("req_b", 10, 0),
+                legacy("req_a", 11, 0),
+                legacy("req_a", 10, 2),
+            ]
+        );
+        // New calls are written beside them, one with the same request id and time too.
+        store
+            .write_batch(&[Record {
+                request_id: "req_a".to_owned(),
+                ..crate::ledger::sample_record(10)
+            }])
+            .expect("write after migrating");
+        assert_eq!(totals(&path).0, 6);
+        // The old export imported into the migrated ledger finds every call there.
+        crate::ledger::transfer::import(&mut store, &mut lines.as_slice(), &mut |_| {})
+            .expect("import");
+        assert_eq!(totals(&path).0, 6);
     }
 
     #[test]
@@ -920,7 +1197,12 @@ mod tests {
             record(early + 3, new_tags, "other"),
         ];
         store.write_batch(&batch).expect("write");
-        store.write_batch(&batch[..1]).expect("write again");
+        // Another call in a row a batch already wrote: added to it.
+        let again = Record {
+            call_id: crate::ledger::new_call_id(late),
+            ..batch[0].clone()
+        };
+        store.write_batch(&[again]).expect("write again");
         let conn = open_read_only(&path).expect("read");
         let mut stmt = conn
             .prepare("SELECT day, tags, model, requests, input_tokens, cost_pico FROM daily ORDER BY day, tags, model")

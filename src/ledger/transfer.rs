@@ -17,9 +17,15 @@ use crate::report::Period;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallRow {
+    /// mantlegate's own id for the call, its identity: an import skips a call whose id the
+    /// ledger has. Absent from the lines of older exports (and of a SQLite ledger no newer
+    /// mantlegate has opened): the import gives those calls their
+    /// [`legacy_call_id`](super::legacy_call_id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
     /// Arrival time, Unix milliseconds (UTC).
     pub ts_ms: i64,
-    /// The id the client saw in `x-request-id`.
+    /// The id the client saw in `x-request-id` (not unique).
     pub request_id: String,
     /// Name of the caller's key.
     pub key_name: Option<String>,
@@ -74,6 +80,7 @@ impl CallRow {
     #[must_use]
     pub fn from_record(r: &Record) -> Self {
         Self {
+            call_id: Some(r.call_id.clone()),
             ts_ms: r.ts_ms,
             request_id: r.request_id.clone(),
             key_name: r.key.as_deref().map(str::to_owned),
@@ -114,12 +121,16 @@ impl CallRow {
     }
 
     /// The record these columns came from (without background bookkeeping or budget months,
-    /// which are not columns of `calls`).
+    /// which are not columns of `calls`), named `call_id` when the row has no call id.
     ///
     /// # Errors
     /// A negative token count, an unknown `usage_source`, or too many distinct values in a
     /// low-cardinality column.
-    fn into_record(self, names: &mut Names) -> anyhow::Result<Record> {
+    fn into_record(
+        mut self,
+        names: &mut Names,
+        call_id: impl FnOnce(&Self) -> String,
+    ) -> anyhow::Result<Record> {
         let count = |n: i64, what: &str| {
             u64::try_from(n).map_err(|_| anyhow::anyhow!("{what} is negative: {n}"))
         };
@@ -137,7 +148,16 @@ impl CallRow {
             "ts_ms {} is out of range",
             self.ts_ms
         );
+        anyhow::ensure!(
+            self.call_id.as_ref().is_none_or(|id| !id.is_empty()),
+            "call_id is empty"
+        );
+        let call_id = match self.call_id.take() {
+            Some(id) => id,
+            None => call_id(&self),
+        };
         Ok(Record {
+            call_id,
             ts_ms: self.ts_ms,
             request_id: self.request_id,
             key: self.key_name.map(Arc::from),
@@ -221,10 +241,12 @@ pub trait RecordSource {
     ) -> anyhow::Result<()>;
 }
 
+/// The export query; `{call_id}` is the column, or `NULL` in a ledger older than call ids
+/// (opened read-only, not migrated).
 const SQLITE_ROWS_SQL: &str = "SELECT ts_ms, request_id, key_name, key_fp, route, project_name,
     project_id, tags, api, model, stream, status, outcome, error_code, input_tokens,
     cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico, duration_ms,
-    ttfb_ms, upstream_response_id
+    ttfb_ms, upstream_response_id, {call_id}
     FROM calls WHERE ts_ms >= ?1 AND ts_ms < ?2 ORDER BY ts_ms, id";
 
 fn sqlite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallRow> {
@@ -253,6 +275,7 @@ fn sqlite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallRow> {
         duration_ms: r.get(20)?,
         ttfb_ms: r.get(21)?,
         upstream_response_id: r.get(22)?,
+        call_id: r.get(23)?,
     })
 }
 
@@ -264,8 +287,10 @@ impl RecordSource for rusqlite::Connection {
         to_ms: i64,
         each: &mut dyn FnMut(CallRow) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
+        let version: i64 = self.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let column = if version >= 3 { "call_id" } else { "NULL" };
         let mut stmt = self
-            .prepare(SQLITE_ROWS_SQL)
+            .prepare(&SQLITE_ROWS_SQL.replace("{call_id}", column))
             .context("preparing the export query")?;
         let mut rows = stmt.query([from_ms, to_ms])?;
         while let Some(row) = rows.next()? {
@@ -310,14 +335,42 @@ pub fn export(
     Ok(n)
 }
 
+/// Call ids for the lines of an older export, which have none.
+#[derive(Default)]
+struct LegacyIds {
+    /// Lines seen per request id and time, by the first 16 bytes of that pair's hash.
+    seen: HashMap<[u8; 16], u64>,
+}
+
+impl LegacyIds {
+    fn name(&mut self, row: &CallRow) -> String {
+        let first = super::legacy_call_id(&row.request_id, row.ts_ms, 0);
+        let mut key = [0u8; 16];
+        // The id is `mgr_` and 32 hex digits: its digits are the key.
+        if hex::decode_to_slice(&first[4..], &mut key).is_err() {
+            return first;
+        }
+        let nth = self.seen.entry(key).or_insert(0);
+        let id = if *nth == 0 {
+            first
+        } else {
+            super::legacy_call_id(&row.request_id, row.ts_ms, *nth)
+        };
+        *nth += 1;
+        id
+    }
+}
+
 /// Records an import writes per transaction.
 const IMPORT_BATCH: usize = 1000;
 
 /// Reads JSON lines written by [`export`] (blank lines are skipped) and writes them through
 /// `store`, in batches; `annotate` may complete each record first (e.g. its budget months, so
 /// that a `PostgreSQL` ledger counts imported spend in `budget_spend`). Returns how many
-/// records were read. Into `PostgreSQL` an import is idempotent (a call already there is
-/// skipped); into SQLite, importing the same lines twice counts them twice.
+/// records were read. Idempotent: a call whose id the ledger has is skipped, so importing the
+/// same lines twice changes nothing. Lines without a call id (older exports) get their
+/// [`legacy_call_id`](super::legacy_call_id), the n-th line with the same request id and time
+/// counted as the n-th such call (remembered for the whole import: 32 bytes or so per such line).
 ///
 /// # Errors
 /// The first unreadable line (with its number: the lines before it, in whole batches, are
@@ -328,6 +381,7 @@ pub fn import(
     annotate: &mut dyn FnMut(&mut Record),
 ) -> anyhow::Result<u64> {
     let mut names = Names::new();
+    let mut legacy = LegacyIds::default();
     let mut batch = Vec::with_capacity(IMPORT_BATCH);
     let mut n = 0u64;
     let mut line = String::new();
@@ -343,7 +397,7 @@ pub fn import(
         }
         let mut record = serde_json::from_str::<CallRow>(&line)
             .map_err(anyhow::Error::from)
-            .and_then(|row| row.into_record(&mut names))
+            .and_then(|row| row.into_record(&mut names, |row| legacy.name(row)))
             .with_context(|| format!("import line {number}"))?;
         annotate(&mut record);
         batch.push(record);
@@ -420,6 +474,102 @@ mod tests {
         let input = format!("{good}\n{{\"ts_ms\":1,\"extra\":true}}\n");
         let err = import(&mut store, &mut input.as_bytes(), &mut |_| {}).expect_err("refused");
         assert!(format!("{err:#}").contains("line 2"), "{err:#}");
+    }
+
+    /// `(calls, requests in the daily roll-up, call ids)` of a SQLite ledger.
+    fn contents(path: &std::path::Path) -> (i64, i64, Vec<String>) {
+        let conn = crate::ledger::sqlite::open_read_only(path).expect("read");
+        let (calls, requests) = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM calls), (SELECT SUM(requests) FROM daily)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("totals");
+        let ids = conn
+            .prepare("SELECT call_id FROM calls ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("ids");
+        (calls, requests, ids)
+    }
+
+    #[test]
+    fn importing_a_file_twice_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.db");
+        // Calls sharing one request id and time: distinct calls all the same.
+        let records: Vec<Record> = (0..5)
+            .map(|_| Record {
+                request_id: "client-chosen".to_owned(),
+                ..record(1)
+            })
+            .collect();
+        let lines: String = records
+            .iter()
+            .map(|r| {
+                let line = serde_json::to_string(&CallRow::from_record(r)).expect("json");
+                assert!(
+                    line.contains(&format!(r#""call_id":"{}""#, r.call_id)),
+                    "{line}"
+                );
+                line + "\n"
+            })
+            .collect();
+        let mut store = SqliteStore::open(&path).expect("open");
+        import(&mut store, &mut lines.as_bytes(), &mut |_| {}).expect("import");
+        let first = contents(&path);
+        assert_eq!(
+            first,
+            (5, 5, records.iter().map(|r| r.call_id.clone()).collect())
+        );
+        let n = import(&mut store, &mut lines.as_bytes(), &mut |_| {}).expect("import again");
+        assert_eq!(n, 5, "every line read");
+        assert_eq!(contents(&path), first);
+    }
+
+    #[test]
+    fn an_older_export_without_call_ids_imports_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("e.db");
+        // Lines as an export before call ids wrote them: two calls share a request id and time.
+        let old = |request_id: &str, ts: i64| {
+            let mut row = CallRow::from_record(&record(ts));
+            row.call_id = None;
+            request_id.clone_into(&mut row.request_id);
+            let line = serde_json::to_string(&row).expect("json");
+            assert!(!line.contains("call_id"), "{line}");
+            line + "\n"
+        };
+        let lines = [
+            old("req_a", 1),
+            old("req_a", 1),
+            old("req_b", 1),
+            old("req_a", 2),
+        ]
+        .concat();
+        let mut store = SqliteStore::open(&path).expect("open");
+        import(&mut store, &mut lines.as_bytes(), &mut |_| {}).expect("import");
+        let ts = |n: i64| 1_780_000_000_000 + n;
+        let legacy = crate::ledger::legacy_call_id;
+        let first = contents(&path);
+        assert_eq!(
+            first,
+            (
+                4,
+                4,
+                vec![
+                    legacy("req_a", ts(1), 0),
+                    legacy("req_a", ts(1), 1),
+                    legacy("req_b", ts(1), 0),
+                    legacy("req_a", ts(2), 0),
+                ]
+            )
+        );
+        import(&mut store, &mut lines.as_bytes(), &mut |_| {}).expect("import again");
+        assert_eq!(contents(&path), first);
     }
 
     #[test]
