@@ -502,3 +502,96 @@ async fn a_background_response_is_metered_once_whichever_replica_sees_it_finish(
         assert_eq!(r.headers["openai-project"], "proj_fleet");
     }
 }
+
+/// A client that sends its own `x-request-id`, behind an upstream (or gateway) that answers
+/// with the same id: every call is still a row of its own in the shared ledger, counted in
+/// the daily roll-up and the budget. Keyed on the request id and time, calls of the same
+/// millisecond were one row and the others' cost vanished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_calls_with_one_client_request_id_are_forty_calls_for_the_fleet() {
+    let extra = r#"
+[[budgets]]
+name = "fleet-monthly"
+project = "PROJECT"
+monthly_usd = "1000"
+action = "block"
+"#;
+    let Some(fleet) = Fleet::start("fleet shared request id", extra).await else {
+        return;
+    };
+    const CLIENT_ID: &str = "client-chosen-id-1";
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let url = fleet.url(i);
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth(FLEET_KEY)
+                    .header("content-type", "application/json")
+                    .header("x-request-id", CLIENT_ID)
+                    .body(CHAT)
+                    .send()
+                    .await
+                    .expect("send");
+                let status = r.status().as_u16();
+                let id = r.headers()["x-request-id"].to_str().expect("id").to_owned();
+                r.bytes().await.expect("body");
+                (status, id)
+            })
+        })
+        .collect();
+    for c in calls {
+        // The id the client sees is the upstream's, here its own echoed back (README).
+        assert_eq!(c.await.expect("join"), (200, CLIENT_ID.to_owned()));
+    }
+    let upstream = fleet.up.requests();
+    assert_eq!(upstream.len(), 40);
+    for r in &upstream {
+        assert_eq!(r.headers["x-request-id"], CLIENT_ID, "forwarded as sent");
+    }
+    eventually(
+        Duration::from_secs(5),
+        "40 records in postgresql",
+        || async { fleet.scalar("SELECT count(*) FROM calls").await == 40 },
+    )
+    .await;
+    assert_eq!(
+        fleet.request_ids().await,
+        HashSet::from([CLIENT_ID.to_owned()])
+    );
+    // Each row is known by mantlegate's own id.
+    assert_eq!(
+        fleet
+            .scalar("SELECT count(DISTINCT call_id) FROM calls WHERE call_id LIKE 'mg\\_%'")
+            .await,
+        40
+    );
+    assert_eq!(
+        fleet
+            .scalar("SELECT sum(requests)::bigint FROM daily")
+            .await,
+        40
+    );
+    let cost = fleet.scalar("SELECT max(cost_pico) FROM calls").await;
+    assert!(cost > 0);
+    assert_eq!(
+        fleet
+            .scalar(
+                "SELECT count(*) FROM calls WHERE cost_pico = (SELECT max(cost_pico) FROM calls)"
+            )
+            .await,
+        40,
+        "every call costs the same"
+    );
+    assert_eq!(
+        fleet
+            .scalar("SELECT sum(cost_pico)::bigint FROM daily")
+            .await,
+        40 * cost
+    );
+    assert_eq!(
+        fleet.scalar("SELECT spent_pico FROM budget_spend").await,
+        40 * cost,
+        "the fleet's budget figure counts all 40"
+    );
+}

@@ -382,3 +382,80 @@ async fn metrics_count_requests_tokens_and_cost() {
     );
     let _ = Duration::ZERO;
 }
+
+/// A client that sends its own `x-request-id`, behind an upstream (or gateway) that answers
+/// with the same id: each call is a row of its own, known by mantlegate's call id, counted in
+/// the daily roll-up and the budget.
+#[tokio::test]
+async fn forty_calls_with_one_client_request_id_are_forty_calls_in_the_ledger() {
+    const CLIENT_ID: &str = "client-chosen-id-1";
+    let up = FakeUpstream::start().await;
+    let extra = r#"
+[[budgets]]
+name = "chatbot-monthly"
+project = "Chatbot"
+monthly_usd = "1000"
+action = "block"
+"#;
+    let proxy = std::sync::Arc::new(spawn_proxy(&config(&up.url, "reject", extra)).await);
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{}/v1/chat/completions", proxy.url))
+                    .bearer_auth(CHAT_KEY)
+                    .header("x-request-id", CLIENT_ID)
+                    .body(CHAT_BODY)
+                    .send()
+                    .await
+                    .expect("send");
+                let status = r.status().as_u16();
+                let id = r.headers()["x-request-id"].to_str().expect("id").to_owned();
+                r.bytes().await.expect("body");
+                (status, id)
+            })
+        })
+        .collect();
+    for c in calls {
+        // The id the client sees is the upstream's, here its own echoed back (README).
+        assert_eq!(c.await.expect("join"), (200, CLIENT_ID.to_owned()));
+    }
+    let upstream = up.requests();
+    assert_eq!(upstream.len(), 40);
+    for r in &upstream {
+        assert_eq!(r.headers["x-request-id"], CLIENT_ID, "forwarded as sent");
+    }
+    proxy.wait_for_records(40).await;
+    let records = proxy.records();
+    assert_eq!(records.len(), 40);
+    let cost = records[0]["cost_pico"].as_i64().expect("priced");
+    for r in &records {
+        assert_eq!(r["request_id"], CLIENT_ID);
+        assert_eq!(r["cost_pico"], cost);
+    }
+    let conn = rusqlite::Connection::open(&proxy.db).expect("open ledger");
+    let (ids, requests, daily_cost): (i64, i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT COUNT(DISTINCT call_id) FROM calls WHERE call_id LIKE 'mg\\_%' ESCAPE '\\'),
+                (SELECT SUM(requests) FROM daily), (SELECT SUM(cost_pico) FROM daily)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("ledger");
+    assert_eq!((ids, requests, daily_cost), (40, 40, 40 * cost));
+    let r = client()
+        .get(format!("{}/admin/v1/budgets", proxy.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    let body: serde_json::Value =
+        serde_json::from_slice(&r.bytes().await.expect("body")).expect("json");
+    assert_eq!(
+        body["data"][0]["spend_usd"],
+        mantlegate::pricing::from_pico(40 * cost)
+            .normalize()
+            .to_string()
+    );
+}

@@ -297,8 +297,10 @@ fn a_retried_batch_is_counted_once() {
     assert_eq!(reader.budget_spend(&keys).expect("budgets"), want);
 
     // A genuinely new call in the same day and group is still added.
+    // Its request id and time are those of a call already there (an id a client chose and
+    // the upstream echoed): it is a call of its own all the same.
     let mut fresh = records[0].clone();
-    fresh.request_id = "mg_fresh".to_owned();
+    fresh.call_id = mantlegate::ledger::new_call_id(fresh.ts_ms);
     store.write_batch(&[fresh.clone()]).expect("fresh");
     assert_eq!(reader.count().expect("count"), 121);
     let requests = |rows: &[DailyRow]| rows.iter().map(|r| r.requests).sum::<i64>();
@@ -319,6 +321,7 @@ fn simple(request_id: &str, ts: &str) -> Record {
     let mut r = fixture(1).remove(0);
     request_id.clone_into(&mut r.request_id);
     r.ts_ms = ms(ts);
+    r.call_id = mantlegate::ledger::new_call_id(r.ts_ms);
     r.background = None;
     r.upstream_response_id = None;
     r
@@ -668,6 +671,7 @@ fn a_value_postgres_refuses_costs_only_its_own_record() {
     big.budget_months = Vec::new();
     let mut big2 = big.clone();
     big2.request_id = "big_2".to_owned();
+    big2.call_id = mantlegate::ledger::new_call_id(big2.ts_ms);
     // Same day and group: the second one's daily sum would pass BIGINT.
     let mut nul = simple("nul", "2026-01-10T00:00:01Z");
     nul.model = Some("gpt\0-x".to_owned());
@@ -952,4 +956,176 @@ fn a_shutdown_with_postgres_down_spills_the_records_to_a_file_to_import() {
     assert_eq!(imported, 25);
     let reader = PgReader::connect(&db.url).expect("reader");
     assert_eq!(reader.count().expect("count"), 25);
+}
+
+/// `(calls, requests in daily, spend of budget "b" in 2026-01)` of a ledger.
+fn totals(url: &str) -> (i64, i64, i64) {
+    (
+        scalar(url, "SELECT count(*) FROM calls"),
+        scalar(url, "SELECT COALESCE(sum(requests), 0)::bigint FROM daily"),
+        scalar(
+            url,
+            "SELECT COALESCE(sum(spent_pico), 0)::bigint FROM budget_spend
+             WHERE budget = 'b' AND month = '2026-01'",
+        ),
+    )
+}
+
+/// `n` calls that share one request id (a client's, echoed by the upstream) and one
+/// millisecond, each priced and counted against budget `b`.
+fn same_request_id(n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| {
+            let mut r = simple("client-chosen-id", "2026-01-10T12:00:00Z");
+            r.cost_pico = Some(1_000_000 + i64::try_from(i).expect("small"));
+            r.budget_months = vec![("b".into(), "2026-01".into())];
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn calls_sharing_a_request_id_are_all_kept_and_an_import_twice_changes_nothing() {
+    let (Some(db), Some(other)) = (
+        TestDb::create("shared request id"),
+        TestDb::create("shared request id, imported"),
+    ) else {
+        return;
+    };
+    let records = same_request_id(40);
+    let cost: i64 = records.iter().filter_map(|r| r.cost_pico).sum();
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    write_in_batches(&mut store, &records, 16);
+    assert_eq!(totals(&db.url), (40, 40, cost));
+    let ids = scalar(&db.url, "SELECT count(DISTINCT call_id) FROM calls");
+    assert_eq!(ids, 40);
+
+    // Exported, each line names its call; imported twice elsewhere, counted once.
+    let reader = PgReader::connect(&db.url).expect("reader");
+    let mut lines = Vec::new();
+    assert_eq!(
+        transfer::export(&reader, 0, i64::MAX, &mut lines).expect("export"),
+        40
+    );
+    for (line, r) in String::from_utf8_lossy(&lines).lines().zip({
+        let mut sorted = records.clone();
+        sorted.sort_by(|a, b| a.call_id.cmp(&b.call_id));
+        sorted
+    }) {
+        let row: CallRow = serde_json::from_str(line).expect("json");
+        assert_eq!(row.call_id.as_deref(), Some(r.call_id.as_str()));
+    }
+    let mut target = PostgresStore::connect(&other.url).expect("postgres");
+    let mut annotate = |r: &mut Record| r.budget_months = vec![("b".into(), "2026-01".into())];
+    for _ in 0..2 {
+        let n =
+            transfer::import(&mut target, &mut lines.as_slice(), &mut annotate).expect("import");
+        assert_eq!(n, 40);
+        assert_eq!(totals(&other.url), (40, 40, cost));
+    }
+    // And back into the ledger they came from: nothing new there either.
+    transfer::import(&mut store, &mut lines.as_slice(), &mut annotate).expect("import back");
+    assert_eq!(totals(&db.url), (40, 40, cost));
+}
+
+#[test]
+fn a_version_2_ledger_migrates_to_call_ids_and_an_old_import_still_finds_its_calls() {
+    let Some(db) = TestDb::create("call id migration") else {
+        return;
+    };
+    // The schema as version 2 left it, with a partition and calls in it.
+    exec(
+        &db.url,
+        &format!(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+             {}
+             {}
+             INSERT INTO schema_migrations (version) VALUES (1), (2);
+             CREATE TABLE calls_2026_01 PARTITION OF calls FOR VALUES FROM ({}) TO ({});",
+            include_str!("../migrations/postgres/0001_init.sql"),
+            include_str!("../migrations/postgres/0002_fleet.sql"),
+            ms("2026-01-01T00:00:00Z"),
+            ms("2026-02-01T00:00:00Z"),
+        ),
+    );
+    let old: Vec<Record> = ["old_1", "old_2", "old_3"]
+        .iter()
+        .map(|id| {
+            let mut r = simple(id, "2026-01-10T12:00:00Z");
+            r.cost_pico = Some(7);
+            r
+        })
+        .collect();
+    // As version 2 wrote them (the daily roll-up and budget figures too).
+    for r in &old {
+        exec(
+            &db.url,
+            &format!(
+                "INSERT INTO calls (ts_ms, request_id, tags, status, outcome, usage_source,
+                    duration_ms, cost_pico) VALUES ({}, '{}', '{{}}', 200, 'forwarded',
+                    'reported', 1.0, 7);",
+                r.ts_ms, r.request_id
+            ),
+        );
+    }
+    exec(
+        &db.url,
+        "INSERT INTO daily VALUES ('2026-01-10', '', '', '', '', '{}', '', '', 'forwarded', 3,
+            0, 0, 0, 0, 21, 0);
+         INSERT INTO budget_spend VALUES ('b', '2026-01', 21);",
+    );
+    // Their export, from before call ids.
+    let old_lines: String = old
+        .iter()
+        .map(|r| {
+            let mut row = CallRow::from_record(r);
+            row.call_id = None;
+            row.tags = "{}".to_owned();
+            serde_json::to_string(&row).expect("json") + "\n"
+        })
+        .collect();
+
+    let mut store = PostgresStore::connect(&db.url).expect("migrates");
+    assert_eq!(
+        scalar(
+            &db.url,
+            "SELECT max(version)::bigint FROM schema_migrations"
+        ),
+        i64::from(postgres::SCHEMA_VERSION)
+    );
+    for r in &old {
+        let expected = mantlegate::ledger::legacy_call_id(&r.request_id, r.ts_ms, 0);
+        assert_eq!(
+            scalar(
+                &db.url,
+                &format!("SELECT count(*) FROM calls WHERE call_id = '{expected}'")
+            ),
+            1,
+            "{} has its derived call id",
+            r.request_id
+        );
+    }
+    // The key is the call id; the request id is a plain column.
+    assert_eq!(
+        scalar(
+            &db.url,
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'calls'::regclass
+             AND contype = 'p' AND pg_get_constraintdef(oid) = 'PRIMARY KEY (call_id, ts_ms)'"
+        ),
+        1
+    );
+    // The old export again: every call is already there.
+    let mut annotate = |r: &mut Record| r.budget_months = vec![("b".into(), "2026-01".into())];
+    transfer::import(&mut store, &mut old_lines.as_bytes(), &mut annotate).expect("import");
+    assert_eq!(totals(&db.url), (3, 3, 21));
+    // New calls are written beside them, one with an old call's request id and time.
+    let mut new = same_request_id(2);
+    "old_1".clone_into(&mut new[0].request_id);
+    new[0].ts_ms = old[0].ts_ms;
+    store.write_batch(&new).expect("write after migrating");
+    let added: i64 = new.iter().filter_map(|r| r.cost_pico).sum();
+    assert_eq!(totals(&db.url), (5, 5, 21 + added));
+    let reader = PgReader::connect(&db.url).expect("reader at the new version");
+    assert_eq!(reader.count().expect("count"), 5);
 }

@@ -76,6 +76,8 @@ impl Drop for StreamGuard {
 /// - header `x-test-event-gap-ms: N`: N ms between stream events (default 0);
 /// - `stream: true` in the body: an SSE stream of 5 chat chunks (or responses events) and the end;
 /// - otherwise: a JSON body echoing what was asked.
+///
+/// JSON answers carry a unique `x-request-id`, or the request's own when it sent one.
 pub struct FakeUpstream {
     pub url: String,
     pub controls: Arc<Controls>,
@@ -171,10 +173,11 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
                 "usage": {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 40}, "output_tokens": 20,
                           "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 120}})
         };
-        return json_response(&object);
+        return json_response(&parts.headers, &object);
     }
     if path.ends_with("/responses/resp_bg1") && parts.method == Method::GET {
         return json_response(
+            &parts.headers,
             &serde_json::json!({"id": "resp_bg1", "object": "response", "status": "completed",
             "background": true, "usage": {"input_tokens": 1000, "output_tokens": 500, "total_tokens": 1500}}),
         );
@@ -184,6 +187,7 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
     {
         // Uses its whole output allowance: the worst case a budget reserves for.
         return json_response(
+            &parts.headers,
             &serde_json::json!({"id": "chatcmpl-2", "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n}}),
@@ -191,6 +195,7 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
     }
     if path.ends_with("/chat/completions") {
         return json_response(
+            &parts.headers,
             &serde_json::json!({"id": "chatcmpl-1", "object": "chat.completion", "model": json["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 1_000_000, "completion_tokens": 200_000, "total_tokens": 1_200_000,
@@ -212,9 +217,16 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
         .expect("response")
 }
 
-fn json_response(v: &serde_json::Value) -> Response {
-    // Unique, as bedrock-mantle's are: the ledger knows a call by the id its client saw.
-    let id = format!("req_upstream_{:016x}", rand::random::<u64>());
+fn json_response(request: &HeaderMap, v: &serde_json::Value) -> Response {
+    // Unique, as bedrock-mantle's are; but the client's own `x-request-id` when it sent one,
+    // as a gateway in front of the upstream may answer.
+    let id = request
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(
+            || format!("req_upstream_{:016x}", rand::random::<u64>()),
+            str::to_owned,
+        );
     Response::builder()
         .header("content-type", "application/json")
         .header("x-request-id", &id)
