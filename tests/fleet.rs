@@ -509,6 +509,7 @@ async fn a_background_response_is_metered_once_whichever_replica_sees_it_finish(
 /// millisecond were one row and the others' cost vanished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_calls_with_one_client_request_id_are_forty_calls_for_the_fleet() {
+    const CLIENT_ID: &str = "client-chosen-id-1";
     let extra = r#"
 [[budgets]]
 name = "fleet-monthly"
@@ -519,7 +520,6 @@ action = "block"
     let Some(fleet) = Fleet::start("fleet shared request id", extra).await else {
         return;
     };
-    const CLIENT_ID: &str = "client-chosen-id-1";
     let calls: Vec<_> = (0..40)
         .map(|i| {
             let url = fleet.url(i);
