@@ -459,3 +459,28 @@ action = "block"
             .to_string()
     );
 }
+
+/// Without an id from the upstream, the client's `x-request-id` is the call id its ledger row
+/// and access line carry.
+#[tokio::test]
+async fn without_an_upstream_request_id_the_client_sees_the_call_id() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    // The fake upstream's streams carry no x-request-id.
+    let r = post(
+        &proxy,
+        CHAT_KEY,
+        "/v1/chat/completions",
+        r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().expect("id").to_owned();
+    r.bytes().await.expect("body");
+    assert!(
+        id.len() == 35 && id.starts_with("mg_") && id[3..].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    let rec = proxy.record_of(1, &id).await;
+    assert_eq!(rec["call_id"], id.as_str());
+}

@@ -416,7 +416,7 @@ impl Proxy {
     pub fn records(&self) -> Vec<serde_json::Value> {
         let conn = rusqlite::Connection::open(&self.db).expect("open ledger");
         let mut stmt = conn
-            .prepare("SELECT ts_ms, request_id, key_name, route, project_name, project_id, tags, api, model, stream, status, outcome, error_code, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico, upstream_response_id FROM calls ORDER BY id")
+            .prepare("SELECT call_id, ts_ms, request_id, key_name, route, project_name, project_id, tags, api, model, stream, status, outcome, error_code, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, usage_source, cost_pico, upstream_response_id FROM calls ORDER BY id")
             .expect("prepare");
         let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         stmt.query_map([], |row| {
