@@ -57,8 +57,9 @@ const CALL_COLUMNS: &str = "ts_ms, request_id, key_name, key_fp, route, project_
 /// One statement per batch, whatever its size: the rows arrive as arrays. A call is known by
 /// its call id (mantlegate's own, never a client's or the upstream's); only the rows the
 /// insert really adds (`RETURNING`) feed the daily and budget upserts, so a batch retried
-/// after a commit whose answer was lost, or an import run twice, counts nothing twice. Upserts go in key order, so two
-/// replicas touching the same rows lock them in the same order (no deadlock).
+/// after a commit whose answer was lost, or an import run twice, counts nothing twice.
+/// Upserts go in key order, so two replicas touching the same rows lock them in the same
+/// order (no deadlock).
 const WRITE_SQL: &str = "WITH src AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::boolean[],
@@ -504,8 +505,10 @@ impl Row {
                 tracing::error!(call_id = %r.call_id, request_id = %r.request_id, ts_ms = r.ts_ms, "ledger record time out of range: dropped");
                 continue;
             };
-            if seen.insert(r.call_id.as_str()) {
-                rows.push(Self::new(r, month));
+            // On the id as written (NULs dropped): two ids that become one are one call.
+            let row = Self::new(r, month);
+            if seen.insert(row.call.call_id.clone()) {
+                rows.push(row);
             }
         }
         rows
