@@ -136,6 +136,8 @@ pub struct Exceeded {
     pub limit_usd: Decimal,
     /// Month-to-date spend in USD.
     pub spend_usd: Decimal,
+    /// What the refused call would have reserved, in USD.
+    pub reserve_usd: Decimal,
 }
 
 /// An alert to send: the budget crossed `fraction` of its limit.
@@ -467,6 +469,7 @@ impl Budgets {
         for &i in applicable {
             let b = &self.list[i];
             b.roll(now_ms);
+            let mut held = reserve_pico;
             let ok = if b.block {
                 // Other replicas' reservations count against the limit as this one's do.
                 let others = b.others.load(Ordering::Acquire);
@@ -479,7 +482,15 @@ impl Budgets {
                         })
                         .is_ok()
             } else {
-                b.used.fetch_add(reserve_pico, Ordering::AcqRel);
+                // Saturating, and holding what was really added: an absurd reservation (a
+                // call's worst case can be as large as an i64) cannot wrap the sum.
+                let before = b
+                    .used
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                        Some(used.saturating_add(reserve_pico))
+                    })
+                    .unwrap_or_else(|used| used);
+                held = before.saturating_add(reserve_pico) - before;
                 true
             };
             if !ok {
@@ -487,13 +498,14 @@ impl Budgets {
                     name: b.name.clone(),
                     limit_usd: usd(b.limit_pico),
                     spend_usd: usd(b.spent_pico()),
+                    reserve_usd: usd(reserve_pico),
                 };
                 reservation.release();
                 return Err(exceeded);
             }
             reservation
                 .held
-                .push((Arc::new(BudgetRef(b.clone())), reserve_pico));
+                .push((Arc::new(BudgetRef(b.clone())), held));
         }
         Ok(reservation)
     }
