@@ -774,6 +774,35 @@ mod tests {
     const PICO: i64 = 1_000_000_000_000;
 
     #[test]
+    fn absurd_reservations_saturate_and_give_back_what_they_took() {
+        let now = ms("2026-11-10T00:00:00Z");
+        // An alert budget takes every call: two worst cases as large as an i64 saturate the
+        // sum instead of wrapping it negative, and each gives back what it really added.
+        let b = budgets(false, "10");
+        let first = b.admit(&[0], i64::MAX, now).expect("alert budgets admit");
+        let second = b.admit(&[0], i64::MAX, now).expect("alert budgets admit");
+        assert_eq!(b.list[0].used.load(Ordering::Acquire), i64::MAX);
+        assert!(b.statuses(now)[0].reserved_usd.starts_with("9223372.03"));
+        drop(second);
+        drop(first);
+        assert_eq!(b.list[0].used.load(Ordering::Acquire), 0);
+        let r = b.admit(&[0], i64::MAX, now).expect("alert");
+        let _ = r.settle(Some(PICO), now);
+        assert_eq!(b.list[0].used.load(Ordering::Acquire), PICO);
+        assert_eq!(b.list[0].spent_pico(), PICO);
+        // A block budget refuses one, and says what it would have reserved.
+        let b = budgets(true, "10");
+        let err = b.admit(&[0], i64::MAX, now).expect_err("too large");
+        assert_eq!(err.reserve_usd, from_pico_usd(i64::MAX));
+        assert_eq!(err.spend_usd, Decimal::ZERO);
+        assert_eq!(b.list[0].used.load(Ordering::Acquire), 0);
+    }
+
+    fn from_pico_usd(pico: i64) -> Decimal {
+        pricing::from_pico(pico)
+    }
+
+    #[test]
     fn reservations_hold_the_line_under_concurrency() {
         let b = Arc::new(budgets(true, "10"));
         let now = ms("2026-11-10T00:00:00Z");

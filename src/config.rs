@@ -1290,6 +1290,26 @@ mod tests {
     }
 
     #[test]
+    fn token_variables_must_be_named() {
+        let text = format!(
+            r#"{MINIMAL}
+            [admin]
+            token_env = ""
+            [metrics]
+            token_env = ""
+            "#
+        );
+        let paths: Vec<String> = problems(&text).into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, ["admin.token_env", "metrics.token_env"]);
+        let text = format!("{MINIMAL}\n[metrics]\ntoken_env = \"MG_METRICS_TOKEN\"\n");
+        let config = Config::from_toml(&text).expect("valid");
+        assert_eq!(
+            config.metrics.token_env.as_deref(),
+            Some("MG_METRICS_TOKEN")
+        );
+    }
+
+    #[test]
     fn project_ids() {
         assert!(is_project_id("proj_5d5ykleja6cwpirysbb7"));
         assert!(is_project_id("default"));

@@ -600,6 +600,29 @@ mod tests {
     }
 
     #[test]
+    fn a_price_row_may_state_the_models_output_ceiling() {
+        let mut row = entry("m", "1", None, "2");
+        row.max_output_tokens = Some(32_768);
+        let table = own_only(&[row.clone(), entry("n", "1", None, "2")]).expect("valid");
+        assert_eq!(
+            table.lookup("m").and_then(|p| p.max_output_tokens),
+            Some(32_768)
+        );
+        assert_eq!(table.lookup("n").and_then(|p| p.max_output_tokens), None);
+        for bad in [0, MAX_OUTPUT_CEILING + 1] {
+            row.max_output_tokens = Some(bad);
+            let problems = own_only(std::slice::from_ref(&row)).expect_err("out of range");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].0, "prices[0].max_output_tokens");
+        }
+        let parsed: PriceEntry = toml::from_str(
+            "model = \"m\"\ninput_per_million = \"1\"\noutput_per_million = \"2\"\nmax_output_tokens = 4096\n",
+        )
+        .expect("toml");
+        assert_eq!(parsed.max_output_tokens, Some(4096));
+    }
+
+    #[test]
     fn huge_counts_do_not_panic() {
         let p = price("1000000", "1000000", "1000000");
         let max = usage(u64::MAX, 0, u64::MAX, 0);
