@@ -294,6 +294,11 @@ async fn admit(
         endpoint,
         Endpoint::ChatCompletions | Endpoint::CreateResponse
     );
+    let rate_limited = !project.rate_rules.is_empty() || !key.rate_rules.is_empty();
+    let budgeted = generates && !project.budgets.is_empty();
+    if !rate_limited && !budgeted {
+        return Ok(());
+    }
     let price = call.model.as_deref().and_then(|m| snap.prices.lookup(m));
     let estimate = Usage {
         input: (call.request_bytes / 4) as u64,
@@ -309,7 +314,7 @@ async fn admit(
         },
         reasoning: 0,
     };
-    if !project.rate_rules.is_empty() || !key.rate_rules.is_empty() {
+    if rate_limited {
         let mut rules = project.rate_rules.clone();
         rules.extend_from_slice(&key.rate_rules);
         let tokens = if generates {
@@ -330,7 +335,7 @@ async fn admit(
             Err(limited) => return Err(ProxyError::RateLimited(Box::new(limited))),
         }
     }
-    if generates && !project.budgets.is_empty() {
+    if budgeted {
         // An unpriced model reserves nothing (its cost is unknown, and recorded as unpriced);
         // a priced call whose worst case does not fit in picodollars (an absurd cap) reserves
         // the most there is, which no block budget admits.

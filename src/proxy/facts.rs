@@ -1,4 +1,5 @@
-//! The few facts the proxy needs from a request body, read in one validating pass.
+//! The few facts the proxy needs from a request body, read in one validating pass, and the
+//! one change it ever makes to a body (`include_usage`, spliced in as bytes).
 //!
 //! Hand-written visitor rather than `#[derive(Deserialize)]`: it insists on a JSON object
 //! (derive also accepts arrays for structs), keeps borrowed strings, and is lenient about the
