@@ -40,14 +40,15 @@ pub struct RequestFacts<'a> {
 /// One output-cap member, read as a lenient (Pydantic-style) upstream would read it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Cap {
-    /// Not sent, `null` or `0`: the upstream applies its own limit (or the next member).
+    /// Not sent, or `null`: the upstream applies its own limit (or the next member).
     #[default]
     Absent,
     /// A positive whole number of tokens: a JSON integer, a float with no fraction (`1e5`,
     /// `100.0`) or a string of digits, saturating at `u64::MAX`.
     Tokens(u64),
-    /// Anything else (negative, fractional, `true`, text, an array or object): a cap the
-    /// upstream refuses, so nothing to trust; admission assumes the model's ceiling.
+    /// Anything else (`0`, negative, fractional, `true`, text, an array or object): a cap the
+    /// upstream refuses or reads its own way, so nothing to trust; admission assumes the
+    /// model's ceiling (never the next member, which could be a decoy).
     Unusable,
 }
 
@@ -64,7 +65,7 @@ impl Cap {
 
     fn from_u64(n: u64) -> Self {
         if n == 0 {
-            Self::Absent
+            Self::Unusable
         } else {
             Self::Tokens(n)
         }
@@ -677,14 +678,15 @@ mod tests {
             cap(r#"{"max_completion_tokens":3,"max_tokens":9}"#, chat),
             Some(3)
         );
-        // ...unless it is absent, null or 0: then max_tokens.
+        // ...unless it is absent or null: then max_tokens.
         assert_eq!(
             cap(r#"{"max_completion_tokens":null,"max_tokens":9}"#, chat),
             Some(9)
         );
+        // 0 is refused, or read as no cap at all: the ceiling, not the smaller max_tokens.
         assert_eq!(
-            cap(r#"{"max_completion_tokens":0,"max_tokens":9}"#, chat),
-            Some(9)
+            cap(r#"{"max_completion_tokens":0,"max_tokens":1}"#, chat),
+            None
         );
         // A cap the upstream refuses is no cap: the ceiling applies.
         assert_eq!(
