@@ -324,7 +324,7 @@ proxy_pids() {
 
 # metric NAME: a gauge from mantlegate's /metrics.
 metric() {
-  curl -s "http://$MG_ADDR/metrics" | awk -v m="$1" '$1 == m { print $2 }'
+  curl -s -H "Authorization: Bearer bench-admin-token" "http://$MG_ADDR/metrics" | awk -v m="$1" '$1 == m { print $2 }'
 }
 
 # Waits until mantlegate's ledger queue is empty.
@@ -367,7 +367,7 @@ measure() {
       m=0
       while kill -0 "$wrk_pid" 2>/dev/null; do
         sleep 1
-        q=$(taskset -c "$LOAD_CORE" curl -s "http://$MG_ADDR/metrics" | awk '$1 == "mantlegate_ledger_queue_depth" { print $2 }')
+        q=$(taskset -c "$LOAD_CORE" curl -s -H "Authorization: Bearer bench-admin-token" "http://$MG_ADDR/metrics" | awk '$1 == "mantlegate_ledger_queue_depth" { print $2 }')
         [ "${q:-0}" -gt "$m" ] && m=$q && echo "$m" >"$qfile"
       done
     ) &

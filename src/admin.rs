@@ -1,5 +1,6 @@
 //! `/admin/v1/*` and `/metrics`: operator endpoints. The admin API needs the admin bearer
-//! token and is off (404) when none is configured.
+//! token and is off (404) when none is configured; `/metrics` on the main listener needs the
+//! admin token or the metrics token.
 
 use std::sync::Arc;
 
@@ -12,6 +13,36 @@ use sha2::{Digest, Sha256};
 use crate::error::error_body;
 use crate::report;
 use crate::state::AppState;
+
+/// `GET /metrics` on the main listener: [`metrics`] for the admin token or the metrics token
+/// (`[metrics] token_env`), else 401 with a body that names nothing of what the metrics hold.
+pub async fn metrics_with_token(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Response {
+    let given = bearer(&headers);
+    let allowed = !given.is_empty() && {
+        // Digests, as for the admin token: the comparison's time says nothing of a token.
+        let digest: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+        let admin = state
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| <[u8; 32]>::from(Sha256::digest(t.expose().as_bytes())) == digest);
+        admin || state.snapshot.load().metrics_token_sha256 == Some(digest)
+    };
+    if !allowed {
+        let mut response = admin_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_admin_token",
+            "/metrics on this port needs `Authorization: Bearer <token>` with the admin token or the metrics token ([metrics] token_env); or scrape the address in [server] metrics_listen",
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    metrics(State(state)).await
+}
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -46,6 +77,18 @@ fn admin_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// The bearer token of `Authorization`, empty when there is none.
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .unwrap_or("")
+}
+
 /// Checks the admin bearer token. `Err` is the response to send.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(token) = &state.admin_token else {
@@ -55,14 +98,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>>
             "the admin API is off: set [admin] token_env and that environment variable",
         )));
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .unwrap_or("");
+    let given = bearer(headers);
     // Compare digests, not the secrets: equal-length values whose comparison time says
     // nothing about the token.
     let expected = Sha256::digest(token.expose().as_bytes());

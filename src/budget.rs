@@ -136,6 +136,8 @@ pub struct Exceeded {
     pub limit_usd: Decimal,
     /// Month-to-date spend in USD.
     pub spend_usd: Decimal,
+    /// What the refused call would have reserved, in USD.
+    pub reserve_usd: Decimal,
 }
 
 /// An alert to send: the budget crossed `fraction` of its limit.
@@ -467,6 +469,7 @@ impl Budgets {
         for &i in applicable {
             let b = &self.list[i];
             b.roll(now_ms);
+            let mut held = reserve_pico;
             let ok = if b.block {
                 // Other replicas' reservations count against the limit as this one's do.
                 let others = b.others.load(Ordering::Acquire);
@@ -479,7 +482,15 @@ impl Budgets {
                         })
                         .is_ok()
             } else {
-                b.used.fetch_add(reserve_pico, Ordering::AcqRel);
+                // Saturating, and holding what was really added: an absurd reservation (a
+                // call's worst case can be as large as an i64) cannot wrap the sum.
+                let before = b
+                    .used
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                        Some(used.saturating_add(reserve_pico))
+                    })
+                    .unwrap_or_else(|used| used);
+                held = before.saturating_add(reserve_pico) - before;
                 true
             };
             if !ok {
@@ -487,13 +498,14 @@ impl Budgets {
                     name: b.name.clone(),
                     limit_usd: usd(b.limit_pico),
                     spend_usd: usd(b.spent_pico()),
+                    reserve_usd: usd(reserve_pico),
                 };
                 reservation.release();
                 return Err(exceeded);
             }
             reservation
                 .held
-                .push((Arc::new(BudgetRef(b.clone())), reserve_pico));
+                .push((Arc::new(BudgetRef(b.clone())), held));
         }
         Ok(reservation)
     }
@@ -760,6 +772,35 @@ mod tests {
     }
 
     const PICO: i64 = 1_000_000_000_000;
+
+    #[test]
+    fn absurd_reservations_saturate_and_give_back_what_they_took() {
+        let now = ms("2026-11-10T00:00:00Z");
+        // An alert budget takes every call: two worst cases as large as an i64 saturate the
+        // sum instead of wrapping it negative, and each gives back what it really added.
+        let b = budgets(false, "10");
+        let first = b.admit(&[0], i64::MAX, now).expect("alert budgets admit");
+        let second = b.admit(&[0], i64::MAX, now).expect("alert budgets admit");
+        assert_eq!(b.list[0].used.load(Ordering::Acquire), i64::MAX);
+        assert!(b.statuses(now)[0].reserved_usd.starts_with("9223372.03"));
+        drop(second);
+        drop(first);
+        assert_eq!(b.list[0].used.load(Ordering::Acquire), 0);
+        let r = b.admit(&[0], i64::MAX, now).expect("alert");
+        let _ = r.settle(Some(PICO), now);
+        assert_eq!(b.list[0].used.load(Ordering::Acquire), PICO);
+        assert_eq!(b.list[0].spent_pico(), PICO);
+        // A block budget refuses one, and says what it would have reserved.
+        let b = budgets(true, "10");
+        let err = b.admit(&[0], i64::MAX, now).expect_err("too large");
+        assert_eq!(err.reserve_usd, from_pico_usd(i64::MAX));
+        assert_eq!(err.spend_usd, Decimal::ZERO);
+        assert_eq!(b.list[0].used.load(Ordering::Acquire), 0);
+    }
+
+    fn from_pico_usd(pico: i64) -> Decimal {
+        pricing::from_pico(pico)
+    }
 
     #[test]
     fn reservations_hold_the_line_under_concurrency() {

@@ -315,6 +315,11 @@ async fn serve(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         snapshot.share_rate_limits(&store);
     }
     let token = admin_token(&config);
+    if let Some(var) = &config.metrics.token_env
+        && snapshot.metrics_token_sha256.is_none()
+    {
+        tracing::warn!(env = %var, "metrics token variable is not set: /metrics on the main listener takes the admin token only");
+    }
     run(addr, snapshot, &config, token, Some(path)).await
 }
 
@@ -410,7 +415,6 @@ async fn run(
             .await
             .with_context(|| format!("cannot listen on {metrics_addr} for metrics"))?;
         tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
-        state.metrics_on_main = false;
         let app = crate::metrics_router(state.clone());
         tokio::spawn(async move { axum::serve(metrics_listener, app).await });
     }

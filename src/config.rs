@@ -220,6 +220,10 @@ pub struct MetricsConfig {
     /// distinct value is a time series.
     #[serde(default)]
     pub tag_labels: Vec<String>,
+    /// Environment variable holding a bearer token that may read `/metrics` on the main
+    /// listener (as the admin token may). Unset: only the admin token may; a scraper with
+    /// neither uses `server.metrics_listen`, which asks for no credentials.
+    pub token_env: Option<String>,
 }
 
 /// `[server]`
@@ -235,7 +239,8 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Most calls in flight at once; past it, 503 `overloaded` at once (never a queue).
     pub max_in_flight: usize,
-    /// Serve `/metrics` on this address instead of the main listener.
+    /// Serve `/metrics` without credentials on this address (keep it private). The main
+    /// listener serves `/metrics` only to the admin token or `metrics.token_env`'s.
     pub metrics_listen: Option<String>,
 }
 
@@ -763,6 +768,9 @@ impl Config {
         if self.admin.token_env.as_deref().is_some_and(str::is_empty) {
             v.add("admin.token_env", "must name an environment variable");
         }
+        if self.metrics.token_env.as_deref().is_some_and(str::is_empty) {
+            v.add("metrics.token_env", "must name an environment variable");
+        }
         for (i, tag) in self.metrics.tag_labels.iter().enumerate() {
             let valid = tag
                 .chars()
@@ -1279,6 +1287,26 @@ mod tests {
                 "{expected} missing from {paths:?}"
             );
         }
+    }
+
+    #[test]
+    fn token_variables_must_be_named() {
+        let text = format!(
+            r#"{MINIMAL}
+            [admin]
+            token_env = ""
+            [metrics]
+            token_env = ""
+            "#
+        );
+        let paths: Vec<String> = problems(&text).into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, ["admin.token_env", "metrics.token_env"]);
+        let text = format!("{MINIMAL}\n[metrics]\ntoken_env = \"MG_METRICS_TOKEN\"\n");
+        let config = Config::from_toml(&text).expect("valid");
+        assert_eq!(
+            config.metrics.token_env.as_deref(),
+            Some("MG_METRICS_TOKEN")
+        );
     }
 
     #[test]

@@ -15,6 +15,20 @@ fn rate_message(l: &Limited) -> String {
     l.to_string()
 }
 
+fn budget_message(e: &Exceeded, output_tokens: u64) -> String {
+    if e.spend_usd >= e.limit_usd {
+        format!(
+            "budget `{}` is spent for this month: ${} of ${}. Ask your platform team to raise it, or wait for the next month",
+            e.name, e.spend_usd, e.limit_usd
+        )
+    } else {
+        format!(
+            "budget `{}` cannot cover this call: it reserves up to ${} for {output_tokens} output tokens (its output cap; without one, the model's output ceiling), more than is left of ${} after ${} spent this month and what calls in flight hold. Lower the output cap, ask your platform team to raise the budget, or wait for the next month",
+            e.name, e.reserve_usd, e.limit_usd, e.spend_usd
+        )
+    }
+}
+
 /// Everything mantlegate itself refuses or fails with. Upstream errors are relayed, not wrapped.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -49,8 +63,13 @@ pub enum ProxyError {
     #[error("{}", rate_message(.0))]
     RateLimited(Box<Limited>),
     /// A block budget the call falls under is spent (or the call's reservation would pass it).
-    #[error("budget `{}` is spent for this month: ${} of ${}. Ask your platform team to raise it, or wait for the next month", .0.name, .0.spend_usd, .0.limit_usd)]
-    BudgetExceeded(Box<Exceeded>),
+    #[error("{}", budget_message(exceeded, *output_tokens))]
+    BudgetExceeded {
+        /// The budget that refused.
+        exceeded: Box<Exceeded>,
+        /// The output tokens the call's reservation assumed.
+        output_tokens: u64,
+    },
     /// The body is not valid JSON.
     #[error("the request body is not valid JSON: {0}")]
     InvalidJson(String),
@@ -133,7 +152,7 @@ impl ProxyError {
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::UnknownEndpoint { .. } | Self::ResponseNotFound(_) => StatusCode::NOT_FOUND,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RateLimited(_) | Self::BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited(_) | Self::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamKeyMissing | Self::Overloaded(_) | Self::UpstreamCredentials(_) => {
@@ -155,7 +174,7 @@ impl ProxyError {
             Self::InvalidPath(_) => "invalid_path",
             Self::InvalidJson(_) => "invalid_json",
             Self::RateLimited(_) => "rate_limit_exceeded",
-            Self::BudgetExceeded(_) => "budget_exceeded",
+            Self::BudgetExceeded { .. } => "budget_exceeded",
             Self::RequestTooLarge(_) => "request_too_large",
             // The answer may still reach a half-closed client; the ledger records the call as
             // a client disconnect.
@@ -179,7 +198,7 @@ impl ProxyError {
         match self {
             Self::InvalidApiKey(_) => "authentication_error",
             Self::ProjectForbidden(_) => "permission_error",
-            Self::RateLimited(_) | Self::BudgetExceeded(_) => "rate_limit_error",
+            Self::RateLimited(_) | Self::BudgetExceeded { .. } => "rate_limit_error",
             Self::ResponseNotFound(_) => "not_found_error",
             Self::UpstreamUnavailable(_)
             | Self::UpstreamTimeout(_)

@@ -58,8 +58,8 @@ const RESPONSE_INDEX_TTL: Duration = Duration::from_mins(2);
 /// 1. `CatchPanicLayer`: a bug answers 500 `internal_error` (OpenAI-shaped, no panic text,
 ///    which could hold anything) instead of dropping the connection.
 ///
-/// Routes: `/healthz`, `/readyz` and `/metrics` (no key), `/admin/v1/*` (admin token),
-/// everything else goes to [`proxy::handle`],
+/// Routes: `/healthz` and `/readyz` (no key), `/admin/v1/*` (admin token), `/metrics` (the
+/// admin token or the metrics token), everything else goes to [`proxy::handle`],
 /// which classifies the path itself so that routes and endpoints can change on reload.
 pub fn router(state: AppState) -> Router {
     routes(Arc::new(state)).0
@@ -67,25 +67,25 @@ pub fn router(state: AppState) -> Router {
 
 /// mantlegate's own endpoints: the only routes of the router, whatever else goes to the
 /// handler. [`App`] sends these paths to the router and no others, so this is the one list.
-fn own_routes(metrics_on_main: bool) -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
-    let mut own = vec![
+/// `/metrics` here asks for a token: the main listener is where every caller comes, and
+/// the metrics name every project and its spend. The separate `server.metrics_listen`
+/// ([`metrics_router`]) asks for none.
+fn own_routes() -> [(&'static str, MethodRouter<Arc<AppState>>); 6] {
+    [
         ("/healthz", get(healthz)),
         ("/readyz", get(readyz)),
         ("/admin/v1/costs", get(admin::costs)),
         ("/admin/v1/budgets", get(admin::budgets)),
         ("/admin/v1/projects", get(admin::projects)),
-    ];
-    if metrics_on_main {
-        own.push(("/metrics", get(admin::metrics)));
-    }
-    own
+        ("/metrics", get(admin::metrics_with_token)),
+    ]
 }
 
 /// [`router`] over shared state, and the paths it has routes for.
 fn routes(state: Arc<AppState>) -> (Router, Vec<&'static str>) {
     let mut app = Router::new();
     let mut paths = Vec::new();
-    for (path, route) in own_routes(state.metrics_on_main) {
+    for (path, route) in own_routes() {
         app = app.route(path, route);
         paths.push(path);
     }
@@ -165,7 +165,8 @@ where
     }
 }
 
-/// The router of a separate metrics listener (`server.metrics_listen`): `/metrics` only.
+/// The router of a separate metrics listener (`server.metrics_listen`): `/metrics` only, with
+/// no credentials (the operator keeps that address private).
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(admin::metrics))
@@ -303,25 +304,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn own_endpoints_are_exact_paths_and_metrics_only_where_served() {
-        let paths = |metrics| {
-            own_routes(metrics)
-                .into_iter()
-                .map(|(path, _)| path)
-                .collect::<Vec<_>>()
-        };
-        let with = paths(true);
-        let without = paths(false);
-        assert!(with.contains(&"/metrics") && !without.contains(&"/metrics"));
-        assert!(without.iter().all(|p| with.contains(p)));
+    fn own_endpoints_are_exact_paths() {
+        let with = own_routes().map(|(path, _)| path);
         for path in [
             "/healthz",
             "/readyz",
             "/admin/v1/costs",
             "/admin/v1/budgets",
             "/admin/v1/projects",
+            "/metrics",
         ] {
-            assert!(without.contains(&path), "{path}");
+            assert!(with.contains(&path), "{path}");
         }
         // Exact paths only: anything near one is a call for the handler to classify.
         for path in [

@@ -25,6 +25,10 @@ pub const MAX_PRICE_DECIMALS: u32 = 12;
 /// typo, and the bound keeps `tokens × price` far inside `Decimal`'s range for any `u64` count.
 const MAX_PRICE: i64 = 1_000_000;
 
+/// Largest accepted `max_output_tokens` of a price row: a hundred times today's largest
+/// output ceilings. Anything above is a typo.
+const MAX_OUTPUT_CEILING: u64 = 100_000_000;
+
 /// One `[[prices]]` entry as written in TOML. Prices are USD per million tokens, written as
 /// decimal strings (`"0.15"`); a TOML float or integer is rejected (binary floats are not money).
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +45,11 @@ pub struct PriceEntry {
     /// USD per million output tokens, reasoning tokens included.
     #[serde(deserialize_with = "price_string")]
     pub output_per_million: String,
+    /// The model's output ceiling in tokens: what a call that sets no output cap may
+    /// generate, and so what admission reserves for it. Unset: `[limits]
+    /// default_max_output_tokens`.
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
 }
 
 /// `[pricing]` section of the config: which price files are layered under the config's own
@@ -73,6 +82,8 @@ pub struct Price {
     pub cached_input_per_million: Decimal,
     /// Per million output tokens (reasoning included).
     pub output_per_million: Decimal,
+    /// The model's output ceiling, when the price row states it.
+    pub max_output_tokens: Option<u64>,
     /// Where the price came from: `"builtin"`, `"config"`, or an include file's path.
     pub source: String,
 }
@@ -315,6 +326,14 @@ fn add_layer(
             "output_per_million",
             &entry.output_per_million,
         );
+        if let Some(n) = entry.max_output_tokens
+            && !(1..=MAX_OUTPUT_CEILING).contains(&n)
+        {
+            problems.push((
+                format!("{path}.max_output_tokens"),
+                format!("`{n}` must be between 1 and {MAX_OUTPUT_CEILING} tokens"),
+            ));
+        }
         if let (Some(input), Some(cached), Some(output)) = (input, cached, output)
             && problems.len() == before
         {
@@ -324,6 +343,7 @@ fn add_layer(
                     input_per_million: input,
                     cached_input_per_million: cached,
                     output_per_million: output,
+                    max_output_tokens: entry.max_output_tokens,
                     source: source.to_owned(),
                 },
             ));
@@ -475,6 +495,7 @@ mod tests {
             input_per_million: input.to_owned(),
             cached_input_per_million: cached.map(str::to_owned),
             output_per_million: output.to_owned(),
+            max_output_tokens: None,
         }
     }
 
@@ -483,6 +504,7 @@ mod tests {
             input_per_million: d(input),
             cached_input_per_million: d(cached),
             output_per_million: d(output),
+            max_output_tokens: None,
             source: SOURCE_CONFIG.to_owned(),
         }
     }
@@ -575,6 +597,29 @@ mod tests {
         let c = cost(&p, &usage(1_000, 5_000, 0, 0));
         assert_eq!(c, cost(&p, &usage(1_000, 1_000, 0, 0)));
         assert_eq!(c, d("0.000075"));
+    }
+
+    #[test]
+    fn a_price_row_may_state_the_models_output_ceiling() {
+        let mut row = entry("m", "1", None, "2");
+        row.max_output_tokens = Some(32_768);
+        let table = own_only(&[row.clone(), entry("n", "1", None, "2")]).expect("valid");
+        assert_eq!(
+            table.lookup("m").and_then(|p| p.max_output_tokens),
+            Some(32_768)
+        );
+        assert_eq!(table.lookup("n").and_then(|p| p.max_output_tokens), None);
+        for bad in [0, MAX_OUTPUT_CEILING + 1] {
+            row.max_output_tokens = Some(bad);
+            let problems = own_only(std::slice::from_ref(&row)).expect_err("out of range");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].0, "prices[0].max_output_tokens");
+        }
+        let parsed: PriceEntry = toml::from_str(
+            "model = \"m\"\ninput_per_million = \"1\"\noutput_per_million = \"2\"\nmax_output_tokens = 4096\n",
+        )
+        .expect("toml");
+        assert_eq!(parsed.max_output_tokens, Some(4096));
     }
 
     #[test]

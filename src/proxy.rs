@@ -207,7 +207,7 @@ async fn forward(
     if endpoint.has_json_body() {
         let facts = RequestFacts::parse(&body).map_err(ProxyError::InvalidJson)?;
         call.stream = facts.stream;
-        max_output = facts.max_output_tokens;
+        max_output = facts.output_cap(endpoint);
         inject_usage =
             endpoint == Endpoint::ChatCompletions && facts.stream && !facts.include_usage;
         if inject_usage {
@@ -276,8 +276,11 @@ async fn forward(
 }
 
 /// Admission control: the rate limits of the project and the key, then the budgets the
-/// project falls under, each taking the call's estimate (input from the body size, output
-/// from its cap or `default_max_output_tokens`), corrected when the call ends. With a shared
+/// project falls under, each taking the call's estimate, corrected when the call ends:
+/// input from the body size, output from the cap the upstream honours for the API
+/// ([`RequestFacts::output_cap`]), else the model's ceiling (its price row's
+/// `max_output_tokens`), else `default_max_output_tokens`. A cap is taken as sent, never
+/// lowered to the ceiling: a cap above it is the upstream's to refuse. With a shared
 /// rate-limit store (`[limits] store`) the limits cost one Redis round trip, awaited.
 async fn admit(
     snap: &Snapshot,
@@ -291,21 +294,32 @@ async fn admit(
         endpoint,
         Endpoint::ChatCompletions | Endpoint::CreateResponse
     );
+    let rate_limited = !project.rate_rules.is_empty() || !key.rate_rules.is_empty();
+    let budgeted = generates && !project.budgets.is_empty();
+    if !rate_limited && !budgeted {
+        return Ok(());
+    }
+    let price = call.model.as_deref().and_then(|m| snap.prices.lookup(m));
     let estimate = Usage {
         input: (call.request_bytes / 4) as u64,
         cached_input: 0,
         output: if generates {
-            max_output.unwrap_or(snap.default_max_output_tokens)
+            max_output.unwrap_or_else(|| {
+                price
+                    .and_then(|p| p.max_output_tokens)
+                    .unwrap_or(snap.default_max_output_tokens)
+            })
         } else {
             0
         },
         reasoning: 0,
     };
-    if !project.rate_rules.is_empty() || !key.rate_rules.is_empty() {
+    if rate_limited {
         let mut rules = project.rate_rules.clone();
         rules.extend_from_slice(&key.rate_rules);
         let tokens = if generates {
-            estimate.input + estimate.output
+            // A cap can be any u64: saturate rather than wrap.
+            estimate.input.saturating_add(estimate.output)
         } else {
             0
         };
@@ -321,17 +335,22 @@ async fn admit(
             Err(limited) => return Err(ProxyError::RateLimited(Box::new(limited))),
         }
     }
-    if generates && !project.budgets.is_empty() {
-        let reserve = call
-            .model
-            .as_deref()
-            .and_then(|m| snap.prices.lookup(m))
-            .and_then(|price| crate::pricing::to_pico(crate::pricing::cost(price, &estimate)))
-            .unwrap_or(0);
+    if budgeted {
+        // An unpriced model reserves nothing (its cost is unknown, and recorded as unpriced);
+        // a priced call whose worst case does not fit in picodollars (an absurd cap) reserves
+        // the most there is, which no block budget admits.
+        let reserve = price.map_or(0, |price| {
+            crate::pricing::to_pico(crate::pricing::cost(price, &estimate)).unwrap_or(i64::MAX)
+        });
         let now_ms = jiff::Timestamp::now().as_millisecond();
         match snap.budgets.admit(&project.budgets, reserve, now_ms) {
             Ok(reservation) => call.reservation = Some(reservation),
-            Err(exceeded) => return Err(ProxyError::BudgetExceeded(Box::new(exceeded))),
+            Err(exceeded) => {
+                return Err(ProxyError::BudgetExceeded {
+                    exceeded: Box::new(exceeded),
+                    output_tokens: estimate.output,
+                });
+            }
         }
     }
     Ok(())

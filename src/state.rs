@@ -7,6 +7,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use axum::http::HeaderValue;
 use dashmap::DashMap;
+use sha2::{Digest, Sha256};
 
 use crate::budget::Budgets;
 use crate::config::{Config, OnMissing, glob_matches, parse_sha256};
@@ -147,8 +148,11 @@ pub struct Snapshot {
     /// The shared rate-limit store (`[limits] store`), set at start and kept across reloads;
     /// None: limits per replica.
     pub rate_store: Option<crate::ratelimit::redis::RedisBackend>,
-    /// Output tokens assumed when a call sets no cap.
+    /// Output tokens assumed when a call sets no cap and its price row states no ceiling.
     pub default_max_output_tokens: u64,
+    /// SHA-256 of the token in `[metrics] token_env`'s variable, which may read `/metrics`
+    /// on the main listener (None: unset, or the variable is empty or missing).
+    pub metrics_token_sha256: Option<[u8; 32]>,
     /// Where budget alerts are sent (one JSON `POST` each).
     pub alert_webhook: Option<String>,
 }
@@ -326,6 +330,13 @@ impl Snapshot {
             rate_limit_config: config.rate_limits.clone(),
             rate_store: None,
             default_max_output_tokens: config.limits.default_max_output_tokens,
+            metrics_token_sha256: config
+                .metrics
+                .token_env
+                .as_deref()
+                .and_then(|var| std::env::var(var).ok())
+                .filter(|token| !token.is_empty())
+                .map(|token| Sha256::digest(token.as_bytes()).into()),
             alert_webhook: config.alerts.webhook_url.clone(),
             no_tags: config
                 .metrics
@@ -397,8 +408,6 @@ pub struct AppState {
     pub admin_token: Option<Arc<Secret<String>>>,
     /// Calls in flight now (admission against `max_in_flight`).
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
-    /// Whether `/metrics` is served on the main listener.
-    pub metrics_on_main: bool,
     /// Signs upstream calls when `upstream.auth = "sigv4"` (None: API-key mode).
     pub signer: Option<crate::sigv4::Signer>,
     /// The `PostgreSQL` ledger replicas share, for what only a fleet needs: responses created
@@ -430,7 +439,6 @@ impl AppState {
             pending_background: Arc::new(DashMap::new()),
             admin_token: None,
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            metrics_on_main: true,
             signer: None,
             fleet: None,
         })

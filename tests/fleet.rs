@@ -384,6 +384,7 @@ async fn a_killed_replica_loses_no_completed_call_and_a_ledger_outage_is_buffere
     let metrics = || async {
         client()
             .get(format!("{b_url}/metrics"))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .expect("send")

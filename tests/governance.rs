@@ -89,6 +89,7 @@ action = "block"
     assert_eq!(b["reserved_usd"], "0");
     let metrics = client()
         .get(format!("{}/metrics", proxy.url))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .expect("send")

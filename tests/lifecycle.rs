@@ -185,6 +185,7 @@ async fn reload_under_load_fails_no_call_and_refuses_invalid_configs() {
     assert!(done.load(Ordering::SeqCst) > 0);
     let metrics = client()
         .get(format!("{}/metrics", proxy.url))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .expect("send")

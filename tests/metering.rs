@@ -157,6 +157,7 @@ async fn an_unpriced_model_has_unknown_cost_never_zero() {
     assert_eq!(rec["input_tokens"], 1_000_000);
     let metrics = client()
         .get(format!("{}/metrics", proxy.url))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .expect("send")
@@ -359,6 +360,7 @@ async fn metrics_count_requests_tokens_and_cost() {
     proxy.wait_for_records(2).await;
     let text = client()
         .get(format!("{}/metrics", proxy.url))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .expect("send")
