@@ -13,6 +13,12 @@
 mod conn;
 mod wire;
 
+/// The response parser, for the fuzz target and property tests (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::wire::{Decoder, Framing, Head, Step, WireError, parse_head};
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,20 +40,43 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Error {
-    connect: bool,
+    kind: ErrorKind,
     message: String,
+}
+
+/// What went wrong, as far as the caller acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorKind {
+    /// No connection was made.
+    Connect,
+    /// Sending the request or reading the answer's head failed.
+    Exchange,
+    /// The body ended (closed, reset, unreadable) before its framing said it was complete.
+    Truncated,
+    /// The body's chunked framing is malformed.
+    Malformed,
 }
 
 impl Error {
     /// No connection could be made: nothing of the call reached the upstream.
     #[must_use]
     pub fn is_connect(&self) -> bool {
-        self.connect
+        self.kind == ErrorKind::Connect
+    }
+
+    /// The error code of a body that broke off: `upstream_malformed_chunk` when its chunked
+    /// framing is malformed, `upstream_truncated` when it ended short of its framing.
+    #[must_use]
+    pub fn body_code(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::Malformed => "upstream_malformed_chunk",
+            _ => "upstream_truncated",
+        }
     }
 
     fn connect(err: &std::io::Error) -> Self {
         Self {
-            connect: true,
+            kind: ErrorKind::Connect,
             message: format!("connection failed: {err}"),
         }
     }
@@ -59,15 +88,35 @@ impl Error {
             what
         };
         Self {
-            connect: false,
+            kind: ErrorKind::Exchange,
             message: format!("{what}: {err}"),
         }
     }
 
     fn protocol(what: &str) -> Self {
         Self {
-            connect: false,
+            kind: ErrorKind::Exchange,
             message: what.to_owned(),
+        }
+    }
+
+    /// The body broke off: `err` while reading it, or (`None`) the upstream closed it short.
+    fn truncated(err: Option<&std::io::Error>) -> Self {
+        Self {
+            kind: ErrorKind::Truncated,
+            message: match err {
+                Some(err) => format!("reading the answer failed before it was complete: {err}"),
+                None => {
+                    "the upstream closed the connection before the answer was complete".to_owned()
+                }
+            },
+        }
+    }
+
+    fn malformed(err: wire::WireError) -> Self {
+        Self {
+            kind: ErrorKind::Malformed,
+            message: err.0.to_owned(),
         }
     }
 }
@@ -208,7 +257,7 @@ impl UpstreamClient {
         match tokio::time::timeout(self.connect_timeout, open).await {
             Ok(stream) => Ok(Conn::new(stream?, target)),
             Err(_) => Err(Error {
-                connect: true,
+                kind: ErrorKind::Connect,
                 message: format!(
                     "connection timed out: no connection within {:?}",
                     self.connect_timeout
