@@ -529,6 +529,7 @@ async fn a_client_that_leaves_a_non_streamed_answer_is_billed_its_reported_usage
         assert_eq!(record["usage_source"], "reported", "{proto:?} {record}");
         assert_eq!(record["input_tokens"], 3000);
         assert_eq!(record["output_tokens"], 8000);
+        assert_eq!(proxy.records().len(), 1, "{proto:?}: committed once");
         assert_upstream_got_the_call(&up);
         proxy.assert_healthy().await;
     }
