@@ -5,7 +5,7 @@
 //! and how much is its own (attribution, metering, ledger, metrics, access log).
 //!
 //! ```text
-//! bench-floor --upstream 127.0.0.1:PORT [--listen 127.0.0.1:0] [--work-us N]
+//! bench-floor --upstream 127.0.0.1:PORT [--listen 127.0.0.1:0] [--work-us N] [--client ours|hyper]
 //! ```
 //! Prints `listening on ADDR` once bound. Every request is forwarded as it came (the body read
 //! whole first, as mantlegate does to find the model); the answer streams back as it arrives.
@@ -13,6 +13,11 @@
 //! `--work-us N` makes the floor busy-wait N µs of its own CPU on each request before
 //! forwarding it: a stand-in for per-call work, to measure what a given amount of a proxy's
 //! own work costs in the harness in all (user time, and the kernel time it drags along).
+//!
+//! `--client hyper` forwards through hyper's own HTTP/1 client (hyper-util's pooled client:
+//! a task per connection, the body handed over through a channel) instead of mantlegate's
+//! (`ours`, the default): measured side by side (`BENCH_FLOOR_CLIENT=hyper`, target
+//! `floor-hyper`), the two floors weigh the hand-written client against hyper's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +27,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
@@ -32,21 +39,70 @@ use tokio::net::TcpListener;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-type Upstream = UpstreamClient;
-type Body = UnsyncBoxBody<Bytes, mantlegate::upstream::Error>;
+type Body = UnsyncBoxBody<Bytes, axum::BoxError>;
+
+/// The client calls are forwarded with (`--client`).
+enum Upstream {
+    /// mantlegate's own (src/upstream.rs).
+    Ours(UpstreamClient),
+    /// hyper's HTTP/1 client, pooled by hyper-util (boxed: it is large, and built once).
+    Hyper(Box<HyperClient<HttpConnector, Full<Bytes>>>),
+}
+
+impl Upstream {
+    /// The client named `name`, set up as mantlegate sets up its own: no Nagle delay, idle
+    /// connections kept 30 s, HTTP/1.1 only.
+    fn new(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "ours" => Self::Ours(mantlegate::upstream::client(
+                std::time::Duration::from_secs(5),
+            )?),
+            "hyper" => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+                Self::Hyper(Box::new(
+                    HyperClient::builder(TokioExecutor::new())
+                        .pool_idle_timeout(std::time::Duration::from_secs(30))
+                        .pool_timer(TokioTimer::new())
+                        .build(connector),
+                ))
+            }
+            other => anyhow::bail!("unknown client {other}: ours or hyper"),
+        })
+    }
+
+    /// Sends `req`; the answer's body streams as it arrives.
+    async fn send(&self, req: Request<Bytes>) -> Option<Response<Body>> {
+        match self {
+            Self::Ours(client) => client
+                .request(&req)
+                .await
+                .ok()
+                .map(|resp| resp.map(|b| b.map_err(Into::into).boxed_unsync())),
+            Self::Hyper(client) => client
+                .request(req.map(Full::new))
+                .await
+                .ok()
+                .map(|resp| resp.map(|b| b.map_err(Into::into).boxed_unsync())),
+        }
+    }
+}
 
 struct Args {
     listen: SocketAddr,
     upstream: hyper::http::uri::Authority,
     work: std::time::Duration,
+    client: String,
 }
 
-const USAGE: &str = "usage: bench-floor --upstream HOST:PORT [--listen 127.0.0.1:0] [--work-us N]";
+const USAGE: &str = "usage: bench-floor --upstream HOST:PORT [--listen 127.0.0.1:0] [--work-us N] [--client ours|hyper]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut listen: SocketAddr = "127.0.0.1:0".parse()?;
     let mut upstream = None;
     let mut work = std::time::Duration::ZERO;
+    let mut client = "ours".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
@@ -62,6 +118,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--work-us" => {
                 work = std::time::Duration::from_micros(value.parse().context("--work-us")?);
             }
+            "--client" => client = value,
             other => anyhow::bail!("unknown argument {other}; {USAGE}"),
         }
     }
@@ -69,6 +126,7 @@ fn parse_args() -> anyhow::Result<Args> {
         listen,
         upstream: upstream.context("--upstream HOST:PORT is required")?,
         work,
+        client,
     })
 }
 
@@ -104,13 +162,10 @@ async fn forward(
     };
     parts.uri = uri;
     parts.headers.remove(hyper::header::HOST);
-    match client
-        .request(&Request::from_parts(parts, body.to_bytes()))
+    client
+        .send(Request::from_parts(parts, body.to_bytes()))
         .await
-    {
-        Ok(resp) => resp.map(BodyExt::boxed_unsync),
-        Err(_) => status(StatusCode::BAD_GATEWAY),
-    }
+        .unwrap_or_else(|| status(StatusCode::BAD_GATEWAY))
 }
 
 fn status(code: StatusCode) -> Response<Body> {
@@ -124,7 +179,7 @@ fn status(code: StatusCode) -> Response<Body> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let client: Upstream = mantlegate::upstream::client(std::time::Duration::from_secs(5))?;
+    let client = Upstream::new(&args.client)?;
     let shared = Arc::new((client, args.upstream, args.work));
     let listener = TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);

@@ -19,7 +19,9 @@
 # per call; warn measures without them), BENCH_RESULTS (bench/results/<UTC date>[-<mode>].md),
 # BENCH_KEEP (0: 1 keeps the temp dir), BENCH_FLOOR (0: 1 also measures bench/floor.rs, a bare
 # proxy built from mantlegate's HTTP parts and doing none of its work; BENCH_FLOOR_WORK_US=N makes
-# it also busy-wait N µs per call, a stand-in for a proxy's own work), BENCH_SCENARIOS (all: a space-separated subset of
+# it also busy-wait N µs per call, a stand-in for a proxy's own work; BENCH_FLOOR_CLIENT=hyper also
+# measures the floor forwarding through hyper's own HTTP/1 client, target floor-hyper, beside the
+# floor with mantlegate's client), BENCH_SCENARIOS (all: a space-separated subset of
 # chat_c1 chat_c64 chat_stream_c64 responses_stream_c64). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
 # (10) between memory samples, SOAK_CONCURRENCY (64) clients, SOAK_EVENT_DELAY_MS (5) between
 # the upstream's stream events, SOAK_MIX (KIND=SHARE,... overriding bench/soak.py's default
@@ -230,16 +232,28 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# start_floor UPSTREAM_ADDR: the bare proxy (bench/floor.rs); sets FLOOR_PID, FLOOR_ADDR.
+# start_floor UPSTREAM_ADDR [CLIENT]: the bare proxy (bench/floor.rs), forwarding with
+# mantlegate's upstream client (ours, the default) or hyper's (hyper); sets FLOOR_PID, FLOOR_ADDR
+# (for hyper: FLOOR_HYPER_PID, FLOOR_HYPER_ADDR).
 start_floor() {
+  local client=${2:-ours} out pid addr
   [ -x "$FLOOR_BIN" ] || {
     echo "missing $FLOOR_BIN: run with BENCH_BUILD=1" >&2
     exit 1
   }
-  taskset -c "$PROXY_CORE" "$FLOOR_BIN" --upstream "$1" --work-us "${BENCH_FLOOR_WORK_US:-0}" >"$WORK/floor.out" 2>&1 &
-  FLOOR_PID=$!
-  PIDS+=("$FLOOR_PID")
-  FLOOR_ADDR=$(wait_line "$WORK/floor.out" 'listening on ' | sed 's/listening on //')
+  out=$WORK/floor.out
+  [ "$client" = ours ] || out=$WORK/floor-$client.out
+  taskset -c "$PROXY_CORE" "$FLOOR_BIN" --upstream "$1" --work-us "${BENCH_FLOOR_WORK_US:-0}" --client "$client" >"$out" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  addr=$(wait_line "$out" 'listening on ' | sed 's/listening on //')
+  if [ "$client" = hyper ]; then
+    FLOOR_HYPER_PID=$pid
+    FLOOR_HYPER_ADDR=$addr
+  else
+    FLOOR_PID=$pid
+    FLOOR_ADDR=$addr
+  fi
 }
 
 # start_nginx UPSTREAM_ADDR: plain reverse proxy, one worker, keep-alive pool, no buffering.
@@ -317,6 +331,7 @@ proxy_pids() {
   case "$1" in
     mantlegate) echo "$MG_PID" ;;
     floor) echo "$FLOOR_PID" ;;
+    floor-hyper) echo "$FLOOR_HYPER_PID" ;;
     nginx) echo "$NGX_PID $(pgrep -P "$NGX_PID" | tr '\n' ' ')" ;;
     direct) echo "" ;;
   esac
@@ -438,6 +453,7 @@ target_addr() {
     direct) echo "$UP_ADDR" ;;
     mantlegate) echo "$MG_ADDR" ;;
     floor) echo "$FLOOR_ADDR" ;;
+    floor-hyper) echo "$FLOOR_HYPER_ADDR" ;;
     nginx) echo "$NGX_ADDR" ;;
   esac
 }
@@ -460,9 +476,14 @@ throughput() {
   else
     echo "nginx is not installed: measuring direct and mantlegate only" | tee -a "$RAW"
   fi
-  if [ "${BENCH_FLOOR:-0}" = 1 ]; then
+  if [ "${BENCH_FLOOR:-0}" = 1 ] || [ "${BENCH_FLOOR_CLIENT:-ours}" = hyper ]; then
     start_floor "$UP_ADDR"
     TARGETS+=(floor)
+  fi
+  if [ "${BENCH_FLOOR_CLIENT:-ours}" = hyper ]; then
+    # The same floor forwarding through hyper's client: the two weigh the upstream clients.
+    start_floor "$UP_ADDR" hyper
+    TARGETS+=(floor-hyper)
   fi
   echo "upstream $UP_ADDR (core $LOAD_CORE), mantlegate $MG_ADDR (core $PROXY_CORE)${NGX_ADDR:+, nginx $NGX_ADDR (core $PROXY_CORE)}"
   sanity
@@ -655,7 +676,7 @@ esac
 
 cut -d' ' -f1-3 /proc/loadavg >>"$WORK/loadavg"
 python3 "$ROOT/bench/summarize.py" "$WORK" \
-  --settings "seconds=$SECS warmup=$WARMUP runs=$RUNS load_core=$LOAD_CORE proxy_core=$PROXY_CORE stream_framing=$FRAMING floor_work_us=${BENCH_FLOOR_WORK_US:-0}" \
+  --settings "seconds=$SECS warmup=$WARMUP runs=$RUNS load_core=$LOAD_CORE proxy_core=$PROXY_CORE stream_framing=$FRAMING floor_work_us=${BENCH_FLOOR_WORK_US:-0} floor_client=${BENCH_FLOOR_CLIENT:-ours}" \
   --mantlegate "$MG_BIN" >"$RESULTS"
 cat "$RESULTS"
 echo

@@ -16,7 +16,7 @@ RUN_COLUMNS = [
     "p99_us", "max_us", "err_connect", "err_read", "err_write", "err_status", "err_timeout",
     "cpu_ticks", "upstream_ticks", "queue_end", "queue_max", "user_ticks",
 ]
-TARGETS = ["direct", "mantlegate", "nginx", "floor"]
+TARGETS = ["direct", "mantlegate", "nginx", "floor", "floor-hyper"]
 
 
 def read_tsv(path, columns):
@@ -157,7 +157,22 @@ def throughput(work, out):
             out.append(f"| {s.replace('_c', ', c=')} | {fmt(f.get('cpu_us'))} | {fmt(m.get('cpu_us'))} | {fmt(own)} "
                        f"| {fmt(n.get('cpu_us'))} | {fmt(ratio(f.get('cpu_us'), n.get('cpu_us')), 2)} |")
         out.append("")
-    split_targets = [t for t in ("nginx", "floor", "mantlegate") if any(x == t for _, x in table)]
+    if any(t == "floor-hyper" for _, t in table):
+        out.append("### mantlegate's upstream client against hyper's (two floors)\n")
+        out.append("The floor forwarding through mantlegate's own HTTP/1 client (src/upstream.rs: each call's task "
+                   "reads its answer) and through hyper's (hyper-util's pooled client: a task per connection, "
+                   "the body handed over through a channel), everything else the same.\n")
+        out.append("| scenario | CPU µs/call floor | CPU µs/call floor-hyper | floor/floor-hyper "
+                   "| user floor | user floor-hyper | req/s floor | req/s floor-hyper |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for s in scenarios:
+            f, h = (table.get((s, t), {}) for t in ("floor", "floor-hyper"))
+            out.append(f"| {s.replace('_c', ', c=')} | {fmt(f.get('cpu_us'))} | {fmt(h.get('cpu_us'))} "
+                       f"| {fmt(ratio(f.get('cpu_us'), h.get('cpu_us')), 2)} "
+                       f"| {fmt(f.get('user_us'))} | {fmt(h.get('user_us'))} "
+                       f"| {fmt(f.get('rps'), 0)} | {fmt(h.get('rps'), 0)} |")
+        out.append("")
+    split_targets = [t for t in ("nginx", "floor", "floor-hyper", "mantlegate") if any(x == t for _, x in table)]
     if split_targets:
         out.append("### Where the proxy's CPU goes: its own code (user) and the kernel\n")
         out.append("User time is the proxy's own code (HTTP parsing, and for mantlegate its metering, "

@@ -232,7 +232,8 @@ pub struct MetricsConfig {
 pub struct ServerConfig {
     /// Address to listen on (`--listen` overrides it). Port 0 picks a free port.
     pub listen: String,
-    /// Largest request body accepted; larger ones get 413 `request_too_large`.
+    /// Largest request body accepted; larger ones get 413 `request_too_large`. Also the most
+    /// mantlegate reads of a non-streamed answer after its client left, for its usage.
     pub max_body_bytes: usize,
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish before exit.
     #[serde(with = "humantime_serde")]
@@ -287,10 +288,11 @@ pub struct UpstreamConfig {
     /// Non-streamed calls send their head only when generation ends, so keep it generous.
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
-    /// Longest gap between two body frames of an answer; after it the answer is ended.
+    /// Longest gap between two body frames of an answer; after it the answer is broken off
+    /// (the client sees it incomplete).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Longest a whole call may take, head and body; after it the answer is ended.
+    /// Longest a whole call may take, head and body; after it the answer is broken off.
     #[serde(default = "default_total_timeout", with = "humantime_serde")]
     pub total_timeout: Duration,
     /// Extra attempts on connection failures and on 429/503 answers, before anything was

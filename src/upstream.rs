@@ -13,6 +13,103 @@
 mod conn;
 mod wire;
 
+/// The response parser, for the fuzz target and the property tests; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::wire::{Framing, WireError};
+    pub use axum::http::Method;
+
+    use super::wire::{Decoder, Step, parse_head};
+    use bytes::BytesMut;
+
+    /// An answer as the client read it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Answer {
+        pub status: u16,
+        /// Header names and values, in the order the parsed head lists them.
+        pub headers: Vec<(String, Vec<u8>)>,
+        pub framing: Framing,
+        pub keep_alive: bool,
+        /// The body decoded until it ended, broke off or the input ran out.
+        pub body: Vec<u8>,
+        pub end: End,
+    }
+
+    /// How the body ended.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum End {
+        /// Its framing says it is whole.
+        Complete,
+        /// The input ran out first (the upstream closed the connection short).
+        Truncated,
+        /// Its chunked framing is malformed.
+        Malformed(WireError),
+    }
+
+    /// Reads an answer to `method` arriving in `pieces` as the client does: the head parsed
+    /// once it is whole, then the body decoded as its bytes come, framing settled after each
+    /// piece of data. `Ok(None)`: the head never completed.
+    ///
+    /// # Errors
+    /// When the head is malformed.
+    pub fn read_in_pieces<'a>(
+        pieces: impl IntoIterator<Item = &'a [u8]>,
+        method: &Method,
+    ) -> Result<Option<Answer>, WireError> {
+        let mut buf = BytesMut::new();
+        let mut read: Option<(Answer, Decoder)> = None;
+        for piece in pieces {
+            buf.extend_from_slice(piece);
+            if read.is_none() {
+                let Some(head) = parse_head(&mut buf, method)? else {
+                    continue;
+                };
+                let answer = Answer {
+                    status: head.parts.status.as_u16(),
+                    headers: head
+                        .parts
+                        .headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                        .collect(),
+                    framing: head.framing,
+                    keep_alive: head.keep_alive,
+                    body: Vec::new(),
+                    end: End::Truncated,
+                };
+                read = Some((answer, Decoder::new(head.framing)));
+            }
+            let Some((answer, decoder)) = read.as_mut() else {
+                continue;
+            };
+            loop {
+                match decoder.step(&mut buf) {
+                    Err(err) => {
+                        answer.end = End::Malformed(err);
+                        return Ok(read.map(|(answer, _)| answer));
+                    }
+                    Ok(Step::Data(data)) => {
+                        answer.body.extend_from_slice(&data);
+                        // As the client does: an error here is found again by the next step.
+                        let _ = decoder.settle(&mut buf);
+                    }
+                    Ok(Step::NeedMore) => break,
+                    Ok(Step::Done) => {
+                        answer.end = End::Complete;
+                        return Ok(read.map(|(answer, _)| answer));
+                    }
+                }
+            }
+        }
+        Ok(read.map(|(mut answer, mut decoder)| {
+            if decoder.eof().is_ok() {
+                answer.end = End::Complete;
+            }
+            answer
+        }))
+    }
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,20 +131,43 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Error {
-    connect: bool,
+    kind: ErrorKind,
     message: String,
+}
+
+/// What went wrong, as far as the caller acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorKind {
+    /// No connection was made.
+    Connect,
+    /// Sending the request or reading the answer's head failed.
+    Exchange,
+    /// The body ended (closed, reset, unreadable) before its framing said it was complete.
+    Truncated,
+    /// The body's chunked framing is malformed.
+    Malformed,
 }
 
 impl Error {
     /// No connection could be made: nothing of the call reached the upstream.
     #[must_use]
     pub fn is_connect(&self) -> bool {
-        self.connect
+        self.kind == ErrorKind::Connect
+    }
+
+    /// The error code of a body that broke off: `upstream_malformed_chunk` when its chunked
+    /// framing is malformed, `upstream_truncated` when it ended short of its framing.
+    #[must_use]
+    pub fn body_code(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::Malformed => "upstream_malformed_chunk",
+            _ => "upstream_truncated",
+        }
     }
 
     fn connect(err: &std::io::Error) -> Self {
         Self {
-            connect: true,
+            kind: ErrorKind::Connect,
             message: format!("connection failed: {err}"),
         }
     }
@@ -59,15 +179,35 @@ impl Error {
             what
         };
         Self {
-            connect: false,
+            kind: ErrorKind::Exchange,
             message: format!("{what}: {err}"),
         }
     }
 
     fn protocol(what: &str) -> Self {
         Self {
-            connect: false,
+            kind: ErrorKind::Exchange,
             message: what.to_owned(),
+        }
+    }
+
+    /// The body broke off: `err` while reading it, or (`None`) the upstream closed it short.
+    fn truncated(err: Option<&std::io::Error>) -> Self {
+        Self {
+            kind: ErrorKind::Truncated,
+            message: match err {
+                Some(err) => format!("reading the answer failed before it was complete: {err}"),
+                None => {
+                    "the upstream closed the connection before the answer was complete".to_owned()
+                }
+            },
+        }
+    }
+
+    fn malformed(err: wire::WireError) -> Self {
+        Self {
+            kind: ErrorKind::Malformed,
+            message: err.0.to_owned(),
         }
     }
 }
@@ -208,7 +348,7 @@ impl UpstreamClient {
         match tokio::time::timeout(self.connect_timeout, open).await {
             Ok(stream) => Ok(Conn::new(stream?, target)),
             Err(_) => Err(Error {
-                connect: true,
+                kind: ErrorKind::Connect,
                 message: format!(
                     "connection timed out: no connection within {:?}",
                     self.connect_timeout

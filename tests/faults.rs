@@ -177,7 +177,7 @@ async fn stall_before_the_head_is_a_504_after_response_timeout() {
 }
 
 #[tokio::test]
-async fn stall_mid_stream_ends_the_answer_cleanly_after_idle_timeout() {
+async fn stall_mid_stream_breaks_the_answer_off_after_idle_timeout() {
     for (path, body, events) in [
         ("/v1/chat/completions", CHAT_STREAM, chat_events()),
         ("/v1/responses", RESPONSES_STREAM, responses_events()),
@@ -191,13 +191,16 @@ async fn stall_mid_stream_ends_the_answer_cleanly_after_idle_timeout() {
         let id = request_id(&r);
         let (got, error) = read_body(r).await;
         let waited = started.elapsed();
-        assert_eq!(error, None, "{path}: the stream ends cleanly");
-        assert_eq!(got, sent.concat(), "{path}: what was sent, then the end");
+        assert!(
+            error.is_some(),
+            "{path}: the stream breaks off, never a clean end"
+        );
+        assert_eq!(got, sent.concat(), "{path}: what was sent, then the break");
         assert!(waited >= Duration::from_millis(300), "{path}: {waited:?}");
         up.wait_hung_up(1, LIMIT).await;
         let record = proxy.record_of(1, &id).await;
         assert_eq!(record["outcome"], "upstream_error", "{path}");
-        assert_eq!(record["error_code"], "upstream_idle_timeout", "{path}");
+        assert_eq!(record["error_code"], "upstream_stalled", "{path}");
         assert_not_silent_zero(&record);
         proxy.assert_healthy().await;
     }
@@ -332,7 +335,7 @@ async fn a_ten_megabyte_event_is_relayed_intact() {
 }
 
 #[tokio::test]
-async fn a_stream_that_never_ends_is_ended_by_total_timeout() {
+async fn a_stream_that_never_ends_is_broken_off_at_total_timeout() {
     let piece = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n".to_vec();
     let up = FaultUpstream::start(vec![Fault::Endless {
         head: SSE_HEAD.to_owned(),
@@ -351,7 +354,7 @@ async fn a_stream_that_never_ends_is_ended_by_total_timeout() {
     let id = request_id(&r);
     let (got, error) = read_body(r).await;
     let took = started.elapsed();
-    assert_eq!(error, None, "ended cleanly");
+    assert!(error.is_some(), "broken off, never a clean end");
     assert!(
         took >= Duration::from_secs(1) && took < Duration::from_secs(5),
         "{took:?}"

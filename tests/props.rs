@@ -1,5 +1,6 @@
-//! Properties of the meter: any split of a valid stream scans and meters as the whole does;
-//! no input, however broken, makes the SSE scanner or the usage extractor panic.
+//! Properties of the meter and the upstream parser: any split of a valid stream or answer reads
+//! as the whole does; no input, however broken, makes the SSE scanner, the usage extractor or
+//! the upstream response parser panic.
 
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -601,4 +602,154 @@ fn relay_splits_a_crlf_blank_line_before_the_usage_chunk() {
         String::from_utf8_lossy(&split),
         String::from_utf8_lossy(&whole)
     );
+}
+
+// --- The upstream response parser (head, then body in every framing). ---
+
+use mantlegate::upstream::fuzzing::{End, Framing, Method, read_in_pieces};
+
+/// How a generated answer frames its body.
+#[derive(Debug, Clone)]
+enum Framed {
+    Length,
+    Chunked {
+        bare_lf: bool,
+        trailers: bool,
+    },
+    /// `Content-Length` beside `Transfer-Encoding: chunked`: read as chunked.
+    Both,
+    Close,
+}
+
+fn framed() -> impl Strategy<Value = Framed> {
+    prop_oneof![
+        Just(Framed::Length),
+        (any::<bool>(), any::<bool>())
+            .prop_map(|(bare_lf, trailers)| Framed::Chunked { bare_lf, trailers }),
+        Just(Framed::Both),
+        Just(Framed::Close),
+    ]
+}
+
+/// An answer with `body` framed as `framed`, the body cut into chunks at `at`.
+fn answer(body: &[u8], framed: &Framed, at: &[Index], interim: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    if interim {
+        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n");
+    let chunked = |bare_lf: bool, trailers: bool, out: &mut Vec<u8>| {
+        let nl: &[u8] = if bare_lf { b"\n" } else { b"\r\n" };
+        for piece in pieces(body, &cuts(body.len(), at)) {
+            if piece.is_empty() {
+                continue;
+            }
+            out.extend_from_slice(format!("{:x};ext=1", piece.len()).as_bytes());
+            out.extend_from_slice(nl);
+            out.extend_from_slice(piece);
+            out.extend_from_slice(nl);
+        }
+        out.extend_from_slice(b"0");
+        out.extend_from_slice(nl);
+        if trailers {
+            out.extend_from_slice(b"x-trailer: t");
+            out.extend_from_slice(nl);
+        }
+        out.extend_from_slice(nl);
+    };
+    match framed {
+        Framed::Length => {
+            out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+            out.extend_from_slice(body);
+        }
+        Framed::Chunked { bare_lf, trailers } => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+            chunked(*bare_lf, *trailers, &mut out);
+        }
+        Framed::Both => {
+            out.extend_from_slice(b"content-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
+            chunked(false, false, &mut out);
+        }
+        Framed::Close => {
+            out.extend_from_slice(b"connection: close\r\n\r\n");
+            out.extend_from_slice(body);
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    #[test]
+    fn any_split_of_an_upstream_answer_reads_as_the_whole(
+        body in prop::collection::vec(any::<u8>(), 0..300),
+        framed in framed(),
+        chunks_at in prop::collection::vec(any::<Index>(), 0..6),
+        interim in any::<bool>(),
+        at in prop::collection::vec(any::<Index>(), 0..24),
+    ) {
+        let wire = answer(&body, &framed, &chunks_at, interim);
+        let whole = read_in_pieces([wire.as_slice()], &Method::POST)
+            .expect("a valid head")
+            .expect("a whole head");
+        prop_assert_eq!(whole.status, 200);
+        prop_assert_eq!(&whole.body, &body);
+        prop_assert_eq!(&whole.end, &End::Complete);
+        let expected_framing = match framed {
+            Framed::Length if body.is_empty() => Framing::Empty,
+            Framed::Length => Framing::Length(body.len() as u64),
+            Framed::Chunked { .. } | Framed::Both => Framing::Chunked,
+            Framed::Close => Framing::Close,
+        };
+        prop_assert_eq!(whole.framing, expected_framing);
+        prop_assert!(
+            !whole.headers.iter().any(|(n, _)| n == "content-length")
+                || !whole.headers.iter().any(|(n, _)| n == "transfer-encoding"),
+            "never both framings: {:?}", whole.headers
+        );
+        let split = read_in_pieces(pieces(&wire, &cuts(wire.len(), &at)), &Method::POST);
+        prop_assert_eq!(split, Ok(Some(whole)));
+    }
+
+    #[test]
+    fn a_broken_upstream_answer_never_panics_and_reads_the_same_however_split(
+        body in prop::collection::vec(any::<u8>(), 0..200),
+        framed in framed(),
+        chunks_at in prop::collection::vec(any::<Index>(), 0..6),
+        damage in prop::collection::vec((any::<Index>(), any::<u8>()), 1..4),
+        cut_off in any::<Option<Index>>(),
+        at in prop::collection::vec(any::<Index>(), 0..24),
+    ) {
+        let mut wire = answer(&body, &framed, &chunks_at, false);
+        for (i, byte) in damage {
+            let i = i.index(wire.len());
+            wire[i] = byte;
+        }
+        if let Some(c) = cut_off {
+            wire.truncate(c.index(wire.len() + 1));
+        }
+        let whole = read_in_pieces([wire.as_slice()], &Method::POST);
+        let split = read_in_pieces(pieces(&wire, &cuts(wire.len(), &at)), &Method::POST);
+        prop_assert_eq!(&whole, &split);
+        let bytewise = read_in_pieces(wire.chunks(1), &Method::POST);
+        prop_assert_eq!(whole, bytewise);
+    }
+
+    #[test]
+    fn any_bytes_as_a_body_never_panic_and_read_the_same_however_split(
+        body in prop::collection::vec(any::<u8>(), 0..400),
+        chunked in any::<bool>(),
+        at in prop::collection::vec(any::<Index>(), 0..24),
+    ) {
+        let mut wire = if chunked {
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec()
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec()
+        };
+        wire.extend_from_slice(&body);
+        let whole = read_in_pieces([wire.as_slice()], &Method::POST);
+        let split = read_in_pieces(pieces(&wire, &cuts(wire.len(), &at)), &Method::POST);
+        prop_assert_eq!(whole, split);
+    }
 }

@@ -132,6 +132,19 @@ impl BodyMeter {
         self.ended
     }
 
+    /// A meter of nothing, for a relay whose meter has been handed on.
+    #[must_use]
+    pub fn idle() -> Self {
+        Self::new(Kind::None, 0)
+    }
+
+    /// Whether the usage comes at the end of the body (a non-streamed JSON answer): a client
+    /// that leaves early leaves it unread.
+    #[must_use]
+    pub fn usage_at_end(&self) -> bool {
+        matches!(self.kind, Kind::ChatJson | Kind::ResponseJson)
+    }
+
     /// Whether frames must go through [`BodyMeter::relay`] (they may be cut or held).
     #[must_use]
     pub fn rewrites(&self) -> bool {

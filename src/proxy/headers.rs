@@ -55,8 +55,13 @@ pub fn copy_upstream(client: &HeaderMap, out: &mut HeaderMap) {
     }
 }
 
-/// Removes hop-by-hop headers from an upstream response before it is relayed.
+/// Removes hop-by-hop headers from an upstream response before it is relayed. A
+/// `content-length` beside a `transfer-encoding` goes too: the body was framed by the coding,
+/// and mantlegate frames its own answer (RFC 9112 §6.3).
 pub fn strip_response(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -111,6 +116,7 @@ mod tests {
         h.insert("connection", "close, x-hop".parse().expect("value"));
         h.insert("x-hop", "1".parse().expect("value"));
         h.insert("transfer-encoding", "chunked".parse().expect("value"));
+        h.insert("content-length", "5".parse().expect("value"));
         h.insert("x-request-id", "req_1".parse().expect("value"));
         strip_response(&mut h);
         assert_eq!(h.len(), 1);

@@ -17,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
 
 use crate::call::{Call, Outcome};
 use crate::meter::stream::BodyMeter;
@@ -25,13 +26,35 @@ use crate::meter::stream::BodyMeter;
 /// relayed as it comes, not gathered whole.
 const HOLD_BYTES: usize = 64 * 1024;
 
+/// Why mantlegate broke off an answer it had begun to relay. The client gets it as a broken
+/// body (HTTP/1.1: the connection closes short of the answer's end; HTTP/2: `RST_STREAM`).
+#[derive(Debug, thiserror::Error)]
+pub enum Broken {
+    /// No frame came from the upstream for `upstream.idle_timeout`.
+    #[error(
+        "bedrock-mantle sent nothing for {0:?} (upstream.idle_timeout): the answer is incomplete"
+    )]
+    Stalled(Duration),
+    /// The call ran past `upstream.total_timeout`.
+    #[error("the call ran past upstream.total_timeout ({0:?}): the answer is incomplete")]
+    TotalTimeout(Duration),
+}
+
 /// Wraps the upstream body; owns the [`Call`] so that its commit happens at end of stream.
-pub struct RelayBody<B: Body> {
-    inner: B,
+pub struct RelayBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    /// The upstream body; `None` once it failed or timed out (its connection closed at once)
+    /// or was handed to the task reading the rest of a non-streamed answer.
+    inner: Option<B>,
     meter: BodyMeter,
-    call: Call,
+    /// `None` once handed to the task reading the rest of a non-streamed answer.
+    call: Option<Call>,
     /// The upstream answered 2xx (only then is usage read).
     success: bool,
+    /// The call is committed (or handed over to be).
     done: bool,
     /// Handing out what is held (the upstream had nothing more, or ended).
     draining: bool,
@@ -46,12 +69,17 @@ pub struct RelayBody<B: Body> {
     /// When the last frame came from the upstream.
     last_frame: Instant,
     idle: Duration,
+    started: Instant,
     deadline: Instant,
 }
 
-impl<B: Body> RelayBody<B> {
+impl<B> RelayBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     /// Relays `inner`, metering it with `meter` and committing `call` when it ends. The answer
-    /// is ended when no frame comes for `idle`, or at `deadline`.
+    /// is broken off when no frame comes for `idle`, or at `deadline`.
     pub fn new(
         inner: B,
         meter: BodyMeter,
@@ -63,9 +91,10 @@ impl<B: Body> RelayBody<B> {
         let now = Instant::now();
         let first = (now + idle).min(deadline);
         Self {
-            inner,
+            inner: Some(inner),
             meter,
-            call,
+            started: Instant::from_std(call.started()),
+            call: Some(call),
             success,
             done: false,
             draining: false,
@@ -80,34 +109,114 @@ impl<B: Body> RelayBody<B> {
 
     fn finish(&mut self, outcome: Outcome) {
         self.done = true;
-        let complete = outcome == Outcome::Forwarded;
-        self.call.metered = Some(self.meter.result(self.success, complete));
-        self.call.commit(outcome);
+        if let Some(call) = self.call.as_mut() {
+            let complete = outcome == Outcome::Forwarded;
+            call.metered = Some(self.meter.result(self.success, complete));
+            call.commit(outcome);
+        }
+    }
+
+    /// The upstream's answer broke off (`code` says why): commit the call as an upstream
+    /// error, close the upstream connection, and end the client's answer with `err` once what
+    /// is held has been handed out, so that the client sees it incomplete.
+    fn fail(&mut self, code: &'static str, err: axum::BoxError) {
+        if let Some(call) = self.call.as_mut() {
+            call.error_code = Some(code);
+        }
+        self.finish(Outcome::UpstreamError);
+        self.inner = None;
+        self.broken = Some(err);
+        self.draining = true;
+    }
+
+    fn out_is_empty(&self) -> bool {
+        !self.meter.has_out()
+    }
+
+    /// The upstream body ended while rewriting: flush what is held, then commit.
+    fn end_of_upstream(&mut self) {
+        if let Some(rest) = self.meter.finish_relay() {
+            self.meter.push_out(rest);
+        }
+        self.finish(Outcome::Forwarded);
     }
 }
 
-impl<B: Body> Drop for RelayBody<B> {
+impl<B> Drop for RelayBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     fn drop(&mut self) {
-        if !self.done {
-            // The client went away before the upstream body ended. If the stream's own end
-            // was relayed (clients stop reading at `[DONE]`), the call is complete; otherwise
-            // the client left mid-answer: meter what was relayed, then commit.
-            // An empty body (content-length: 0) is never polled: hyper knows it is complete.
-            let outcome = if (self.meter.saw_end() && self.out_is_empty())
-                || (self.inner.is_end_stream() && self.out_is_empty())
-            {
-                Outcome::Forwarded
-            } else {
-                Outcome::ClientDisconnect
-            };
-            self.finish(outcome);
+        if self.done {
+            return;
         }
+        // The client went away before the upstream body ended. If the stream's own end
+        // was relayed (clients stop reading at `[DONE]`), the call is complete; otherwise
+        // the client left mid-answer: meter what was relayed, then commit.
+        // An empty body (content-length: 0) is never polled: hyper knows it is complete.
+        let upstream_ended = self.inner.as_ref().is_none_or(Body::is_end_stream);
+        if (self.meter.saw_end() || upstream_ended) && self.out_is_empty() {
+            self.finish(Outcome::Forwarded);
+            return;
+        }
+        // A non-streamed answer says its usage at its end: read the rest of it (bounded) so
+        // that the call is billed what it used, not an estimate.
+        if self.success
+            && self.meter.usage_at_end()
+            && !upstream_ended
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && let (Some(inner), Some(call)) = (self.inner.take(), self.call.take())
+        {
+            self.done = true;
+            let meter = std::mem::replace(&mut self.meter, BodyMeter::idle());
+            runtime.spawn(read_rest(inner, meter, call, self.idle, self.deadline));
+            return;
+        }
+        self.finish(Outcome::ClientDisconnect);
     }
+}
+
+/// Reads the rest of a non-streamed answer whose client left, through the meter, and commits
+/// the call (outcome `client_disconnect`) with the usage the answer reports. Bounded: at most
+/// `server.max_body_bytes` more bytes, no gap longer than `idle`, nothing past `deadline`;
+/// past a bound the upstream connection is closed and the usage estimated.
+async fn read_rest<B>(
+    mut inner: B,
+    mut meter: BodyMeter,
+    mut call: Call,
+    idle: Duration,
+    deadline: Instant,
+) where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let limit = call.snapshot().max_body_bytes;
+    let mut read = 0usize;
+    let complete = loop {
+        let due = (Instant::now() + idle).min(deadline);
+        match tokio::time::timeout_at(due, inner.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    read = read.saturating_add(data.len());
+                    if read > limit {
+                        break false;
+                    }
+                    meter.observe(&data);
+                }
+            }
+            Ok(None) => break true,
+            Ok(Some(Err(_))) | Err(_) => break false,
+        }
+    };
+    // Read whole, the connection goes back to the pool; cut short, it is closed.
+    drop(inner);
+    call.metered = Some(meter.result(true, complete));
+    call.commit(Outcome::ClientDisconnect);
 }
 
 impl<B> Body for RelayBody<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<axum::BoxError>,
 {
     type Data = Bytes;
@@ -134,7 +243,10 @@ where
             if this.done {
                 return Poll::Ready(None);
             }
-            let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let polled = match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(frame) => frame,
                 Poll::Pending if this.meter.has_out() => {
                     // The upstream has nothing more ready: send what it brought.
@@ -150,22 +262,25 @@ where
                         }
                         this.timer.as_mut().reset(due);
                     }
-                    // The upstream went quiet too long, or the call ran out of time: end the
-                    // answer cleanly (the client sees the stream end) and drop the upstream.
-                    this.call.error_code = Some(if Instant::now() >= this.deadline {
-                        "upstream_total_timeout"
+                    // The upstream went quiet too long, or the call ran out of time: the
+                    // answer is incomplete, and the client must be able to tell.
+                    let (code, err) = if Instant::now() >= this.deadline {
+                        let total = this.deadline.duration_since(this.started);
+                        ("upstream_total_timeout", Broken::TotalTimeout(total))
                     } else {
-                        "upstream_idle_timeout"
-                    });
-                    this.finish(Outcome::UpstreamError);
-                    this.draining = true;
+                        ("upstream_stalled", Broken::Stalled(this.idle))
+                    };
+                    this.fail(code, err.into());
                     continue;
                 }
             };
             this.last_frame = Instant::now();
+            let ended = inner.is_end_stream();
             match polled {
                 Some(Ok(frame)) => {
-                    this.call.mark_first_byte();
+                    if let Some(call) = this.call.as_mut() {
+                        call.mark_first_byte();
+                    }
                     let data = match frame.into_data() {
                         Ok(data) => data,
                         Err(trailers) => {
@@ -177,13 +292,13 @@ where
                     };
                     if this.meter.rewrites() {
                         this.meter.relay(&data);
-                        if this.inner.is_end_stream() {
+                        if ended {
                             this.end_of_upstream();
                         }
                     } else {
                         this.meter.observe(&data);
                         this.meter.push_out(data);
-                        if this.inner.is_end_stream() {
+                        if ended {
                             this.meter.finish_observe();
                             this.finish(Outcome::Forwarded);
                         }
@@ -193,12 +308,14 @@ where
                     }
                 }
                 Some(Err(err)) => {
-                    // The upstream broke off mid-answer: the client sees the stream end
-                    // abruptly, which is all HTTP/1.1 can say once the head is sent. What
-                    // came before the break is held back no longer than that.
-                    this.finish(Outcome::UpstreamError);
-                    this.broken = Some(err.into());
-                    this.draining = true;
+                    // The upstream broke off mid-answer: what came before the break is
+                    // handed out, then the client's answer breaks off too (all HTTP can say
+                    // once the head is sent), never a clean end that would pass for a whole.
+                    let err: axum::BoxError = err.into();
+                    let code = err
+                        .downcast_ref::<crate::upstream::Error>()
+                        .map_or("upstream_truncated", crate::upstream::Error::body_code);
+                    this.fail(code, err);
                 }
                 None => {
                     if this.meter.rewrites() {
@@ -220,25 +337,10 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.done || self.meter.rewrites() {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
+        match &self.inner {
+            Some(inner) if !self.done && !self.meter.rewrites() => inner.size_hint(),
+            _ => SizeHint::default(),
         }
-    }
-}
-
-impl<B: Body> RelayBody<B> {
-    fn out_is_empty(&self) -> bool {
-        !self.meter.has_out()
-    }
-
-    /// The upstream body ended while rewriting: flush what is held, then commit.
-    fn end_of_upstream(&mut self) {
-        if let Some(rest) = self.meter.finish_relay() {
-            self.meter.push_out(rest);
-        }
-        self.finish(Outcome::Forwarded);
     }
 }
 
@@ -373,9 +475,20 @@ mod tests {
         }
         let last = Instant::now();
         let end = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
-        assert!(end.is_none(), "the answer ends once the upstream is quiet");
+        let err = end
+            .expect("a last frame")
+            .expect_err("the answer breaks off");
+        assert!(err.to_string().contains("upstream.idle_timeout"), "{err}");
         assert_eq!(last.elapsed(), idle, "`idle` after the last frame");
-        assert_eq!(body.call.error_code, Some("upstream_idle_timeout"));
+        let call = body.call.as_ref().expect("the call");
+        assert_eq!(call.error_code, Some("upstream_stalled"));
+        assert!(call.is_committed());
+        assert!(body.inner.is_none(), "the upstream is let go at once");
+        assert!(
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
+                .await
+                .is_none()
+        );
         drop(tx);
     }
 

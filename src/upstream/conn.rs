@@ -299,7 +299,7 @@ impl Body for UpstreamBody {
                 return Poll::Ready(None);
             };
             match this.decoder.step(&mut conn.buf) {
-                Err(err) => return this.fail(Error::protocol(err.0)),
+                Err(err) => return this.fail(Error::malformed(err)),
                 Ok(Step::Data(data)) => {
                     // Framing already read past this data (a chunked body's last chunk and
                     // end): the body ends with this frame, and the connection is free now.
@@ -323,13 +323,13 @@ impl Body for UpstreamBody {
                     ) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Err(err)) => {
-                            return this.fail(Error::io("reading the answer failed", &err));
+                            return this.fail(Error::truncated(Some(&err)));
                         }
                         Poll::Ready(Ok(0)) => {
                             // Read until close, or cut short.
                             this.keep_alive = false;
-                            if let Err(err) = this.decoder.eof() {
-                                return this.fail(Error::protocol(err.0));
+                            if this.decoder.eof().is_err() {
+                                return this.fail(Error::truncated(None));
                             }
                             this.conn = None;
                             return Poll::Ready(None);

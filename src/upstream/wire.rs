@@ -163,6 +163,11 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, W
             map.append(name, value);
         }
         let (framing, reusable) = framing(&map, status, method)?;
+        if map.contains_key(header::TRANSFER_ENCODING) {
+            // The transfer coding frames the body, and the length beside it means nothing
+            // (RFC 9112 §6.3): passed on, it would frame the relayed body wrongly.
+            map.remove(header::CONTENT_LENGTH);
+        }
         let keep_alive =
             reusable && version == Version::HTTP_11 && !connection_lists(&map, "close");
         let (mut parts, ()) = axum::http::Response::new(()).into_parts();
@@ -562,6 +567,13 @@ mod tests {
         let h =
             f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 7\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        assert!(
+            !h.parts.headers.contains_key("content-length"),
+            "the length beside a transfer coding is dropped"
+        );
+        let h = f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        assert!(!h.parts.headers.contains_key("content-length"));
         let h = f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
         assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-length: 8\r\n\r\n").is_err());

@@ -546,6 +546,16 @@ pub enum Fault {
         piece: Vec<u8>,
         every: Duration,
     },
+    /// Answers `head` and `first` (raw bytes, framing included), waits for
+    /// [`FaultUpstream::release`] (noting a hang-up of the proxy meanwhile, and then stopping),
+    /// sends `rest` (raw too), closes its side when `close` is set, and notes how the proxy
+    /// then closed the connection ([`FaultUpstream::wait_closed`]).
+    Held {
+        head: String,
+        first: Vec<u8>,
+        rest: Vec<u8>,
+        close: bool,
+    },
 }
 
 /// How a [`Fault::Stream`] ends.
@@ -609,6 +619,9 @@ struct FaultState {
     requests: Mutex<Vec<RawRecorded>>,
     /// When the proxy hung up on an answer that was waiting (stall, endless, stalled stream).
     hung_up: Mutex<Vec<std::time::Instant>>,
+    /// For each [`Fault::Held`] answer sent whole: whether the proxy closed the connection
+    /// having read everything (a FIN, `true`) or with bytes left unread (a reset, `false`).
+    closed: Mutex<Vec<bool>>,
     changed: Notify,
     release: Notify,
 }
@@ -688,6 +701,44 @@ impl FaultUpstream {
                 tokio::time::timeout_at(deadline, notified).await.is_ok(),
                 "{} of {n} upstream requests arrived within {within:?}",
                 self.attempts()
+            );
+        }
+    }
+
+    /// Whether the proxy hangs up on `n` waiting answers within `within`: `false` when it did
+    /// not by then (a bounded wait for something that must not happen).
+    pub async fn hangs_up_within(&self, n: usize, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.state.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.hang_ups() >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Waits (up to `within`) until the proxy has closed `n` connections whose
+    /// [`Fault::Held`] answer was sent whole; returns, for each, whether it read everything
+    /// first (closed with a FIN rather than a reset).
+    pub async fn wait_closed(&self, n: usize, within: Duration) -> Vec<bool> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.state.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let closed = self.state.closed.lock().expect("lock").clone();
+            if closed.len() >= n {
+                return closed;
+            }
+            assert!(
+                tokio::time::timeout_at(deadline, notified).await.is_ok(),
+                "the proxy closed {} of {n} answered connections within {within:?}",
+                closed.len()
             );
         }
     }
@@ -805,6 +856,12 @@ async fn fault_conn(
                 }
             }
         }
+        Fault::Held {
+            head,
+            first,
+            rest,
+            close,
+        } => held_answer(conn, state, &head, &first, &rest, close).await,
         Fault::Endless { head, piece, every } => {
             if conn
                 .write_all(format!("{head}connection: close\r\n\r\n").as_bytes())
@@ -829,6 +886,53 @@ async fn fault_conn(
             state.changed.notify_waiters();
         }
     }
+}
+
+/// Plays a [`Fault::Held`] answer on `conn`.
+async fn held_answer(
+    mut conn: tokio::net::TcpStream,
+    state: Arc<FaultState>,
+    head: &str,
+    first: &[u8],
+    rest: &[u8],
+    close: bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut start = format!("{head}connection: close\r\n\r\n").into_bytes();
+    start.extend_from_slice(first);
+    if conn.write_all(&start).await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 1024];
+    // The proxy sends nothing more on this connection: a read that returns is a hang-up.
+    let hung_up = tokio::select! {
+        () = state.release.notified() => false,
+        _ = conn.read(&mut sink) => true,
+    };
+    if hung_up {
+        state
+            .hung_up
+            .lock()
+            .expect("lock")
+            .push(std::time::Instant::now());
+        state.changed.notify_waiters();
+        return;
+    }
+    if conn.write_all(rest).await.is_err() {
+        return;
+    }
+    if close {
+        let _ = conn.shutdown().await;
+    }
+    let clean = loop {
+        match conn.read(&mut sink).await {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    state.closed.lock().expect("lock").push(clean);
+    state.changed.notify_waiters();
 }
 
 /// `data` as one HTTP/1.1 chunk.
