@@ -48,6 +48,10 @@ impl Outcome {
 }
 
 /// Everything known about one call; see the module docs.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent facts of the call (asked for a stream, for a background response...), not a state machine"
+)]
 pub struct Call {
     started: Instant,
     wall_ms: i64,
@@ -74,6 +78,10 @@ pub struct Call {
     pub model: Option<String>,
     /// Whether the client asked for a stream.
     pub stream: bool,
+    /// Whether the client asked for a background response (`"background": true`).
+    pub background: bool,
+    /// Not an API call at all (an unknown path under `/admin`): logged, never recorded.
+    pub unrecorded: bool,
     /// Size of the request body, for estimates.
     pub request_bytes: usize,
     /// Status sent to the client.
@@ -130,6 +138,8 @@ impl Call {
             endpoint: None,
             model: None,
             stream: false,
+            background: false,
+            unrecorded: false,
             request_bytes: 0,
             status: 0,
             upstream_status: None,
@@ -204,7 +214,9 @@ impl Call {
             source,
             cost,
             priced,
-            response_id: metered.response_id.or_else(|| self.target_response.clone()),
+            // The id the call named, canonical, before any the answer names: the pending and
+            // ownership indexes know a response by the former.
+            response_id: self.target_response.clone().or(metered.response_id),
         };
         self.index_response(&bill, background.as_ref());
         self.settle_admission(&bill);
@@ -341,6 +353,9 @@ impl Call {
         let Some(ledger) = &self.state.ledger else {
             return;
         };
+        if self.unrecorded {
+            return;
+        }
         let project = self.project.map(|p| &self.snap.projects[p]);
         ledger.record(Record {
             ts_ms: self.wall_ms,
@@ -377,44 +392,53 @@ impl Call {
         });
     }
 
-    /// The usage this call is billed for. A GET of a background response carries its usage
-    /// only the first time it is seen finished; any other GET of a stored response is free.
+    /// The usage this call is billed for.
+    ///
+    /// A background response is billed once, by the first answer that shows it finished: a
+    /// GET of it (JSON, or its events replayed or resumed with `stream=true`) or the answer to
+    /// its cancel. That answer takes the response out of the pending index (atomically: of two
+    /// such answers at once, one takes it) and carries its usage; in a fleet the ledger's
+    /// write takes it from the shared pending table too, once for all replicas. Any other
+    /// answer about a stored response is free. A call creating a background response that
+    /// did not see it finish (a queued answer, or a stream the client or upstream left before
+    /// its terminal event, which the response outlives) bills nothing and leaves it pending.
     fn settle_usage(&mut self, m: &Metered) -> (Usage, UsageSource, Option<Background>) {
         let none = (Usage::default(), UsageSource::None, None);
         let Some(source) = m.source else {
             return none;
         };
+        let finished = m
+            .response_status
+            .as_deref()
+            .is_some_and(crate::meter::usage::is_terminal);
         match self.endpoint {
-            Some(Endpoint::GetResponse) => {
-                let finished = m
-                    .response_status
-                    .as_deref()
-                    .is_some_and(crate::meter::usage::is_terminal);
-                let settled = if finished {
-                    m.response_id
-                        .as_ref()
-                        .and_then(|id| self.state.pending_background.remove(id))
-                } else {
-                    None
+            Some(Endpoint::GetResponse | Endpoint::CancelResponse) => {
+                let settled = match (&self.target_response, finished) {
+                    (Some(id), true) => self.state.pending_background.remove(id),
+                    _ => None,
                 };
-                match settled {
-                    Some((_, pending)) => {
-                        if self.model.is_none() {
-                            self.model = pending.model;
-                        }
-                        (m.usage, source, Some(Background::Settled))
-                    }
-                    None => none,
+                let Some((_, pending)) = settled else {
+                    return none;
+                };
+                if self.model.is_none() {
+                    self.model = pending.model;
+                }
+                // A finished response's own figures, or none: a replay resumed mid-way (or
+                // cut short) shows too little of it to estimate from.
+                if source == UsageSource::Reported {
+                    (m.usage, source, Some(Background::Settled))
+                } else {
+                    (
+                        Usage::default(),
+                        UsageSource::Missing,
+                        Some(Background::Settled),
+                    )
                 }
             }
             Some(Endpoint::CreateResponse)
-                if m.background
-                    && !m
-                        .response_status
-                        .as_deref()
-                        .is_some_and(crate::meter::usage::is_terminal) =>
+                if (m.background || self.background) && !finished && m.response_id.is_some() =>
             {
-                // Usage comes later, with the GET that sees it finished.
+                // Usage comes later, with the answer that sees it finished.
                 (
                     Usage::default(),
                     UsageSource::None,

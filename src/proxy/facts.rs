@@ -28,6 +28,8 @@ pub struct RequestFacts<'a> {
     pub max_output_tokens: Option<u64>,
     /// `background`, when it is a boolean.
     pub background: bool,
+    /// `previous_response_id`, when it is a string: a stored response the call builds on.
+    pub previous_response_id: Option<Cow<'a, str>>,
 }
 
 impl<'a> RequestFacts<'a> {
@@ -72,6 +74,9 @@ impl<'de: 'a, 'a> Visitor<'de> for FactsVisitor<'a> {
                 "stream" => facts.stream = map.next_value::<Lenient<bool>>()?.0 == Some(true),
                 "background" => {
                     facts.background = map.next_value::<Lenient<bool>>()?.0 == Some(true);
+                }
+                "previous_response_id" => {
+                    facts.previous_response_id = map.next_value::<Lenient<Cow<'de, str>>>()?.0;
                 }
                 "stream_options" => {
                     facts.has_stream_options = true;
