@@ -96,7 +96,8 @@ pub struct Call {
     pub error_code: Option<&'static str>,
     /// What the body meter found (set by the relay before it commits).
     pub metered: Option<Metered>,
-    /// The response id a GET/DELETE/cancel names.
+    /// The response id a `GET`, `DELETE`, `cancel` or `input_items` call names, canonical
+    /// ([`crate::proxy::endpoint::response_id`]).
     pub target_response: Option<String>,
     /// Upstream attempts retried before the answer.
     pub retries: u32,
