@@ -395,14 +395,15 @@ impl Call {
 
     /// The usage this call is billed for.
     ///
-    /// A background response is billed once, by the first answer that shows it finished: a
-    /// GET of it (JSON, or its events replayed or resumed with `stream=true`) or the answer to
-    /// its cancel. That answer takes the response out of the pending index (atomically: of two
-    /// such answers at once, one takes it) and carries its usage; in a fleet the ledger's
-    /// write takes it from the shared pending table too, once for all replicas. Any other
-    /// answer about a stored response is free. A call creating a background response that
-    /// did not see it finish (a queued answer, or a stream the client or upstream left before
-    /// its terminal event, which the response outlives) bills nothing and leaves it pending.
+    /// A background response is billed once, by the first answer that shows it finished with
+    /// its usage: a GET of it (JSON, or its events replayed or resumed with `stream=true`) or
+    /// the answer to its cancel. That answer takes the response out of the pending index
+    /// (atomically: of two such answers at once, one takes it) and carries its usage; in a
+    /// fleet the ledger's write takes it from the shared pending table too, once for all
+    /// replicas. Any other answer about a stored response is free. A call creating a
+    /// background response that did not see it finish (a queued answer, or a stream the
+    /// client or upstream left before its terminal event, which the response outlives) bills
+    /// nothing and leaves it pending.
     fn settle_usage(&mut self, m: &Metered) -> (Usage, UsageSource, Option<Background>) {
         let none = (Usage::default(), UsageSource::None, None);
         let Some(source) = m.source else {
@@ -414,8 +415,12 @@ impl Call {
             .is_some_and(crate::meter::usage::is_terminal);
         match self.endpoint {
             Some(Endpoint::GetResponse | Endpoint::CancelResponse) => {
-                let settled = match (&self.target_response, finished) {
-                    (Some(id), true) => self.state.pending_background.remove(id),
+                // Only the final figures settle it: a terminal answer without usage (or a
+                // replay resumed past its terminal event) leaves it pending for one that has.
+                let settled = match (&self.target_response, finished, source) {
+                    (Some(id), true, UsageSource::Reported) => {
+                        self.state.pending_background.remove(id)
+                    }
                     _ => None,
                 };
                 let Some((_, pending)) = settled else {
@@ -424,17 +429,7 @@ impl Call {
                 if self.model.is_none() {
                     self.model = pending.model;
                 }
-                // A finished response's own figures, or none: a replay resumed mid-way (or
-                // cut short) shows too little of it to estimate from.
-                if source == UsageSource::Reported {
-                    (m.usage, source, Some(Background::Settled))
-                } else {
-                    (
-                        Usage::default(),
-                        UsageSource::Missing,
-                        Some(Background::Settled),
-                    )
-                }
+                (m.usage, source, Some(Background::Settled))
             }
             Some(Endpoint::CreateResponse)
                 if (m.background || self.background) && !finished && m.response_id.is_some() =>
