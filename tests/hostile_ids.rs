@@ -523,6 +523,48 @@ async fn the_answer_to_a_cancel_is_metered_once() {
 }
 
 #[tokio::test]
+async fn an_answer_without_usage_leaves_the_response_pending_for_one_with_it() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    create_background(&proxy, CHAT_KEY).await;
+    let r = client()
+        .post(format!("{}/v1/responses/resp_bg1/cancel", proxy.url))
+        .bearer_auth(CHAT_KEY)
+        .header("x-test-no-usage", "1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["status"], "cancelled");
+    assert!(body["usage"].is_null());
+    proxy.wait_for_records(2).await;
+    assert_free(&proxy.records()[1]);
+    assert_eq!(pending_count(&proxy), 1, "its usage is still to come");
+    let r = send(
+        &proxy,
+        reqwest::Method::GET,
+        "/v1/responses/resp_bg1",
+        CHAT_KEY,
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.expect("body");
+    assert_eq!(
+        seen(&up),
+        [
+            triple("POST", "/v1/responses", "proj_chat"),
+            triple("POST", "/v1/responses/resp_bg1/cancel", "proj_chat"),
+            triple("GET", "/v1/responses/resp_bg1", "proj_chat"),
+        ]
+    );
+    proxy.wait_for_records(3).await;
+    assert_bills_bg1(&proxy.records()[2]);
+    assert_eq!(pending_count(&proxy), 0);
+}
+
+#[tokio::test]
 async fn two_gets_at_once_bill_the_response_once() {
     let up = FakeUpstream::start().await;
     let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;

@@ -257,7 +257,8 @@ pub fn background_events(id: &str) -> Vec<String> {
 
 /// Answers about background responses `resp_bg*` other than a plain GET of `resp_bg1`: their
 /// events replayed (`GET ?stream=true`, after `starting_after` when given), a plain GET of the
-/// others, and a cancel (status `cancelled` with [`cancelled_usage`]).
+/// others, and a cancel (status `cancelled` with [`cancelled_usage`], or none with header
+/// `x-test-no-usage`).
 fn background_answer(
     controls: &Arc<Controls>,
     parts: &axum::http::request::Parts,
@@ -284,9 +285,14 @@ fn background_answer(
         (&Method::GET, None) if id != "resp_bg1" => Some(json_response(&serde_json::json!({
             "id": id, "object": "response", "status": "completed", "background": true,
             "usage": background_usage(id)}))),
+        // `x-test-no-usage`: cancelled before it ran, nothing to report yet.
         (&Method::POST, Some("cancel")) => Some(json_response(&serde_json::json!({
-            "id": id, "object": "response", "status": "cancelled", "background": true,
-            "usage": cancelled_usage()}))),
+        "id": id, "object": "response", "status": "cancelled", "background": true,
+        "usage": if parts.headers.contains_key("x-test-no-usage") {
+            serde_json::Value::Null
+        } else {
+            cancelled_usage()
+        }}))),
         _ => None,
     }
 }
