@@ -156,6 +156,27 @@ impl Call {
         }
     }
 
+    /// A call mantlegate makes itself on behalf of this one (same key, route and project),
+    /// with a record of its own, counted in flight while it lasts.
+    #[must_use]
+    pub fn sibling(&self, method: Method, uri: Uri) -> Self {
+        self.state
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let mut call = Self::new(
+            Instant::now(),
+            method,
+            uri,
+            self.state.clone(),
+            self.snap.clone(),
+        );
+        call.route.clone_from(&self.route);
+        call.key.clone_from(&self.key);
+        call.key_fp.clone_from(&self.key_fp);
+        call.project = self.project;
+        call
+    }
+
     /// The snapshot this call runs under.
     #[must_use]
     pub fn snapshot(&self) -> &Arc<Snapshot> {

@@ -162,6 +162,9 @@ async fn forward(
     let endpoint = Endpoint::classify(&parts.method, rest, path)?;
     call.endpoint = Some(endpoint);
 
+    // A stored response this call deletes or builds on: if it is a background response not
+    // yet billed, it is fetched (and billed) first, or its usage would never be seen.
+    let mut used_response = None;
     let requested = requested_project(&parts.headers)?;
     let mut project_idx = attribution::resolve(snap, key, route, requested)?;
     if let Some(id) = endpoint.response_id(rest) {
@@ -170,6 +173,9 @@ async fn forward(
         project_idx = project_of_response(state, snap, key, route, id, project_idx).await?;
         if matches!(endpoint, Endpoint::GetResponse | Endpoint::CancelResponse) {
             note_fleet_pending(state, id).await;
+        }
+        if endpoint == Endpoint::DeleteResponse {
+            used_response = Some(id.to_owned());
         }
     }
     call.project = Some(project_idx);
@@ -218,6 +224,7 @@ async fn forward(
             let id = endpoint::response_id(previous)?;
             project_idx = project_of_response(state, snap, key, route, id, project_idx).await?;
             call.project = Some(project_idx);
+            used_response = Some(id.to_owned());
         }
         call.stream = facts.stream;
         call.background = facts.background;
@@ -237,6 +244,9 @@ async fn forward(
     let prefix = snap.upstream.prefix_for(model.as_deref());
     call.model = model;
     admit(snap, key, project, endpoint, max_output, call).await?;
+    if let Some(id) = used_response {
+        settle_before_use(state, snap, call, &id, authorization.as_ref(), signer).await;
+    }
 
     let up = &snap.upstream;
     let base_path = &up.origin.base_path;
@@ -460,6 +470,72 @@ fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(std::time::Duration::from_secs)
     })
+}
+
+/// Largest answer read when fetching a pending background response before it is used.
+const MAX_SETTLE_BODY: usize = 16 * 1024 * 1024;
+
+/// Fetches pending background response `id` before the call deletes it or builds on it
+/// (`previous_response_id`), so that its usage is billed (once, as any answer that shows it
+/// finished bills it) on a record of its own. Nothing happens for a response not pending;
+/// a failure is recorded on that record and the call goes on.
+async fn settle_before_use(
+    state: &AppState,
+    snap: &Snapshot,
+    call: &Call,
+    id: &str,
+    authorization: Option<&HeaderValue>,
+    signer: Option<&crate::sigv4::Signer>,
+) {
+    note_fleet_pending(state, id).await;
+    if !state.pending_background.contains_key(id) {
+        return;
+    }
+    let (Some(project), up) = (call.project.map(|p| &snap.projects[p]), &snap.upstream) else {
+        return;
+    };
+    let path = format!(
+        "{}{}/responses/{id}",
+        up.origin.base_path, up.default_prefix
+    );
+    let Ok(uri) = up.origin.uri(&path, None) else {
+        return;
+    };
+    let mut side = call.sibling(axum::http::Method::GET, uri.clone());
+    side.endpoint = Some(Endpoint::GetResponse);
+    side.target_response = Some(id.to_owned());
+    let mut headers = HeaderMap::with_capacity(2);
+    if let Some(authorization) = authorization {
+        headers.insert(header::AUTHORIZATION, authorization.clone());
+    }
+    headers.insert(OPENAI_PROJECT.clone(), project.id_header.clone());
+    let mut request = axum::http::Request::new(Bytes::new());
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    let outgoing = Outgoing { request, signer };
+    let answer = match send_with_retries(up, &state.upstream, &outgoing, &mut side).await {
+        Ok(response) => response,
+        Err(err) => {
+            side.status = err.status().as_u16();
+            side.error_code = Some(err.code());
+            side.commit(Outcome::UpstreamError);
+            return;
+        }
+    };
+    side.upstream_status = Some(answer.status().as_u16());
+    side.status = answer.status().as_u16();
+    let success = answer.status().is_success();
+    let deadline = tokio::time::Instant::from_std(side.started()) + up.total_timeout;
+    let body = http_body_util::Limited::new(answer.into_body(), MAX_SETTLE_BODY).collect();
+    match tokio::time::timeout_at(deadline, body).await {
+        Ok(Ok(collected)) => {
+            let mut meter = BodyMeter::new(Kind::ResponseJson, 0);
+            meter.observe(&collected.to_bytes());
+            side.metered = Some(meter.result(success, true));
+            side.commit(Outcome::Forwarded);
+        }
+        _ => side.commit(Outcome::UpstreamError),
+    }
 }
 
 /// The project a call naming stored response `id` goes to: the one that created it, when this

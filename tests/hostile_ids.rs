@@ -565,6 +565,63 @@ async fn an_answer_without_usage_leaves_the_response_pending_for_one_with_it() {
 }
 
 #[tokio::test]
+async fn a_pending_response_deleted_or_built_on_is_fetched_and_billed_first() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    create_background(&proxy, CHAT_KEY).await;
+    // Built on before anyone saw it finished: mantlegate fetches it, and bills it, first.
+    let (status, _) = raw(
+        &proxy,
+        "POST",
+        "/v1/responses",
+        CHAT_KEY,
+        r#"{"model":"openai.gpt-oss-120b","input":"repeat it","previous_response_id":"resp_bg1"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Deleted: no longer pending, so nothing is fetched.
+    let (status, _) = raw(&proxy, "DELETE", "/v1/responses/%72esp_bg1", CHAT_KEY, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        seen(&up),
+        [
+            triple("POST", "/v1/responses", "proj_chat"),
+            triple("GET", "/v1/responses/resp_bg1", "proj_chat"),
+            triple("POST", "/v1/responses", "proj_chat"),
+            triple("DELETE", "/v1/responses/resp_bg1", "proj_chat"),
+        ]
+    );
+    proxy.wait_for_records(4).await;
+    let rows = proxy.records();
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    assert_bills_bg1(&rows[1]);
+    assert_eq!(rows[2]["upstream_response_id"], "resp_fg1");
+    assert_eq!(rows[2]["usage_source"], "reported");
+    assert_free(&rows[3]);
+    assert_eq!(pending_count(&proxy), 0);
+
+    // A second background response, deleted unseen: fetched and billed before the delete.
+    create_background(&proxy, CHAT_KEY).await;
+    proxy.wait_for_records(5).await;
+    let (status, _) = raw(&proxy, "DELETE", "/v1/responses/resp_bg1", CHAT_KEY, "").await;
+    assert_eq!(status, 200);
+    let tail: Vec<_> = seen(&up).into_iter().skip(4).collect();
+    assert_eq!(
+        tail,
+        [
+            triple("POST", "/v1/responses", "proj_chat"),
+            triple("GET", "/v1/responses/resp_bg1", "proj_chat"),
+            triple("DELETE", "/v1/responses/resp_bg1", "proj_chat"),
+        ]
+    );
+    proxy.wait_for_records(7).await;
+    let rows = proxy.records();
+    assert_bills_bg1(&rows[5]);
+    assert_free(&rows[6]);
+    assert_eq!(pending_count(&proxy), 0);
+}
+
+#[tokio::test]
 async fn two_gets_at_once_bill_the_response_once() {
     let up = FakeUpstream::start().await;
     let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
