@@ -48,6 +48,10 @@ impl Outcome {
 }
 
 /// Everything known about one call; see the module docs.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent facts of the call (asked for a stream, for a background response...), not a state machine"
+)]
 pub struct Call {
     started: Instant,
     wall_ms: i64,
@@ -77,6 +81,10 @@ pub struct Call {
     pub model: Option<String>,
     /// Whether the client asked for a stream.
     pub stream: bool,
+    /// Whether the client asked for a background response (`"background": true`).
+    pub background: bool,
+    /// Not an API call at all (an unknown path under `/admin`): logged, never recorded.
+    pub unrecorded: bool,
     /// Size of the request body, for estimates.
     pub request_bytes: usize,
     /// Status sent to the client.
@@ -91,7 +99,8 @@ pub struct Call {
     pub error_code: Option<&'static str>,
     /// What the body meter found (set by the relay before it commits).
     pub metered: Option<Metered>,
-    /// The response id a GET/DELETE/cancel names.
+    /// The response id a `GET`, `DELETE`, `cancel` or `input_items` call names, canonical
+    /// ([`crate::proxy::endpoint::response_id`]).
     pub target_response: Option<String>,
     /// Upstream attempts retried before the answer.
     pub retries: u32,
@@ -134,6 +143,8 @@ impl Call {
             endpoint: None,
             model: None,
             stream: false,
+            background: false,
+            unrecorded: false,
             request_bytes: 0,
             status: 0,
             upstream_status: None,
@@ -147,6 +158,27 @@ impl Call {
             reservation: None,
             committed: false,
         }
+    }
+
+    /// A call mantlegate makes itself on behalf of this one (same key, route and project),
+    /// with a record of its own, counted in flight while it lasts.
+    #[must_use]
+    pub fn sibling(&self, method: Method, uri: Uri) -> Self {
+        self.state
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let mut call = Self::new(
+            Instant::now(),
+            method,
+            uri,
+            self.state.clone(),
+            self.snap.clone(),
+        );
+        call.route.clone_from(&self.route);
+        call.key.clone_from(&self.key);
+        call.key_fp.clone_from(&self.key_fp);
+        call.project = self.project;
+        call
     }
 
     /// The snapshot this call runs under.
@@ -215,7 +247,9 @@ impl Call {
             source,
             cost,
             priced,
-            response_id: metered.response_id.or_else(|| self.target_response.clone()),
+            // The id the call named, canonical, before any the answer names: the pending and
+            // ownership indexes know a response by the former.
+            response_id: self.target_response.clone().or(metered.response_id),
         };
         self.index_response(&bill, background.as_ref());
         self.settle_admission(&bill);
@@ -353,6 +387,9 @@ impl Call {
         let Some(ledger) = &self.state.ledger else {
             return;
         };
+        if self.unrecorded {
+            return;
+        }
         let project = self.project.map(|p| &self.snap.projects[p]);
         ledger.record(Record {
             call_id: std::mem::take(&mut self.id),
@@ -390,44 +427,48 @@ impl Call {
         });
     }
 
-    /// The usage this call is billed for. A GET of a background response carries its usage
-    /// only the first time it is seen finished; any other GET of a stored response is free.
+    /// The usage this call is billed for.
+    ///
+    /// A background response is billed once, by the first answer that shows it finished with
+    /// its usage: a GET of it (JSON, or its events replayed or resumed with `stream=true`) or
+    /// the answer to its cancel. That answer takes the response out of the pending index
+    /// (atomically: of two such answers at once, one takes it) and carries its usage; in a
+    /// fleet the ledger's write takes it from the shared pending table too, once for all
+    /// replicas. Any other answer about a stored response is free. A call creating a
+    /// background response that did not see it finish (a queued answer, or a stream the
+    /// client or upstream left before its terminal event, which the response outlives) bills
+    /// nothing and leaves it pending.
     fn settle_usage(&mut self, m: &Metered) -> (Usage, UsageSource, Option<Background>) {
         let none = (Usage::default(), UsageSource::None, None);
         let Some(source) = m.source else {
             return none;
         };
+        let finished = m
+            .response_status
+            .as_deref()
+            .is_some_and(crate::meter::usage::is_terminal);
         match self.endpoint {
-            Some(Endpoint::GetResponse) => {
-                let finished = m
-                    .response_status
-                    .as_deref()
-                    .is_some_and(crate::meter::usage::is_terminal);
-                let settled = if finished {
-                    m.response_id
-                        .as_ref()
-                        .and_then(|id| self.state.pending_background.remove(id))
-                } else {
-                    None
-                };
-                match settled {
-                    Some((_, pending)) => {
-                        if self.model.is_none() {
-                            self.model = pending.model;
-                        }
-                        (m.usage, source, Some(Background::Settled))
+            Some(Endpoint::GetResponse | Endpoint::CancelResponse) => {
+                // Only the final figures settle it: a terminal answer without usage (or a
+                // replay resumed past its terminal event) leaves it pending for one that has.
+                let settled = match (&self.target_response, finished, source) {
+                    (Some(id), true, UsageSource::Reported) => {
+                        self.state.pending_background.remove(id)
                     }
-                    None => none,
+                    _ => None,
+                };
+                let Some((_, pending)) = settled else {
+                    return none;
+                };
+                if self.model.is_none() {
+                    self.model = pending.model;
                 }
+                (m.usage, source, Some(Background::Settled))
             }
             Some(Endpoint::CreateResponse)
-                if m.background
-                    && !m
-                        .response_status
-                        .as_deref()
-                        .is_some_and(crate::meter::usage::is_terminal) =>
+                if (m.background || self.background) && !finished && m.response_id.is_some() =>
             {
-                // Usage comes later, with the GET that sees it finished.
+                // Usage comes later, with the answer that sees it finished.
                 (
                     Usage::default(),
                     UsageSource::None,

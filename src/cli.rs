@@ -16,7 +16,7 @@ use crate::ledger::postgres::{PgReader, PostgresStore};
 use crate::ledger::sqlite::{self, Reader, SqliteStore};
 use crate::ledger::{Ledger, LedgerRead, Store, transfer};
 use crate::secret::Secret;
-use crate::state::{AppState, PendingBackground, Snapshot};
+use crate::state::{AppState, Snapshot};
 
 /// The attribution-enforcing reverse proxy for Amazon Bedrock (bedrock-mantle).
 #[derive(Debug, Parser)]
@@ -368,15 +368,7 @@ async fn run(
         state.signer = Some(signer);
     }
     let (store, reader, pg) = open_ledger(config)?;
-    for (id, project, model) in reader.pending_background()? {
-        state.pending_background.insert(
-            id,
-            PendingBackground {
-                project_id: project.into(),
-                model,
-            },
-        );
-    }
+    state.seed_pending(&*reader)?;
     match &pg {
         // The fleet's shared month-to-date figures, seeded from the calls where missing.
         Some(pg) => seed_budgets_from_postgres(&state.snapshot.load().budgets, pg)?,

@@ -56,9 +56,14 @@ pub enum ProxyError {
     },
     /// The path has dot segments, empty segments or escapes that could hide where it leads.
     #[error(
-        "the path `{0}` is not in normal form (no `//`, `.`/`..` segments or percent-escaped `/` and `.` are allowed)"
+        "the path `{0}` is not in normal form: send it without `//`, `.`/`..` segments, backslashes or control characters, with each character percent-escaped at most once (no `%25`), no escaped `/`, and escapes that are valid UTF-8"
     )]
     InvalidPath(String),
+    /// A response id (in the path or `previous_response_id`) outside the id alphabet.
+    #[error(
+        "`{0}` is not a response id: ids are 1 to 256 letters, digits, `_` and `-` (such as resp_123), as the create call returned them"
+    )]
+    InvalidResponseId(String),
     /// A rate limit of the call's project or key is reached.
     #[error("{}", rate_message(.0))]
     RateLimited(Box<Limited>),
@@ -141,6 +146,7 @@ impl ProxyError {
             Self::ProjectForbidden(_) => StatusCode::FORBIDDEN,
             Self::ProjectRequired(_)
             | Self::InvalidPath(_)
+            | Self::InvalidResponseId(_)
             | Self::InvalidJson(_)
             | Self::BadBody(_)
             | Self::AmbiguousLength(_)
@@ -171,7 +177,7 @@ impl ProxyError {
             Self::ProjectRequired(_) => "project_required",
             Self::UnknownEndpoint { .. } => "unknown_endpoint",
             Self::ResponseNotFound(_) => "response_not_found",
-            Self::InvalidPath(_) => "invalid_path",
+            Self::InvalidPath(_) | Self::InvalidResponseId(_) => "invalid_path",
             Self::InvalidJson(_) => "invalid_json",
             Self::RateLimited(_) => "rate_limit_exceeded",
             Self::BudgetExceeded { .. } => "budget_exceeded",

@@ -128,8 +128,20 @@ async fn forward(
     call: &mut Call,
 ) -> Result<Upstream, ProxyError> {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path();
-    endpoint::check_normal(path)?;
+    // mantlegate's own API: a path there that is none of its endpoints is no API call either,
+    // and leaves no ledger record (probes of the admin API are not anyone's spend).
+    if endpoint::is_admin(parts.uri.path()) {
+        call.unrecorded = true;
+        return Err(endpoint::unknown(&parts.method, parts.uri.path()));
+    }
+    // Every decision below (route, endpoint, response id) and the upstream's path use the
+    // canonical form, so that nothing can read the path differently from the upstream.
+    let canonical = endpoint::canonical_path(parts.uri.path())?;
+    let path = &*canonical;
+    if endpoint::is_admin(path) {
+        call.unrecorded = true;
+        return Err(endpoint::unknown(&parts.method, parts.uri.path()));
+    }
     if let Some((name, _)) = parts
         .headers
         .iter()
@@ -150,25 +162,26 @@ async fn forward(
     let endpoint = Endpoint::classify(&parts.method, rest, path)?;
     call.endpoint = Some(endpoint);
 
+    // A stored response this call deletes or builds on: if it is a background response not
+    // yet billed, it is fetched (and billed) first, or its usage would never be seen.
+    let mut used_response = None;
     let requested = requested_project(&parts.headers)?;
     let mut project_idx = attribution::resolve(snap, key, route, requested)?;
     if let Some(id) = endpoint.response_id(rest) {
+        let id = endpoint::response_id(id)?;
         call.target_response = Some(id.to_owned());
-        if let Some(owner) = owner_of_response(state, snap, id).await {
-            // A stored response lives in the project that created it: go there, if this key
-            // may; otherwise it does not exist for this key.
-            if attribution::may_use(snap, key, route, owner) {
-                project_idx = owner;
-            } else {
-                return Err(ProxyError::ResponseNotFound(id.to_owned()));
-            }
-        }
-        if endpoint == Endpoint::GetResponse {
+        project_idx = project_of_response(state, snap, key, route, id, project_idx).await?;
+        if matches!(endpoint, Endpoint::GetResponse | Endpoint::CancelResponse) {
             note_fleet_pending(state, id).await;
         }
+        if endpoint == Endpoint::DeleteResponse {
+            used_response = Some(id.to_owned());
+        }
     }
-    let project = &snap.projects[project_idx];
     call.project = Some(project_idx);
+    if endpoint == Endpoint::GetResponse && asks_stream(parts.uri.query()) {
+        call.stream = true;
+    }
     // A pass-through key is the caller's own Bedrock API key: it goes upstream as sent, never
     // signed. Otherwise SigV4 (when configured) or mantlegate's own API key.
     let signer = if key.passthrough {
@@ -206,7 +219,15 @@ async fn forward(
     let mut max_output = None;
     if endpoint.has_json_body() {
         let facts = RequestFacts::parse(&body).map_err(ProxyError::InvalidJson)?;
+        if let Some(previous) = &facts.previous_response_id {
+            // Building on a stored response is using it: the same ownership rule as a GET.
+            let id = endpoint::response_id(previous)?;
+            project_idx = project_of_response(state, snap, key, route, id, project_idx).await?;
+            call.project = Some(project_idx);
+            used_response = Some(id.to_owned());
+        }
         call.stream = facts.stream;
+        call.background = facts.background;
         max_output = facts.output_cap(endpoint);
         inject_usage =
             endpoint == Endpoint::ChatCompletions && facts.stream && !facts.include_usage;
@@ -219,9 +240,13 @@ async fn forward(
             model = facts.model.map(std::borrow::Cow::into_owned);
         }
     }
+    let project = &snap.projects[project_idx];
     let prefix = snap.upstream.prefix_for(model.as_deref());
     call.model = model;
     admit(snap, key, project, endpoint, max_output, call).await?;
+    if let Some(id) = used_response {
+        settle_before_use(state, snap, call, &id, authorization.as_ref(), signer).await;
+    }
 
     let up = &snap.upstream;
     let base_path = &up.origin.base_path;
@@ -466,6 +491,99 @@ fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
     })
 }
 
+/// Largest answer read when fetching a pending background response before it is used.
+const MAX_SETTLE_BODY: usize = 16 * 1024 * 1024;
+
+/// Fetches pending background response `id` before the call deletes it or builds on it
+/// (`previous_response_id`), so that its usage is billed (once, as any answer that shows it
+/// finished bills it) on a record of its own. Nothing happens for a response not pending;
+/// a failure is recorded on that record and the call goes on.
+async fn settle_before_use(
+    state: &AppState,
+    snap: &Snapshot,
+    call: &Call,
+    id: &str,
+    authorization: Option<&HeaderValue>,
+    signer: Option<&crate::sigv4::Signer>,
+) {
+    note_fleet_pending(state, id).await;
+    if !state.pending_background.contains_key(id) {
+        return;
+    }
+    let (Some(project), up) = (call.project.map(|p| &snap.projects[p]), &snap.upstream) else {
+        return;
+    };
+    let path = format!(
+        "{}{}/responses/{id}",
+        up.origin.base_path, up.default_prefix
+    );
+    let Ok(uri) = up.origin.uri(&path, None) else {
+        return;
+    };
+    let mut side = call.sibling(axum::http::Method::GET, uri.clone());
+    side.endpoint = Some(Endpoint::GetResponse);
+    side.target_response = Some(id.to_owned());
+    let mut headers = HeaderMap::with_capacity(2);
+    if let Some(authorization) = authorization {
+        headers.insert(header::AUTHORIZATION, authorization.clone());
+    }
+    headers.insert(OPENAI_PROJECT.clone(), project.id_header.clone());
+    let mut request = axum::http::Request::new(Bytes::new());
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    let outgoing = Outgoing { request, signer };
+    let answer = match send_with_retries(up, &state.upstream, &outgoing, &mut side).await {
+        Ok(response) => response,
+        Err(err) => {
+            side.status = err.status().as_u16();
+            side.error_code = Some(err.code());
+            side.commit(Outcome::UpstreamError);
+            return;
+        }
+    };
+    side.upstream_status = Some(answer.status().as_u16());
+    side.status = answer.status().as_u16();
+    let success = answer.status().is_success();
+    let deadline = tokio::time::Instant::from_std(side.started()) + up.total_timeout;
+    let body = http_body_util::Limited::new(answer.into_body(), MAX_SETTLE_BODY).collect();
+    match tokio::time::timeout_at(deadline, body).await {
+        Ok(Ok(collected)) => {
+            let mut meter = BodyMeter::new(Kind::ResponseJson, 0);
+            meter.observe(&collected.to_bytes());
+            side.metered = Some(meter.result(success, true));
+            side.commit(Outcome::Forwarded);
+        }
+        _ => side.commit(Outcome::UpstreamError),
+    }
+}
+
+/// The project a call naming stored response `id` goes to: the one that created it, when this
+/// key may use it (`current` when the response is unknown here).
+///
+/// # Errors
+/// 404 `response_not_found` when another project, which this key may not use, created it:
+/// to this key it does not exist.
+async fn project_of_response(
+    state: &AppState,
+    snap: &Snapshot,
+    key: &Key,
+    route: Option<&crate::state::Route>,
+    id: &str,
+    current: ProjectIdx,
+) -> Result<ProjectIdx, ProxyError> {
+    match owner_of_response(state, snap, id).await {
+        Some(owner) if attribution::may_use(snap, key, route, owner) => Ok(owner),
+        Some(_) => Err(ProxyError::ResponseNotFound(id.to_owned())),
+        None => Ok(current),
+    }
+}
+
+/// Whether a query asks for a stream (`stream=true`, as the SDKs send it for a GET that
+/// resumes or replays a response's events).
+fn asks_stream(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|pair| pair == "stream=true"))
+}
+
 /// What to meter in an answer.
 fn meter_kind(
     state: &AppState,
@@ -492,11 +610,16 @@ fn meter_kind(
         Endpoint::ChatCompletions => Kind::ChatJson,
         Endpoint::CreateResponse if sse => Kind::ResponsesStream,
         Endpoint::CreateResponse => Kind::ResponseJson,
-        // Only a pending background response's GET can carry usage to meter.
-        Endpoint::GetResponse
+        // Only an answer about a pending background response can carry usage to meter: the
+        // response itself (a GET, a GET replaying or resuming its events) or a cancel's answer.
+        Endpoint::GetResponse | Endpoint::CancelResponse
             if target_response.is_some_and(|id| state.pending_background.contains_key(id)) =>
         {
-            Kind::ResponseJson
+            if sse {
+                Kind::ResponsesStream
+            } else {
+                Kind::ResponseJson
+            }
         }
         _ => Kind::None,
     }

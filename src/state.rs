@@ -443,4 +443,24 @@ impl AppState {
             fleet: None,
         })
     }
+
+    /// Takes in the background responses the ledger still holds as pending (created, never
+    /// seen finished): after a restart, the first answer that shows one finished bills it.
+    ///
+    /// # Errors
+    /// Storage errors of the read.
+    pub fn seed_pending(&self, reader: &dyn LedgerRead) -> anyhow::Result<usize> {
+        let pending = reader.pending_background()?;
+        let n = pending.len();
+        for (id, project, model) in pending {
+            self.pending_background.insert(
+                id,
+                PendingBackground {
+                    project_id: project.into(),
+                    model,
+                },
+            );
+        }
+        Ok(n)
+    }
 }

@@ -892,12 +892,12 @@ async fn path_tricks_are_400_invalid_path_and_never_forwarded() {
         }
     }
     assert!(up.requests().is_empty(), "never forwarded");
-    // The double-encoded form is not a dot segment to anyone: it is simply no endpoint.
+    // A double-encoded form is a dot segment to a server that decodes twice: refused too.
     let request = format!(
         "GET /v1/%252e%252e/organization/projects HTTP/1.1\r\nhost: proxy\r\nauthorization: Bearer {CHAT_KEY}\r\nconnection: close\r\n\r\n"
     );
     let answer = exchange(&proxy, request.as_bytes()).await.expect("answer");
-    assert_eq!(answer.status, 404);
-    assert_eq!(answer.error_code(), "unknown_endpoint");
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.error_code(), "invalid_path");
     assert!(up.requests().is_empty(), "never forwarded");
 }

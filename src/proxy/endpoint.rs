@@ -1,5 +1,7 @@
 //! Which forwarded endpoint a path names, after its route prefix and `/v1` (pure).
 
+use std::borrow::Cow;
+
 use axum::http::Method;
 
 use crate::error::ProxyError;
@@ -147,29 +149,179 @@ pub fn unknown(method: &Method, path: &str) -> ProxyError {
     }
 }
 
-/// Refuses paths whose meaning could change under normalisation: `//`, `.`/`..` segments,
-/// backslashes, and percent-escaped `/`, `\` or `.`. Such paths are how
-/// `/chatbot/../v1/organization/projects` style tricks reach what they should not.
+/// Why a path is refused by [`canonicalize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathFault {
+    /// It does not start with `/`.
+    NotAbsolute,
+    /// `//`: an empty segment, which servers collapse differently.
+    EmptySegment,
+    /// A `.` or `..` segment (escaped or not).
+    DotSegment,
+    /// A backslash (escaped or not): some servers read it as `/`.
+    Backslash,
+    /// A `%` not followed by two hex digits.
+    BadEscape,
+    /// `%25`: an escaped `%`, a second layer of escaping that a second decoder would undo.
+    DoubleEscape,
+    /// `%2F`: an escaped `/`, which hides a segment boundary.
+    EscapedSlash,
+    /// A control character (`%00`, `%0A`, DEL, C1...).
+    ControlChar,
+    /// The decoded bytes are not UTF-8 in its one canonical form (overlong `%C0%AF`,
+    /// surrogates, truncated sequences, stray continuation bytes).
+    InvalidUtf8,
+}
+
+/// Whether a byte stands for itself in a canonical path: RFC 3986's `pchar` without
+/// `pct-encoded` (unreserved, sub-delims, `:` and `@`). Every other byte is escaped.
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+        )
+}
+
+/// The one canonical form of a request path, or why it has none (pure; never panics).
+///
+/// Every escape is decoded exactly once: an escape of `%` (a second layer), of `/` or `\`, of a
+/// control character, a malformed escape, or decoded bytes that are not canonical UTF-8 are
+/// refused, as are `//`, `.`/`..` segments (escaped or not) and backslashes. In the result
+/// the bytes of [`is_plain`] and `/` stand for themselves and every other byte is written
+/// `%XX` (upper-case hex), so two paths that any server decodes alike have one canonical
+/// form, and `canonicalize(canonicalize(p)) == canonicalize(p)`. A path already canonical
+/// (the usual case: no escape at all) is borrowed, not copied.
+///
+/// # Errors
+/// The first [`PathFault`] found.
+pub fn canonicalize(path: &[u8]) -> Result<Cow<'_, str>, PathFault> {
+    if path.first() != Some(&b'/') {
+        return Err(PathFault::NotAbsolute);
+    }
+    if path.iter().all(|&b| b == b'/' || is_plain(b)) {
+        check_segments(path)?;
+        // All ASCII, so this cannot fail; no unwrap on request input all the same.
+        return std::str::from_utf8(path)
+            .map(Cow::Borrowed)
+            .map_err(|_| PathFault::InvalidUtf8);
+    }
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        let b = path[i];
+        if b == b'%' {
+            let hex = |at: usize| path.get(at).and_then(|&h| char::from(h).to_digit(16));
+            let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                return Err(PathFault::BadEscape);
+            };
+            // Both digits are below 16: the byte fits.
+            let v = u8::try_from(hi * 16 + lo).map_err(|_| PathFault::BadEscape)?;
+            match v {
+                b'%' => return Err(PathFault::DoubleEscape),
+                b'/' => return Err(PathFault::EscapedSlash),
+                b'\\' => return Err(PathFault::Backslash),
+                _ => decoded.push(v),
+            }
+            i += 3;
+        } else {
+            if b == b'\\' {
+                return Err(PathFault::Backslash);
+            }
+            decoded.push(b);
+            i += 1;
+        }
+    }
+    let text = std::str::from_utf8(&decoded).map_err(|_| PathFault::InvalidUtf8)?;
+    if text.chars().any(char::is_control) {
+        return Err(PathFault::ControlChar);
+    }
+    check_segments(&decoded)?;
+    let mut out = String::with_capacity(decoded.len() + decoded.len() / 2);
+    for &b in &decoded {
+        if b == b'/' || is_plain(b) {
+            out.push(char::from(b));
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// `//` and dot segments in a decoded path (which starts with `/`).
+fn check_segments(path: &[u8]) -> Result<(), PathFault> {
+    let segments = path.get(1..).unwrap_or_default().split(|&b| b == b'/');
+    let last = segments.clone().count().saturating_sub(1);
+    for (i, segment) in segments.enumerate() {
+        match segment {
+            b"." | b".." => return Err(PathFault::DotSegment),
+            // A trailing `/` leaves an empty last segment: no endpoint, but not ambiguous.
+            b"" if i != last => return Err(PathFault::EmptySegment),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The canonical form of a call's path ([`canonicalize`]).
 ///
 /// # Errors
 /// 400 `invalid_path`.
-pub fn check_normal(path: &str) -> Result<(), ProxyError> {
-    let lower_has = |needle: &str| {
-        path.as_bytes()
-            .windows(needle.len())
-            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
-    };
-    let bad = !path.starts_with('/')
-        || path.contains("//")
-        || path.contains('\\')
-        || path.split('/').any(|s| s == "." || s == "..")
-        // Most paths have no escape at all: one scan for `%` spares the three below.
-        || (path.contains('%') && (lower_has("%2e") || lower_has("%2f") || lower_has("%5c")));
-    if bad {
-        Err(ProxyError::InvalidPath(printable(path)))
+pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, ProxyError> {
+    canonicalize(path.as_bytes()).map_err(|_| ProxyError::InvalidPath(printable(path)))
+}
+
+/// Longest response id accepted (bedrock-mantle's are about 50 characters).
+pub const MAX_RESPONSE_ID: usize = 256;
+
+/// Whether `id` is a response id mantlegate accepts: 1 to [`MAX_RESPONSE_ID`] letters,
+/// digits, `_` and `-`. Anything else could be read differently by the upstream than by the
+/// ownership and billing indexes, which are keyed by this exact text.
+#[must_use]
+pub fn is_response_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_RESPONSE_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `id` when [`is_response_id`] accepts it.
+///
+/// # Errors
+/// 400 `invalid_path`.
+pub fn response_id(id: &str) -> Result<&str, ProxyError> {
+    if is_response_id(id) {
+        Ok(id)
     } else {
-        Ok(())
+        Err(ProxyError::InvalidResponseId(printable(id)))
     }
+}
+
+/// Whether `path` is under `/admin`, mantlegate's own API: a path there that is not one of its
+/// endpoints is no call to forward (and none to bill).
+#[must_use]
+pub fn is_admin(path: &str) -> bool {
+    path.strip_prefix("/admin")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// A path cut to a length and character set safe to echo in an error message.
@@ -271,8 +423,167 @@ mod tests {
             "/v1/responses%2Fx",
             "/v1\\chat",
         ] {
-            assert!(check_normal(p).is_err(), "{p}");
+            assert!(canonical_path(p).is_err(), "{p}");
         }
-        assert!(check_normal("/chatbot/v1/chat/completions").is_ok());
+        assert!(canonical_path("/chatbot/v1/chat/completions").is_ok());
+    }
+
+    fn canon(p: &str) -> Result<String, PathFault> {
+        canonicalize(p.as_bytes()).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn canonical_paths_decode_each_escape_once() {
+        for (path, canonical) in [
+            ("/v1/responses/resp_1", "/v1/responses/resp_1"),
+            ("/v1/responses/%72esp_1", "/v1/responses/resp_1"),
+            ("/v1/responses/%72%65%73%70%5F1", "/v1/responses/resp_1"),
+            ("/%76%31/models", "/v1/models"),
+            ("/v1/models/a%2eb", "/v1/models/a.b"),
+            ("/v1/models/a%3ab", "/v1/models/a:b"),
+            (
+                "/v1/models/us.anthropic.claude:0",
+                "/v1/models/us.anthropic.claude:0",
+            ),
+            ("/v1/x%20y", "/v1/x%20y"),
+            ("/v1/x%3fy%23z", "/v1/x%3Fy%23z"),
+            ("/v1/%e2%82%ac", "/v1/%E2%82%AC"),
+            ("/v1/%7e", "/v1/~"),
+            ("/v1/a{b", "/v1/a%7Bb"),
+            ("/v1/responses/", "/v1/responses/"),
+            ("/", "/"),
+        ] {
+            assert_eq!(canon(path).as_deref(), Ok(canonical), "{path}");
+        }
+        // Nothing to decode: the path itself, not a copy.
+        let plain = "/v1/chat/completions";
+        assert!(matches!(canonicalize(plain.as_bytes()), Ok(Cow::Borrowed(p)) if p == plain));
+    }
+
+    #[test]
+    fn every_fault_is_named() {
+        use PathFault::*;
+        for (path, fault) in [
+            ("", NotAbsolute),
+            ("v1/models", NotAbsolute),
+            ("%2Fv1/models", NotAbsolute),
+            ("//v1/models", EmptySegment),
+            ("/v1//models", EmptySegment),
+            ("/v1/%2e%2e/x", DotSegment),
+            ("/v1/.%2E/x", DotSegment),
+            ("/v1/%2e/x", DotSegment),
+            ("/v1/..", DotSegment),
+            ("/v1/.", DotSegment),
+            ("/v1\\x", Backslash),
+            ("/v1%5cx", Backslash),
+            ("/v1%5Cx", Backslash),
+            ("/v1/%", BadEscape),
+            ("/v1/%2", BadEscape),
+            ("/v1/%zz", BadEscape),
+            ("/v1/%+1", BadEscape),
+            ("/v1/%%31", BadEscape),
+            ("/v1/%252e%252e/x", DoubleEscape),
+            ("/v1/responses/%2572esp_1", DoubleEscape),
+            ("/v1/%25", DoubleEscape),
+            ("/v1/responses%2Fx", EscapedSlash),
+            ("/v1/responses%2fx", EscapedSlash),
+            ("/v1/responses/%00", ControlChar),
+            ("/v1/responses/%0a", ControlChar),
+            ("/v1/responses/%7F", ControlChar),
+            ("/v1/responses/%C2%85", ControlChar),
+            ("/v1/%C0%AF", InvalidUtf8),
+            ("/v1/%C0%AE%C0%AE/x", InvalidUtf8),
+            ("/v1/%E0%80%AF", InvalidUtf8),
+            ("/v1/%F0%80%80%AF", InvalidUtf8),
+            ("/v1/%ED%A0%80", InvalidUtf8),
+            ("/v1/%E2%82", InvalidUtf8),
+            ("/v1/%80", InvalidUtf8),
+            ("/v1/%FF", InvalidUtf8),
+        ] {
+            assert_eq!(canon(path), Err(fault), "{path}");
+        }
+        assert_eq!(
+            canonicalize(b"/v1/\xC0\xAF"),
+            Err(PathFault::InvalidUtf8),
+            "raw bytes are held to the same rules"
+        );
+    }
+
+    #[test]
+    fn response_ids_are_letters_digits_underscore_and_dash() {
+        for ok in ["resp_1", "resp-AZaz09", "r", &"x".repeat(MAX_RESPONSE_ID)] {
+            assert!(is_response_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "resp.1",
+            "..",
+            "resp 1",
+            "resp%2F1",
+            "resp/1",
+            "r\u{e9}sp",
+            "resp\u{0}",
+            &"x".repeat(MAX_RESPONSE_ID + 1),
+        ] {
+            assert!(!is_response_id(bad), "{bad}");
+            assert_eq!(
+                response_id(bad).map_err(|e| e.code()),
+                Err("invalid_path"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn admin_paths() {
+        for p in ["/admin", "/admin/", "/admin/v1/x", "/admin/v2"] {
+            assert!(is_admin(p), "{p}");
+        }
+        for p in ["/administrator", "/v1/admin", "/", "/adminv1/costs"] {
+            assert!(!is_admin(p), "{p}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Any bytes: no panic, and a canonical form is its own canonical form, free of the
+        /// refused shapes.
+        #[test]
+        fn canonical_form_is_stable(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Ok(once) = canonicalize(&raw) {
+                let twice = canonicalize(once.as_bytes());
+                proptest::prop_assert_eq!(twice.as_deref(), Ok(&*once));
+                proptest::prop_assert!(!once.contains("//") && !once.contains('\\'));
+                proptest::prop_assert!(!once.to_ascii_lowercase().contains("%25"));
+            }
+        }
+
+        /// Paths made of the pieces attacks are made of: the same.
+        #[test]
+        fn tricky_paths_are_stable(parts in proptest::collection::vec(proptest::sample::select(vec![
+            "/", ".", "..", "%2e", "%2E", "%2f", "%25", "%5c", "\\", "%", "%C0", "%AF", "%E2%82%AC",
+            "%00", "%7F", "resp_1", "v1", "a", "%72", "%3F", "?", "{", " ", "\u{e9}",
+        ]), 0..12)) {
+            let path: String = parts.concat();
+            if let Ok(once) = canonicalize(path.as_bytes()) {
+                let twice = canonicalize(once.as_bytes());
+                proptest::prop_assert_eq!(twice.as_deref(), Ok(&*once));
+            }
+        }
+
+        /// Escaping plain bytes changes nothing: the canonical form is that of the plain path.
+        #[test]
+        fn escaping_is_undone(id in "[A-Za-z0-9_-]{1,20}", mask in proptest::prelude::any::<u32>()) {
+            let escaped: String = id
+                .bytes()
+                .enumerate()
+                .map(|(i, b)| if mask >> (i % 32) & 1 == 1 { format!("%{b:02x}") } else { char::from(b).to_string() })
+                .collect();
+            let path = format!("/v1/responses/{escaped}");
+            let canonical = format!("/v1/responses/{id}");
+            let got = canonicalize(path.as_bytes());
+            proptest::prop_assert_eq!(got.as_deref(), Ok(canonical.as_str()));
+        }
     }
 }

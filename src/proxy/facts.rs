@@ -35,6 +35,8 @@ pub struct RequestFacts<'a> {
     pub max_output_tokens: Cap,
     /// `background`, when it is a boolean.
     pub background: bool,
+    /// `previous_response_id`, when it is a string: a stored response the call builds on.
+    pub previous_response_id: Option<Cow<'a, str>>,
 }
 
 /// One output-cap member, read as a lenient (Pydantic-style) upstream would read it.
@@ -151,6 +153,9 @@ impl<'de: 'a, 'a> Visitor<'de> for FactsVisitor<'a> {
                 "stream" => facts.stream = map.next_value::<Lenient<bool>>()?.0 == Some(true),
                 "background" => {
                     facts.background = map.next_value::<Lenient<bool>>()?.0 == Some(true);
+                }
+                "previous_response_id" => {
+                    facts.previous_response_id = map.next_value::<Lenient<Cow<'de, str>>>()?.0;
                 }
                 "stream_options" => {
                     facts.has_stream_options = true;

@@ -155,7 +155,9 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
     if stream {
         let gap =
             Duration::from_millis(header_u64(&parts.headers, "x-test-event-gap-ms").unwrap_or(0));
-        let events = if path.ends_with("/responses") {
+        let events = if path.ends_with("/responses") && json["background"] == true {
+            background_events(BACKGROUND_STREAM_ID)
+        } else if path.ends_with("/responses") {
             responses_events()
         } else if json["stream_options"]["include_usage"] == true {
             chat_events_with_usage()
@@ -163,6 +165,9 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
             chat_events()
         };
         return sse(controls, events, gap);
+    }
+    if let Some(answer) = background_answer(&controls, &parts, &path) {
+        return answer;
     }
     if path.ends_with("/responses") && parts.method == Method::POST {
         let background = json["background"] == true;
@@ -215,6 +220,92 @@ async fn fake_handler(State(controls): State<Arc<Controls>>, req: Request) -> Re
         .header("x-amzn-requestid", "req_upstream_1")
         .body(Body::from(echo.to_string()))
         .expect("response")
+}
+
+/// The id of the background response a streamed `background: true` create starts.
+pub const BACKGROUND_STREAM_ID: &str = "resp_bgs";
+
+/// The usage the fake reports for finished background response `id` (`resp_bg*`).
+pub fn background_usage(id: &str) -> serde_json::Value {
+    if id == "resp_bg1" {
+        serde_json::json!({"input_tokens": 1000, "output_tokens": 500, "total_tokens": 1500})
+    } else {
+        serde_json::json!({"input_tokens": 30, "output_tokens": 40, "total_tokens": 70})
+    }
+}
+
+/// The usage in the answer to a cancel of background response `id`.
+pub fn cancelled_usage() -> serde_json::Value {
+    serde_json::json!({"input_tokens": 1000, "output_tokens": 120, "total_tokens": 1120})
+}
+
+/// The events of background response `id`, `sequence_number` 0 to 5: created, four deltas,
+/// completed with [`background_usage`].
+pub fn background_events(id: &str) -> Vec<String> {
+    let mut out = vec![format!(
+        "event: response.created\ndata: {}",
+        serde_json::json!({"type": "response.created", "sequence_number": 0, "response":
+            {"id": id, "object": "response", "status": "in_progress", "background": true, "usage": null}})
+    )];
+    for i in 1..5 {
+        out.push(format!(
+            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{i},\"delta\":\"w{i} \"}}"
+        ));
+    }
+    out.push(format!(
+        "event: response.completed\ndata: {}",
+        serde_json::json!({"type": "response.completed", "sequence_number": 5, "response":
+            {"id": id, "object": "response", "status": "completed", "background": true, "usage": background_usage(id)}})
+    ));
+    out.into_iter().map(|e| format!("{e}\n\n")).collect()
+}
+
+/// Answers about background responses `resp_bg*` other than a plain GET of `resp_bg1`: their
+/// events replayed (`GET ?stream=true`, after `starting_after` when given), a plain GET of the
+/// others, and a cancel (status `cancelled` with [`cancelled_usage`], or none with header
+/// `x-test-no-usage`).
+fn background_answer(
+    controls: &Arc<Controls>,
+    parts: &axum::http::request::Parts,
+    path: &str,
+) -> Option<Response> {
+    let rest = path.split("/responses/").nth(1)?;
+    let mut segments = rest.split('/');
+    let id = segments.next().filter(|id| id.starts_with("resp_bg"))?;
+    let query: Vec<&str> = parts.uri.query().unwrap_or("").split('&').collect();
+    match (&parts.method, segments.next()) {
+        (&Method::GET, None) if query.contains(&"stream=true") => {
+            let after = query
+                .iter()
+                .find_map(|q| q.strip_prefix("starting_after="))
+                .and_then(|n| n.parse::<usize>().ok());
+            let events = background_events(id)
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| after.is_none_or(|n| *i > n))
+                .map(|(_, e)| e)
+                .collect();
+            Some(sse(controls.clone(), events, Duration::ZERO))
+        }
+        (&Method::GET, None) if id != "resp_bg1" => Some(json_response(
+            &parts.headers,
+            &serde_json::json!({
+            "id": id, "object": "response", "status": "completed", "background": true,
+            "usage": background_usage(id)}),
+        )),
+        // `x-test-no-usage`: cancelled before it ran, nothing to report yet.
+        (&Method::POST, Some("cancel")) => Some(json_response(
+            &parts.headers,
+            &serde_json::json!({
+            "id": id, "object": "response", "status": "cancelled", "background": true,
+            "usage": if parts.headers.contains_key("x-test-no-usage") {
+                serde_json::Value::Null
+            } else {
+                cancelled_usage()
+            }}),
+        )),
+        _ => None,
+    }
 }
 
 fn json_response(request: &HeaderMap, v: &serde_json::Value) -> Response {
@@ -394,6 +485,21 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Stops this proxy and starts a new one with `config_text` on the same ledger file, as a
+    /// restart would (wait for the records first: what is queued may not be written).
+    pub async fn restart(self, config_text: &str) -> Self {
+        let Self {
+            _dir: dir,
+            _stop: stop,
+            ..
+        } = self;
+        drop(stop);
+        let config = Config::from_toml(config_text).expect("valid test config");
+        let snapshot = Snapshot::build(&config, Some(UPSTREAM_KEY)).expect("snapshot");
+        let state = AppState::new(snapshot, config.upstream.connect_timeout).expect("state");
+        start(state, dir).await
+    }
+
     /// Waits (up to 10 s) until at least `n` records are committed to the ledger.
     pub async fn wait_for_records(&self, n: u64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -477,6 +583,9 @@ async fn start(mut state: AppState, dir: tempfile::TempDir) -> Proxy {
     let (ledger, _writer) = Ledger::start(Box::new(store), 10_000).expect("writer");
     let ledger_stats = ledger.stats.clone();
     state.ledger = Some(ledger);
+    state
+        .seed_pending(&reader)
+        .expect("pending background responses");
     state.reader = Some(Arc::new(reader));
     state.admin_token = Some(Arc::new(Secret::new(ADMIN_TOKEN.to_owned())));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
