@@ -195,10 +195,12 @@ pub async fn serve(
     // silent or idle and how many may be open (`server`), and wraps each connection to refuse
     // requests whose length is ambiguous (`framing`).
     let snapshot = state.snapshot.clone();
+    let metrics = state.metrics.clone();
     server::run(
         listener,
         App::new(state),
         &snapshot,
+        metrics,
         shutdown,
         drain_timeout,
     )

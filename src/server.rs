@@ -38,6 +38,7 @@ use tower::Service;
 
 use crate::config::ServerConfig;
 use crate::framing;
+use crate::metrics::Metrics;
 use crate::state::Snapshot;
 
 /// How long a closing connection is given to say goodbye (flush a GOAWAY, have its ping
@@ -168,6 +169,7 @@ impl Conn {
 /// to reach them all. Locked on accept and on a connection's end only, never across an await.
 struct Registry {
     slots: Mutex<Slots>,
+    metrics: Arc<Metrics>,
     /// Notified when the last connection ends.
     empty: Notify,
     live: AtomicUsize,
@@ -180,9 +182,10 @@ struct Slots {
 }
 
 impl Registry {
-    fn new() -> Self {
+    fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             slots: Mutex::new(Slots::default()),
+            metrics,
             empty: Notify::new(),
             live: AtomicUsize::new(0),
         }
@@ -198,6 +201,7 @@ impl Registry {
     fn insert(&self, conn: Arc<Conn>) -> usize {
         let mut slots = self.slots();
         self.live.fetch_add(1, Ordering::AcqRel);
+        self.metrics.connection(true);
         if let Some(i) = slots.free.pop() {
             slots.conns[i] = Some(conn);
             i
@@ -213,6 +217,7 @@ impl Registry {
             && slot.take().is_some()
         {
             slots.free.push(i);
+            self.metrics.connection(false);
             if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.empty.notify_waiters();
             }
@@ -245,6 +250,7 @@ impl Registry {
         match oldest {
             Some(conn) => {
                 conn.signal(EVICT);
+                self.metrics.connection_closed("evicted");
                 true
             }
             None => false,
@@ -340,10 +346,11 @@ pub async fn run(
     listener: TcpListener,
     app: crate::App,
     snapshot: &ArcSwap<Snapshot>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain_timeout: Duration,
 ) {
-    let registry = Arc::new(Registry::new());
+    let registry = Arc::new(Registry::new(metrics));
     let derived = derived_max_connections(
         rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft),
     );
@@ -399,6 +406,7 @@ pub async fn run(
                 );
             }
             if !evicted {
+                registry.metrics.connection_closed("refused");
                 drop(stream);
                 continue;
             }
@@ -423,8 +431,8 @@ pub async fn run(
             registry: registry.clone(),
         };
         tokio::spawn(async move {
-            let _registered = registered;
-            drive(connection, &conn, limits).await;
+            drive(connection, &conn, limits, &registered.registry.metrics).await;
+            drop(registered);
         });
     }
     drop(listener);
@@ -434,6 +442,8 @@ pub async fn run(
         "shutting down: draining calls in flight"
     );
     registry.signal_all(DRAIN);
+    let open = registry.live.load(Ordering::Acquire);
+    registry.metrics.connection_closed_n("shutdown", open);
     tokio::select! {
         () = registry.wait_empty() => {}
         () = tokio::time::sleep(drain_timeout) => {
@@ -454,7 +464,12 @@ enum Phase {
 }
 
 /// Runs one connection to its end under its timers and signals (see the module docs).
-async fn drive(connection: impl GracefulConnection, conn: &Conn, limits: Limits) {
+async fn drive(
+    connection: impl GracefulConnection,
+    conn: &Conn,
+    limits: Limits,
+    metrics: &Metrics,
+) {
     let mut connection = std::pin::pin!(connection);
     let timer = tokio::time::sleep_until((conn.accepted + limits.header_read_timeout).into());
     tokio::pin!(timer);
@@ -476,6 +491,7 @@ async fn drive(connection: impl GracefulConnection, conn: &Conn, limits: Limits)
                         }
                         Err(why) => {
                             tracing::debug!(why, "closing a connection");
+                            metrics.connection_closed(why);
                             begin_closing(connection.as_mut(), conn, now)
                         }
                     },
@@ -534,17 +550,17 @@ fn open_deadline(conn: &Conn, limits: &Limits, now: Instant) -> Result<Instant, 
         return Ok(now + limits.idle_timeout);
     }
     let (mut deadline, mut why) = if conn.served.load(Ordering::Acquire) {
-        (conn.idle_since() + limits.idle_timeout, "idle")
+        (conn.idle_since() + limits.idle_timeout, "idle_timeout")
     } else {
         (
             conn.accepted + limits.header_read_timeout,
-            "no request head in time",
+            "header_read_timeout",
         )
     };
     if let Some(began) = conn.heads.head_started() {
         let head = conn.accepted + began + limits.header_read_timeout;
         if head < deadline {
-            (deadline, why) = (head, "request head not complete in time");
+            (deadline, why) = (head, "header_read_timeout");
         }
     }
     if now >= deadline {
@@ -714,7 +730,7 @@ mod tests {
 
     #[test]
     fn the_longest_idle_connection_is_evicted_and_never_a_busy_one() {
-        let registry = Registry::new();
+        let registry = Registry::new(Arc::new(Metrics::new()));
         let (old, young, busy) = (conn(), conn(), conn());
         young.ended_ms.store(5_000, Ordering::Release);
         let _active = Active::begin(&busy);

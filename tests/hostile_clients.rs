@@ -67,6 +67,21 @@ async fn read_response(conn: &mut TcpStream) -> (String, Vec<u8>) {
         .expect("a response within 10 s")
 }
 
+/// The value of a counter or gauge line `series` in `/metrics` (0 when absent).
+async fn metric(proxy: &Proxy, series: &str) -> u64 {
+    let text = client()
+        .get(format!("{}/metrics", proxy.url))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse().expect("a number"))
+}
+
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines()
         .filter_map(|l| l.split_once(':'))
@@ -175,6 +190,14 @@ async fn a_silent_socket_is_closed_after_header_read_timeout() {
     assert!(closed - started >= Duration::from_millis(250));
     proxy.assert_healthy().await;
     assert!(up.requests().is_empty());
+    assert_eq!(
+        metric(
+            &proxy,
+            "mantlegate_client_connections_closed_total{reason=\"header_read_timeout\"}"
+        )
+        .await,
+        2
+    );
 }
 
 #[tokio::test]
@@ -395,6 +418,13 @@ async fn a_full_connection_table_of_silent_sockets_closes_the_oldest_and_healthz
     // The longest idle went first.
     wait_closed(&mut silent[0], Duration::from_secs(5)).await;
     wait_closed(&mut silent[9], Duration::from_secs(5)).await;
+    let evicted = metric(
+        &proxy,
+        "mantlegate_client_connections_closed_total{reason=\"evicted\"}",
+    )
+    .await;
+    assert!(evicted >= 10, "{evicted} evicted");
+    assert!(metric(&proxy, "mantlegate_client_connections").await <= 21);
 }
 
 #[tokio::test]
