@@ -7,15 +7,17 @@
 //!   SETTINGS, half a head);
 //! - afterwards, while no request is in progress (an idle HTTP/1 keep-alive connection, an
 //!   HTTP/2 connection with no open stream), it is closed `idle_timeout` after the last request
-//!   ended, or `header_read_timeout` after a new HTTP/1 head began, whichever comes first;
+//!   ended, or `header_read_timeout` after a new HTTP/1 head began (looked at every
+//!   `header_read_timeout`, so at most twice that), whichever comes first;
 //! - past `max_connections`, a new connection closes the longest-idle one;
 //! - on shutdown, idle connections close at once (HTTP/2 with GOAWAY) and busy ones as soon as
 //!   their last request ends.
 //!
 //! Closing is hyper's graceful shutdown (GOAWAY, or the end of keep-alive), then, after
 //! [`CLOSE_GRACE`], the socket is dropped: a client that never answers the GOAWAY's ping
-//! cannot hold it open. The request path pays two atomic operations and a clock read per
-//! request (at its start and end) and nothing per read.
+//! cannot hold it open. The request path pays a few atomic operations and a clock read per
+//! request (at its start and end); a read pays a branch, and an atomic store only where a
+//! head begins or ends.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -544,10 +546,15 @@ fn closing(conn: &Conn, now: Instant) -> Phase {
 }
 
 /// When an open connection is next looked at, or why it is to close now.
+///
+/// Nothing wakes the task when an HTTP/1 head begins: it looks at least every
+/// `header_read_timeout`, so a head begun on a keep-alive connection is cut at most that
+/// late.
 fn open_deadline(conn: &Conn, limits: &Limits, now: Instant) -> Result<Instant, &'static str> {
+    let next_look = now + limits.header_read_timeout.min(limits.idle_timeout);
     if conn.active.load(Ordering::Acquire) > 0 {
         // Busy: looked at again later (the request's own timeouts bound it).
-        return Ok(now + limits.idle_timeout);
+        return Ok(next_look);
     }
     let (mut deadline, mut why) = if conn.served.load(Ordering::Acquire) {
         (conn.idle_since() + limits.idle_timeout, "idle_timeout")
@@ -566,7 +573,7 @@ fn open_deadline(conn: &Conn, limits: &Limits, now: Instant) -> Result<Instant, 
     if now >= deadline {
         Err(why)
     } else {
-        Ok(deadline)
+        Ok(deadline.min(next_look))
     }
 }
 
@@ -714,18 +721,21 @@ mod tests {
         // While a request is in progress: never closed, looked at again later.
         let active = Active::begin(&c);
         let later = at + Duration::from_secs(30);
-        assert_eq!(
-            open_deadline(&c, &limits, later),
-            Ok(later + limits.idle_timeout)
-        );
+        let look = limits.header_read_timeout;
+        assert_eq!(open_deadline(&c, &limits, later), Ok(later + look));
         drop(active);
-        // Idle after it: from its end.
+        // Idle after it: from its end, looked at every header_read_timeout meanwhile.
         let idle = c.idle_since();
+        assert_eq!(open_deadline(&c, &limits, idle), Ok(idle + look));
+        let almost = idle + Duration::from_secs(59);
         assert_eq!(
-            open_deadline(&c, &limits, idle),
+            open_deadline(&c, &limits, almost),
             Ok(idle + limits.idle_timeout)
         );
-        assert!(open_deadline(&c, &limits, idle + limits.idle_timeout).is_err());
+        assert_eq!(
+            open_deadline(&c, &limits, idle + limits.idle_timeout),
+            Err("idle_timeout")
+        );
     }
 
     #[test]
