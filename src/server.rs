@@ -227,6 +227,7 @@ impl Registry {
     }
 
     /// Connections open and not being evicted.
+    #[cfg(test)]
     fn open(&self) -> usize {
         self.slots()
             .conns
@@ -236,19 +237,31 @@ impl Registry {
             .count()
     }
 
-    /// Closes the connection idle the longest (none: every connection is busy). Linear in
-    /// the connections open: it runs only when the table is full.
-    fn evict_longest_idle(&self) -> bool {
+    /// Makes room for one more connection under `max`: true when there is room, by closing
+    /// the connection idle the longest if need be; false when every connection is busy. One
+    /// scan of the table, only when it looks full.
+    fn make_room(&self, max: usize) -> bool {
+        if self.live.load(Ordering::Acquire) < max {
+            return true;
+        }
         let slots = self.slots();
-        let oldest = slots
-            .conns
-            .iter()
-            .flatten()
-            .filter(|c| {
-                c.active.load(Ordering::Acquire) == 0
-                    && c.signal.load(Ordering::Acquire) & EVICT == 0
-            })
-            .min_by_key(|c| c.idle_since());
+        let mut open = 0;
+        let mut oldest: Option<&Arc<Conn>> = None;
+        for conn in slots.conns.iter().flatten() {
+            if conn.signal.load(Ordering::Acquire) & EVICT != 0 {
+                // Already closing: its slot is as good as free.
+                continue;
+            }
+            open += 1;
+            if conn.active.load(Ordering::Acquire) == 0
+                && oldest.is_none_or(|o| conn.idle_since() < o.idle_since())
+            {
+                oldest = Some(conn);
+            }
+        }
+        if open < max {
+            return true;
+        }
         match oldest {
             Some(conn) => {
                 conn.signal(EVICT);
@@ -257,6 +270,11 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// Closes the connection idle the longest (none: every connection is busy).
+    fn evict_longest_idle(&self) -> bool {
+        self.make_room(0)
     }
 
     fn signal_all(&self, bit: u8) {
@@ -396,10 +414,10 @@ pub async fn run(
             conn_builder = builder(&limits);
         }
         let max = limits.max_connections.unwrap_or(derived);
-        if registry.live.load(Ordering::Acquire) >= max && registry.open() >= max {
+        if registry.live.load(Ordering::Acquire) >= max {
             // Full: the longest-idle connection makes room; with none idle, the new one is
             // turned away.
-            let evicted = registry.evict_longest_idle();
+            let room = registry.make_room(max);
             if let Some(suppressed) = full_log.ready() {
                 tracing::warn!(
                     max_connections = max,
@@ -407,7 +425,7 @@ pub async fn run(
                     "connection limit reached: closing the longest-idle connections"
                 );
             }
-            if !evicted {
+            if !room {
                 registry.metrics.connection_closed("refused");
                 drop(stream);
                 continue;
