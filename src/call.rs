@@ -57,7 +57,8 @@ pub struct Call {
     wall_ms: i64,
     state: Arc<AppState>,
     snap: Arc<Snapshot>,
-    _in_flight: InFlightSlot,
+    /// Its count in `state.in_flight`, once admitted ([`Call::enter_in_flight`]).
+    in_flight: Option<InFlightSlot>,
     /// HTTP method.
     pub method: Method,
     /// Request URI (cheap to clone: shares the request's bytes).
@@ -112,8 +113,8 @@ pub struct Call {
 }
 
 impl Call {
-    /// Starts the context of a call that arrived at `started`, under `snap`. The caller has
-    /// already counted it in `state.in_flight`; the call gives that back when dropped.
+    /// Starts the context of a call that arrived at `started`, under `snap`. It is not counted
+    /// in flight until [`Call::enter_in_flight`].
     #[must_use]
     pub fn new(
         started: Instant,
@@ -125,14 +126,13 @@ impl Call {
         let wall_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let in_flight = InFlightSlot(state.in_flight.clone());
         Self {
             started,
             id: crate::ledger::new_call_id(wall_ms),
             wall_ms,
             state,
             snap,
-            _in_flight: in_flight,
+            in_flight: None,
             method,
             uri,
             request_id: None,
@@ -164,9 +164,6 @@ impl Call {
     /// with a record of its own, counted in flight while it lasts.
     #[must_use]
     pub fn sibling(&self, method: Method, uri: Uri) -> Self {
-        self.state
-            .in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let mut call = Self::new(
             Instant::now(),
             method,
@@ -178,7 +175,21 @@ impl Call {
         call.key.clone_from(&self.key);
         call.key_fp.clone_from(&self.key_fp);
         call.project = self.project;
+        // It runs because this call was admitted: counted, never refused.
+        call.enter_in_flight(usize::MAX);
         call
+    }
+
+    /// Counts the call in `state.in_flight` until it is dropped; false when that makes more
+    /// than `max` calls in flight (the call is to be refused).
+    pub fn enter_in_flight(&mut self, max: usize) -> bool {
+        if self.in_flight.is_some() {
+            return true;
+        }
+        let counter = &self.state.in_flight;
+        let now = counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        self.in_flight = Some(InFlightSlot(counter.clone()));
+        now <= max
     }
 
     /// The snapshot this call runs under.

@@ -323,6 +323,26 @@ async fn serve(path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     run(addr, snapshot, &config, token, Some(path)).await
 }
 
+/// Every connection is a descriptor: takes all the system grants before the connection table
+/// is sized from it, and says what that allows.
+fn raise_fd_limit(config: &Config) {
+    if let Some(open_files) = crate::server::raise_fd_limit() {
+        let derived = crate::server::derived_max_connections(open_files);
+        match config.server.max_connections {
+            Some(max) if max > derived => tracing::warn!(
+                max_connections = max,
+                open_files,
+                "server.max_connections leaves too few file descriptors for upstream connections and the ledger: at {derived} or fewer, a full table closes idle connections instead of failing accepts"
+            ),
+            max => tracing::info!(
+                open_files,
+                max_connections = max.unwrap_or(derived),
+                "connection limit"
+            ),
+        }
+    }
+}
+
 /// Admin token from `[admin] token_env`, when set and present.
 fn admin_token(config: &Config) -> Option<String> {
     let var = config.admin.token_env.as_ref()?;
@@ -410,6 +430,7 @@ async fn run(
         let app = crate::metrics_router(state.clone());
         tokio::spawn(async move { axum::serve(metrics_listener, app).await });
     }
+    raise_fd_limit(config);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;

@@ -243,7 +243,38 @@ pub struct ServerConfig {
     /// Serve `/metrics` without credentials on this address (keep it private). The main
     /// listener serves `/metrics` only to the admin token or `metrics.token_env`'s.
     pub metrics_listen: Option<String>,
+    /// How long a connection may take, from accept, to send its first complete request head
+    /// (for HTTP/2: the preface, SETTINGS and a stream's complete headers); also how long any
+    /// later HTTP/1 head may take from its first byte. Past it the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a connection may sit with no request in progress (an idle HTTP/1 keep-alive
+    /// connection, an HTTP/2 connection with no open stream) before it is closed. Also the
+    /// HTTP/2 keep-alive ping interval; a ping unanswered within it closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long a request body may take to arrive whole, from its head; past it 408
+    /// `request_timeout` and the connection is closed. A call counts against `max_in_flight`
+    /// only once its body is in.
+    #[serde(with = "humantime_serde")]
+    pub request_body_timeout: Duration,
+    /// Most client connections open at once; when full, the longest-idle connection is closed
+    /// to make room for a new one. Unset: derived from the file-descriptor limit (raised to
+    /// its hard limit at start), leaving room for upstream connections and the ledger.
+    pub max_connections: Option<usize>,
 }
+
+/// `server.header_read_timeout` unless set.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// `server.idle_timeout` unless set.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_mins(1);
+/// `server.request_body_timeout` unless set.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest connection timeout accepted: past an hour a timeout no longer protects anything.
+const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_hours(1);
+/// The most connections `server.max_connections` may name (far past any file-descriptor limit
+/// a machine grants: a larger number is a typo).
+const MAX_CONNECTIONS: usize = 10_000_000;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -253,6 +284,10 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             max_in_flight: 10_000,
             metrics_listen: None,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
+            max_connections: None,
         }
     }
 }
@@ -815,6 +850,36 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             v.add("server.max_body_bytes", "must be greater than 0");
         }
+        for (name, value) in [
+            ("header_read_timeout", self.server.header_read_timeout),
+            ("idle_timeout", self.server.idle_timeout),
+            ("request_body_timeout", self.server.request_body_timeout),
+        ] {
+            if value.is_zero() {
+                v.add(
+                    format!("server.{name}"),
+                    "must be greater than 0 (a connection would be closed at once)",
+                );
+            } else if value > MAX_CONNECTION_TIMEOUT {
+                v.add(
+                    format!("server.{name}"),
+                    format!("{value:?} is too long to protect anything: at most 1h"),
+                );
+            }
+        }
+        match self.server.max_connections {
+            Some(0) => v.add(
+                "server.max_connections",
+                "must be greater than 0 (leave it unset to derive it from the file-descriptor limit)",
+            ),
+            Some(n) if n > MAX_CONNECTIONS => v.add(
+                "server.max_connections",
+                format!(
+                    "{n} is more than any file-descriptor limit allows: at most {MAX_CONNECTIONS}, or leave it unset to derive it"
+                ),
+            ),
+            _ => {}
+        }
     }
 
     fn validate_upstream(&self, v: &mut Validator) {
@@ -1127,6 +1192,75 @@ mod tests {
         assert_eq!(c.upstream.default_prefix, "/v1");
         assert_eq!(c.upstream.api_key_env, "BEDROCK_API_KEY");
         assert_eq!(c.attribution.on_missing, OnMissing::Reject);
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_refuse_zero_and_absurd_values() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.idle_timeout, Duration::from_mins(1));
+        assert_eq!(c.server.request_body_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.max_connections, None);
+        let set = format!(
+            "[server]\nheader_read_timeout = \"300ms\"\nidle_timeout = \"2m\"\nrequest_body_timeout = \"5s\"\nmax_connections = 20\n{MINIMAL}"
+        );
+        let c = Config::from_toml(&set).expect("valid");
+        assert_eq!(c.server.header_read_timeout, Duration::from_millis(300));
+        assert_eq!(c.server.idle_timeout, Duration::from_mins(2));
+        assert_eq!(c.server.request_body_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.max_connections, Some(20));
+        for (line, path, says) in [
+            (
+                "header_read_timeout = \"0s\"",
+                "server.header_read_timeout",
+                "greater than 0",
+            ),
+            (
+                "idle_timeout = \"0ms\"",
+                "server.idle_timeout",
+                "greater than 0",
+            ),
+            (
+                "request_body_timeout = \"0s\"",
+                "server.request_body_timeout",
+                "greater than 0",
+            ),
+            (
+                "header_read_timeout = \"2h\"",
+                "server.header_read_timeout",
+                "at most 1h",
+            ),
+            (
+                "idle_timeout = \"30days\"",
+                "server.idle_timeout",
+                "at most 1h",
+            ),
+            (
+                "request_body_timeout = \"61m\"",
+                "server.request_body_timeout",
+                "at most 1h",
+            ),
+            (
+                "max_connections = 0",
+                "server.max_connections",
+                "greater than 0",
+            ),
+            (
+                "max_connections = 99999999999",
+                "server.max_connections",
+                "at most 10000000",
+            ),
+        ] {
+            let p = problems(&format!("[server]\n{line}\n{MINIMAL}"));
+            assert_eq!(p.len(), 1, "{line}: {p:?}");
+            assert_eq!(p[0].path, path, "{line}");
+            assert!(p[0].message.contains(says), "{line}: {}", p[0].message);
+        }
+        // Not a duration at all: a parse error naming the key.
+        match Config::from_toml(&format!("[server]\nidle_timeout = 5\n{MINIMAL}")) {
+            Err(ConfigError::Parse(msg)) => assert!(msg.contains("idle_timeout"), "{msg}"),
+            other => panic!("expected a parse error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -129,6 +129,9 @@ pub enum ProxyError {
     /// name profiles, role ARNs and files).
     #[error("mantlegate has no AWS credentials for bedrock-mantle right now; retry shortly")]
     UpstreamCredentials(String),
+    /// The request body did not arrive whole within `server.request_body_timeout`.
+    #[error("the request body did not arrive whole within {}s (server.request_body_timeout); send it at once, or retry on a faster link", .0.as_secs_f64())]
+    RequestTimeout(Duration),
     /// Too many calls in flight (`server.max_in_flight`).
     #[error("mantlegate is at its limit of {0} calls in flight; retry shortly")]
     Overloaded(usize),
@@ -158,6 +161,7 @@ impl ProxyError {
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::UnknownEndpoint { .. } | Self::ResponseNotFound(_) => StatusCode::NOT_FOUND,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited(_) | Self::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -182,6 +186,7 @@ impl ProxyError {
             Self::RateLimited(_) => "rate_limit_exceeded",
             Self::BudgetExceeded { .. } => "budget_exceeded",
             Self::RequestTooLarge(_) => "request_too_large",
+            Self::RequestTimeout(_) => "request_timeout",
             // The answer may still reach a half-closed client; the ledger records the call as
             // a client disconnect.
             Self::BadBody(_) | Self::ClientGone => "invalid_body",
@@ -264,9 +269,10 @@ impl IntoResponse for ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Self::AmbiguousLength(_) = self {
-            // Where the next request would start is the very thing in doubt: hyper closes the
-            // connection after an answer saying so.
+        if let Self::AmbiguousLength(_) | Self::RequestTimeout(_) = self {
+            // Where the next request would start is the very thing in doubt (or the rest of a
+            // body is still to come): hyper closes the connection after an answer saying so.
+            // (HTTP/2 has no such header: hyper drops it, and resets the unfinished stream.)
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         match &self {
@@ -275,6 +281,8 @@ impl IntoResponse for ProxyError {
             Self::Overloaded(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            // A slow link may be faster next time: the SDKs retry 408 by themselves.
+            Self::RequestTimeout(_) => {}
             // Retrying cannot fix a refusal; the SDKs honour this header.
             _ if self.is_rejection() => {
                 headers.insert("x-should-retry", HeaderValue::from_static("false"));

@@ -34,6 +34,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::Request;
@@ -75,14 +76,66 @@ impl fmt::Display for Ambiguity {
     }
 }
 
-/// What the inspection of one connection found, shared by [`Inspected`] and [`Guarded`].
-#[derive(Debug, Default)]
+/// What the inspection of one connection found, shared by [`Inspected`] and [`Guarded`] (and
+/// read by the connection's timers).
+#[derive(Debug)]
 pub struct Heads {
+    /// When the connection was accepted.
+    accepted: Instant,
     /// Requests handed to the app so far.
     served: AtomicU64,
     /// The first refused head: its number on the connection (from 1) and why. Nothing after
     /// it matters: its answer closes the connection.
     refused: OnceLock<(u64, Ambiguity)>,
+    /// When the HTTP/1 head being received began, in milliseconds after `accepted`, plus one;
+    /// 0 while no head is partly received.
+    head_started: AtomicU64,
+}
+
+impl Heads {
+    /// The heads of a connection accepted at `accepted`.
+    #[must_use]
+    pub fn new(accepted: Instant) -> Self {
+        Self {
+            accepted,
+            served: AtomicU64::new(0),
+            refused: OnceLock::new(),
+            head_started: AtomicU64::new(0),
+        }
+    }
+
+    /// When the connection was accepted.
+    #[must_use]
+    pub fn accepted(&self) -> Instant {
+        self.accepted
+    }
+
+    /// How long after accept the HTTP/1 head being received began; `None` while no head is
+    /// partly received (and always over HTTP/2).
+    #[must_use]
+    pub fn head_started(&self) -> Option<Duration> {
+        match self.head_started.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms - 1)),
+        }
+    }
+
+    fn note_head_pending(&self, pending: bool) {
+        let ms = if pending {
+            u64::try_from(self.accepted.elapsed().as_millis())
+                .unwrap_or(u64::MAX - 1)
+                .saturating_add(1)
+        } else {
+            0
+        };
+        self.head_started.store(ms, Ordering::Release);
+    }
+}
+
+impl Default for Heads {
+    fn default() -> Self {
+        Self::new(Instant::now())
+    }
 }
 
 /// A client connection whose request heads are read on their way to hyper.
@@ -93,6 +146,8 @@ pub struct Inspected<IO> {
     heads: Arc<Heads>,
     peer: SocketAddr,
     rewrite: Rewrite,
+    /// Whether `heads` says a head is partly received.
+    head_pending: bool,
 }
 
 /// Where the rewriting of hyper's bare refusal is.
@@ -121,6 +176,7 @@ impl<IO> Inspected<IO> {
             heads,
             peer,
             rewrite: Rewrite::Watching,
+            head_pending: false,
         }
     }
 }
@@ -243,6 +299,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Inspected<IO> {
         if let Some(refused) = this.tracker.feed(&buf.filled()[before..]) {
             // Set once: the tracker stops at the first refused head.
             let _ = this.heads.refused.set(refused);
+        }
+        // Only where a head starts or ends: most reads change nothing here.
+        let pending = this.tracker.head_pending();
+        if pending != this.head_pending {
+            this.head_pending = pending;
+            this.heads.note_head_pending(pending);
         }
         Poll::Ready(Ok(()))
     }
@@ -392,6 +454,11 @@ enum Verdict {
 }
 
 impl Tracker {
+    /// Whether a head has begun and is not complete yet.
+    fn head_pending(&self) -> bool {
+        self.state == State::Head && !self.partial.is_empty()
+    }
+
     /// Follows `bytes`, the next bytes read from the client. Returns the number and reason of
     /// a head refused among them (after which the tracker is off).
     fn feed(&mut self, mut bytes: &[u8]) -> Option<(u64, Ambiguity)> {

@@ -23,6 +23,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod report;
 pub mod secret;
+pub mod server;
 pub mod sigv4;
 pub mod state;
 pub mod upstream;
@@ -36,18 +37,11 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::ProxyError;
 use crate::state::AppState;
-
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the in-process response-id index keeps an entry: long past the ledger's commit
 /// (after it, lookups go to the ledger's index), short enough that the index stays small
@@ -198,59 +192,20 @@ pub async fn serve(
         }
     });
     let _stop_pruner = AbortOnDrop(pruner);
-    // Our own accept loop rather than `axum::serve`: it gives hyper a timer, so a client that
-    // never finishes its request headers (slowloris) is cut off after HEADER_READ_TIMEOUT, and
-    // it wraps each connection to refuse requests whose length is ambiguous (`framing`).
-    let mut builder = ConnBuilder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(framing::MAX_HEAD_BYTES);
-    let app = App::new(state);
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::error!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Small writes (stream events) leave at once: without TCP_NODELAY, Nagle's algorithm
-        // and delayed ACKs hold them back by up to 40 ms.
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(%err, "cannot set TCP_NODELAY");
-        }
-        let heads = Arc::new(framing::Heads::default());
-        let io = TokioIo::new(framing::Inspected::new(stream, heads.clone(), peer));
-        let service = TowerToHyperService::new(framing::Guarded::new(app.clone(), heads, peer));
-        let connection = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            // Errors here are the client's (reset, bad framing): nothing to do but drop it.
-            let _ = connection.await;
-        });
-    }
-    drop(listener);
-    tracing::info!(
-        drain_timeout_s = drain_timeout.as_secs_f64(),
-        "shutting down: draining calls in flight"
-    );
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(drain_timeout) => {
-            tracing::warn!("drain timeout reached: closing calls still in flight");
-        }
-    }
+    // Our own accept loop rather than `axum::serve`: it bounds how long a connection may stay
+    // silent or idle and how many may be open (`server`), and wraps each connection to refuse
+    // requests whose length is ambiguous (`framing`).
+    let snapshot = state.snapshot.clone();
+    let metrics = state.metrics.clone();
+    server::run(
+        listener,
+        App::new(state),
+        &snapshot,
+        metrics,
+        shutdown,
+        drain_timeout,
+    )
+    .await;
     Ok(())
 }
 

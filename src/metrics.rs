@@ -82,6 +82,8 @@ pub struct Metrics {
     ledger_dropped: Gauge,
     ledger_errors: Gauge,
     in_flight: Gauge,
+    connections_open: Gauge,
+    connections_closed: Family<ReasonLabels, Counter>,
     budget_limit: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     budget_spend: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     reloads: Counter,
@@ -89,6 +91,11 @@ pub struct Metrics {
     /// Shared rate-limit store: up, fallback calls, settles dropped, outages. Families
     /// without labels, so that nothing shows without a store.
     rate_store: [Family<NoLabels, Gauge>; 4],
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -229,6 +236,18 @@ impl Metrics {
         );
         let in_flight = Gauge::default();
         registry.register("in_flight_requests", "Calls in progress", in_flight.clone());
+        let connections_open = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open",
+            connections_open.clone(),
+        );
+        let connections_closed = Family::default();
+        registry.register(
+            "client_connections_closed",
+            "Client connections mantlegate closed, by reason: header_read_timeout, idle_timeout, evicted (the longest idle, for a new one past max_connections), refused (past max_connections, none idle), shutdown",
+            connections_closed.clone(),
+        );
         let reloads = Counter::default();
         registry.register("config_reloads", "Config reloads taken", reloads.clone());
         let rate_store: [Family<NoLabels, Gauge>; 4] = Default::default();
@@ -286,6 +305,8 @@ impl Metrics {
             ledger_dropped,
             ledger_errors,
             in_flight,
+            connections_open,
+            connections_closed,
             budget_limit,
             budget_spend,
             reloads,
@@ -307,6 +328,29 @@ impl Metrics {
         for (family, value) in self.rate_store.iter().zip(values) {
             family.get_or_create(&[]).set(value);
         }
+    }
+
+    /// Counts a client connection opened (`true`) or ended (`false`).
+    pub fn connection(&self, opened: bool) {
+        if opened {
+            self.connections_open.inc();
+        } else {
+            self.connections_open.dec();
+        }
+    }
+
+    /// Counts a client connection mantlegate closed, and why (a fixed word).
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts `n` client connections mantlegate closed for `reason`.
+    pub fn connection_closed_n(&self, reason: &'static str, n: usize) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     /// Counts a config reload, taken or refused.

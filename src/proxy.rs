@@ -6,7 +6,6 @@ pub mod headers;
 pub mod relay;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -38,7 +37,6 @@ static OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
 pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     // One snapshot for the whole call: a reload mid-call does not change its rules.
     let snap = state.snapshot.load_full();
-    let in_flight = state.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
     let mut call = Call::new(
         Instant::now(),
         req.method().clone(),
@@ -46,13 +44,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Respons
         state.clone(),
         snap.clone(),
     );
-    let forwarded = if in_flight > snap.max_in_flight {
-        // Refused at once: an unbounded queue would only turn overload into timeouts.
-        Err(ProxyError::Overloaded(snap.max_in_flight))
-    } else {
-        forward(&state, &snap, req, &mut call).await
-    };
-    match forwarded {
+    match forward(&state, &snap, req, &mut call).await {
         Ok(upstream) => {
             let Upstream {
                 mut parts,
@@ -209,7 +201,8 @@ async fn forward(
     };
 
     let mut body = if endpoint.forwards_body() {
-        read_body(body, snap.max_body_bytes, &parts).await?
+        let within = (call.started(), snap.connections.request_body_timeout);
+        read_body(body, snap.max_body_bytes, &parts, within).await?
     } else {
         Bytes::new()
     };
@@ -300,10 +293,11 @@ async fn forward(
     })
 }
 
-/// Admission control: the rate limits of the project and the key, then the budgets the
-/// project falls under, each taking the call's estimate, corrected when the call ends:
-/// input from the body size, output from the cap the upstream honours for the API
-/// ([`RequestFacts::output_cap`]), else the model's ceiling (its price row's
+/// Admission control: the calls in flight (counted only now that the body is in, so that
+/// bodies still arriving never keep other calls out), the rate limits of the project and the
+/// key, then the budgets the project falls under, each taking the call's estimate, corrected
+/// when the call ends: input from the body size, output from the cap the upstream honours for
+/// the API ([`RequestFacts::output_cap`]), else the model's ceiling (its price row's
 /// `max_output_tokens`), else `default_max_output_tokens`. A cap is taken as sent, never
 /// lowered to the ceiling: a cap above it is the upstream's to refuse. With a shared
 /// rate-limit store (`[limits] store`) the limits cost one Redis round trip, awaited.
@@ -315,6 +309,10 @@ async fn admit(
     max_output: Option<u64>,
     call: &mut Call,
 ) -> Result<(), ProxyError> {
+    if !call.enter_in_flight(snap.max_in_flight) {
+        // Refused at once: an unbounded queue would only turn overload into timeouts.
+        return Err(ProxyError::Overloaded(snap.max_in_flight));
+    }
     let generates = matches!(
         endpoint,
         Endpoint::ChatCompletions | Endpoint::CreateResponse
@@ -701,8 +699,14 @@ fn requested_project(headers: &HeaderMap) -> Result<Option<&str>, ProxyError> {
     }
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes.
-async fn read_body(body: Body, limit: usize, parts: &request::Parts) -> Result<Bytes, ProxyError> {
+/// Reads the whole request body, refusing more than `limit` bytes and a body not whole by
+/// `within.1` after `within.0`, the head's arrival (`server.request_body_timeout`).
+async fn read_body(
+    body: Body,
+    limit: usize,
+    parts: &request::Parts,
+    within: (Instant, std::time::Duration),
+) -> Result<Bytes, ProxyError> {
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -711,7 +715,12 @@ async fn read_body(body: Body, limit: usize, parts: &request::Parts) -> Result<B
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::RequestTooLarge(limit));
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
+    let collect = http_body_util::Limited::new(body, limit).collect();
+    let deadline = tokio::time::Instant::from_std(within.0) + within.1;
+    let Ok(collected) = tokio::time::timeout_at(deadline, collect).await else {
+        return Err(ProxyError::RequestTimeout(within.1));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
             Err(ProxyError::RequestTooLarge(limit))

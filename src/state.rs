@@ -132,6 +132,9 @@ pub struct Snapshot {
     pub max_body_bytes: usize,
     /// Most calls in flight.
     pub max_in_flight: usize,
+    /// How long connections may stay silent or idle, how many may be open, how long a request
+    /// body may take.
+    pub connections: crate::server::Limits,
     /// Number of `[[keys]]` entries.
     pub key_count: usize,
     /// Model prices.
@@ -313,6 +316,7 @@ impl Snapshot {
             fallback_project,
             max_body_bytes: config.server.max_body_bytes,
             max_in_flight: config.server.max_in_flight,
+            connections: crate::server::Limits::of(&config.server),
             prices: config
                 .price_table()
                 .map_err(|p| anyhow::anyhow!("invalid prices: {}", p.len()))?,
