@@ -69,14 +69,8 @@ async fn read_response(conn: &mut TcpStream) -> (String, Vec<u8>) {
 
 /// The value of a counter or gauge line `series` in `/metrics` (0 when absent).
 async fn metric(proxy: &Proxy, series: &str) -> u64 {
-    let text = client()
-        .get(format!("{}/metrics", proxy.url))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let text = proxy.metrics_text().await;
+    assert!(text.contains("# EOF"), "not a metrics page: {text}");
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0, |v| v.trim().parse().expect("a number"))

@@ -1102,6 +1102,19 @@ impl Proxy {
     }
 
     /// Asserts that `/healthz` answers 200 within 5 s.
+    /// The `/metrics` page of the main listener (it needs a token there: the admin one).
+    pub async fn metrics_text(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub async fn assert_healthy(&self) {
         let r = tokio::time::timeout(
             Duration::from_secs(5),
