@@ -22,7 +22,9 @@
 # it also busy-wait N µs per call, a stand-in for a proxy's own work; BENCH_FLOOR_CLIENT=hyper also
 # measures the floor forwarding through hyper's own HTTP/1 client, target floor-hyper, beside the
 # floor with mantlegate's client), BENCH_SCENARIOS (all: a space-separated subset of
-# chat_c1 chat_c64 chat_stream_c64 responses_stream_c64). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
+# chat_c1 chat_c64 chat_stream_c64 responses_stream_c64), BENCH_MANTLEGATE_BASE (another mantlegate
+# binary, e.g. the previous build, measured in the same run as target mantlegate-base: a change
+# on the request path reports its CPU per call side by side with the build before it). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
 # (10) between memory samples, SOAK_CONCURRENCY (64) clients, SOAK_EVENT_DELAY_MS (5) between
 # the upstream's stream events, SOAK_MIX (KIND=SHARE,... overriding bench/soak.py's default
 # mix); the report goes to bench/results/soak-<UTC date>.md.
@@ -332,6 +334,7 @@ proxy_pids() {
     mantlegate) echo "$MG_PID" ;;
     floor) echo "$FLOOR_PID" ;;
     floor-hyper) echo "$FLOOR_HYPER_PID" ;;
+    mantlegate-base) echo "$BASE_PID" ;;
     nginx) echo "$NGX_PID $(pgrep -P "$NGX_PID" | tr '\n' ' ')" ;;
     direct) echo "" ;;
   esac
@@ -422,6 +425,7 @@ measure() {
     grep -v '"message":"access"' "$WORK/mg/mantlegate.log" >>"$WORK/mg/other.log" || true
     : >"$WORK/mg/mantlegate.log"
   fi
+  if [ "$target" = mantlegate-base ]; then : >"$WORK/mg-base/mantlegate.log"; fi
   if [ "$target" = nginx ]; then : >"$WORK/nginx/access.log"; fi
   printf '  %-22s %-10s %-7s %s\n' "$scenario" "$target" "$run" "${line#@@bench }"
 }
@@ -454,6 +458,7 @@ target_addr() {
     mantlegate) echo "$MG_ADDR" ;;
     floor) echo "$FLOOR_ADDR" ;;
     floor-hyper) echo "$FLOOR_HYPER_ADDR" ;;
+    mantlegate-base) echo "$BASE_ADDR" ;;
     nginx) echo "$NGX_ADDR" ;;
   esac
 }
@@ -470,6 +475,16 @@ throughput() {
   write_mantlegate_config "$WORK/mg" "$UP_ADDR"
   start_mantlegate "$WORK/mg"
   TARGETS=(direct mantlegate)
+  if [ -n "${BENCH_MANTLEGATE_BASE:-}" ]; then
+    # The build to compare against, with the same config, its own ledger and log.
+    local mg_bin=$MG_BIN mg_pid=$MG_PID mg_addr=$MG_ADDR
+    MG_BIN=$BENCH_MANTLEGATE_BASE
+    write_mantlegate_config "$WORK/mg-base" "$UP_ADDR"
+    start_mantlegate "$WORK/mg-base"
+    BASE_PID=$MG_PID BASE_ADDR=$MG_ADDR
+    MG_BIN=$mg_bin MG_PID=$mg_pid MG_ADDR=$mg_addr
+    TARGETS+=(mantlegate-base)
+  fi
   if command -v nginx >/dev/null; then
     start_nginx "$UP_ADDR"
     TARGETS+=(nginx)
@@ -522,6 +537,7 @@ throughput() {
     cat "$WORK/nginx/error.log" >>"$RAW"
   fi
   kill "$MG_PID" "$UP_PID" 2>/dev/null || true
+  [ -n "${BASE_PID:-}" ] && kill "$BASE_PID" 2>/dev/null || true
   [ -n "${NGX_PID:-}" ] && kill "$NGX_PID" 2>/dev/null || true
   wait "$MG_PID" "$UP_PID" 2>/dev/null || true
 }

@@ -16,7 +16,7 @@ RUN_COLUMNS = [
     "p99_us", "max_us", "err_connect", "err_read", "err_write", "err_status", "err_timeout",
     "cpu_ticks", "upstream_ticks", "queue_end", "queue_max", "user_ticks",
 ]
-TARGETS = ["direct", "mantlegate", "nginx", "floor", "floor-hyper"]
+TARGETS = ["direct", "mantlegate", "mantlegate-base", "nginx", "floor", "floor-hyper"]
 
 
 def read_tsv(path, columns):
@@ -156,6 +156,20 @@ def throughput(work, out):
             own = m["cpu_us"] - f["cpu_us"] if m.get("cpu_us") is not None and f.get("cpu_us") is not None else None
             out.append(f"| {s.replace('_c', ', c=')} | {fmt(f.get('cpu_us'))} | {fmt(m.get('cpu_us'))} | {fmt(own)} "
                        f"| {fmt(n.get('cpu_us'))} | {fmt(ratio(f.get('cpu_us'), n.get('cpu_us')), 2)} |")
+        out.append("")
+    if any(t == "mantlegate-base" for _, t in table):
+        out.append("### This build against the base build (BENCH_MANTLEGATE_BASE)\n")
+        out.append("The same config, upstream and load, targets interleaved in one run.\n")
+        out.append("| scenario | CPU µs/call mantlegate | CPU µs/call base | mantlegate/base "
+                   "| mantlegate/nginx | base/nginx | req/s mantlegate | req/s base |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for s in scenarios:
+            m, b, n = (table.get((s, t), {}) for t in ("mantlegate", "mantlegate-base", "nginx"))
+            out.append(f"| {s.replace('_c', ', c=')} | {fmt(m.get('cpu_us'))} | {fmt(b.get('cpu_us'))} "
+                       f"| {fmt(ratio(m.get('cpu_us'), b.get('cpu_us')), 2)} "
+                       f"| {fmt(ratio(m.get('cpu_us'), n.get('cpu_us')), 2)} "
+                       f"| {fmt(ratio(b.get('cpu_us'), n.get('cpu_us')), 2)} "
+                       f"| {fmt(m.get('rps'), 0)} | {fmt(b.get('rps'), 0)} |")
         out.append("")
     if any(t == "floor-hyper" for _, t in table):
         out.append("### mantlegate's upstream client against hyper's (two floors)\n")
