@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints, the Rust unit and integration tests, and the
-# end-to-end tests that drive mantlegate with the official OpenAI Python SDK.
+# Runs every test: formatting, lints, the Rust unit and integration tests, the end-to-end tests
+# that drive mantlegate with the official OpenAI Python SDK, and each fuzz target for a bounded
+# time (FUZZ_SECONDS, 30 by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,3 +19,5 @@ cargo test --locked
 echo "== OpenAI SDK end-to-end tests"
 cargo build --locked
 bash tests/e2e/run.sh
+echo "== fuzz targets (each for ${FUZZ_SECONDS:-30} s)"
+scripts/fuzz.sh
