@@ -87,15 +87,7 @@ action = "block"
     assert_eq!(b["limit_usd"], "0.61");
     assert_eq!(b["spend_usd"], "0.600015");
     assert_eq!(b["reserved_usd"], "0");
-    let metrics = client()
-        .get(format!("{}/metrics", proxy.url))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = proxy.metrics_text().await;
     assert!(
         metrics.contains("mantlegate_budget_limit_usd{budget=\"chatbot-monthly\"} 0.61"),
         "{metrics}"

@@ -183,15 +183,7 @@ async fn reload_under_load_fails_no_call_and_refuses_invalid_configs() {
         l.await.expect("load task");
     }
     assert!(done.load(Ordering::SeqCst) > 0);
-    let metrics = client()
-        .get(format!("{}/metrics", proxy.url))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = proxy.metrics_text().await;
     assert!(
         metrics.contains("mantlegate_config_reloads_total 10"),
         "{metrics}"

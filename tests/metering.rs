@@ -155,15 +155,7 @@ async fn an_unpriced_model_has_unknown_cost_never_zero() {
     let rec = &proxy.records()[0];
     assert!(rec["cost_pico"].is_null(), "{rec}");
     assert_eq!(rec["input_tokens"], 1_000_000);
-    let metrics = client()
-        .get(format!("{}/metrics", proxy.url))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = proxy.metrics_text().await;
     assert!(metrics.contains("mantlegate_unpriced_requests_total{project=\"Chatbot\",model=\"acme.unpriced-1\",api=\"chat.completions\"} 1"), "{metrics}");
 }
 
