@@ -511,16 +511,134 @@ fn list(problems: &[Problem]) -> String {
         .join("\n")
 }
 
+/// Largest configuration (or upstream key) file read: a config is kilobytes, and a path that
+/// leads to more (a log, a device) is not one.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads of a file that keeps changing under them before [`read_file`] gives up.
+const READ_ATTEMPTS: usize = 5;
+
+/// Reads a configuration file as the config loader and the reload watcher do: only a regular
+/// file (a symlink to one is fine) of at most [`MAX_FILE_BYTES`], opened without blocking (a
+/// FIFO put at the path is refused at once instead of waiting for a writer), and read again
+/// until two reads agree (at most a few times), so that a file being rewritten in place is
+/// not taken half written.
+///
+/// # Errors
+/// The file cannot be opened or read, is not a regular file, is too large, or kept changing.
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    read_stable(|| read_regular(path))
+}
+
+/// Reads with `read` until two reads in a row agree, [`READ_ATTEMPTS`] reads after the first
+/// at most.
+fn read_stable(mut read: impl FnMut() -> std::io::Result<Vec<u8>>) -> std::io::Result<Vec<u8>> {
+    let mut last = read()?;
+    for _ in 0..READ_ATTEMPTS {
+        let next = read()?;
+        if next == last {
+            return Ok(next);
+        }
+        last = next;
+    }
+    Err(std::io::Error::other(format!(
+        "it changed while being read, {READ_ATTEMPTS} times in a row (replace it with a rename, \
+         not by rewriting it in place)"
+    )))
+}
+
+/// One read of a regular file of at most [`MAX_FILE_BYTES`].
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    // Checked before opening, so that no device is even opened, and again on the file opened,
+    // which is what is read (the path may have changed in between).
+    regular(&std::fs::metadata(path)?)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let file = options.open(path)?;
+    let len = regular(&file.metadata()?)?;
+    let mut text = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    // One byte more than allowed tells a file that grew past the limit after the check.
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    Ok(text)
+}
+
+/// The length of a regular file within the limit; anything else is an error saying what it is.
+fn regular(meta: &std::fs::Metadata) -> std::io::Result<u64> {
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a regular file (it is {})", describe(kind)),
+        ));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    Ok(meta.len())
+}
+
+fn too_large() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("larger than the {MAX_FILE_BYTES} bytes a configuration file may have"),
+    )
+}
+
+fn describe(kind: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_char_device() {
+            return "a character device";
+        }
+        if kind.is_block_device() {
+            return "a block device";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+    }
+    if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a file"
+    }
+}
+
+/// [`read_file`] as UTF-8 text, with the path in the error.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    let read = |source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let bytes = read_file(path).map_err(read)?;
+    String::from_utf8(bytes).map_err(|_| {
+        read(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8 text",
+        ))
+    })
+}
+
 impl Config {
     /// Reads, parses and validates a configuration file.
     ///
     /// # Errors
     /// Returns every problem found; see [`ConfigError`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_text(path)?;
         Self::from_toml_in(&text, path.parent()).map_err(|e| match e {
             ConfigError::Parse(msg) => ConfigError::Parse(format!("{}: {msg}", path.display())),
             other => other,
@@ -533,10 +651,7 @@ impl Config {
     /// # Errors
     /// Returns every other problem found; see [`ConfigError`].
     pub fn load_for_projects(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_text(path)?;
         let mut config: Self = toml::from_str(&text)
             .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
         config.source_dir = path.parent().map(Path::to_path_buf);
@@ -975,18 +1090,25 @@ impl Config {
                     ),
                 ),
                 Some(id) => {
-                    if !is_project_id(id) {
+                    if id == "default" {
+                        v.add(
+                            format!("{path}.id"),
+                            "`default` is the account's default project, which mantlegate never bills to: \
+                             give the project its own id (proj_...), or leave `id` out and let \
+                             `mantlegate projects apply` create it",
+                        );
+                    } else if !is_project_id(id) {
                         v.add(
                             format!("{path}.id"),
                             format!(
-                                "`{id}` is not a Bedrock project ID: expected proj_ followed by letters and digits, or `default`"
+                                "{id:?} is not a Bedrock project ID: expected proj_ followed by letters and digits"
                             ),
                         );
                     }
                     if let Some(first) = ids.insert(id.as_str(), i) {
                         v.add(
                             format!("{path}.id"),
-                            format!("id `{id}` is already used by projects[{first}]"),
+                            format!("id {id:?} is already used by projects[{first}]"),
                         );
                     }
                 }
@@ -1142,13 +1264,12 @@ fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|s| s == "." || s == "..")
 }
 
-/// Whether `id` has the shape of a Bedrock project ID: `proj_[A-Za-z0-9]+` or `default`.
+/// Whether `id` has the shape of a Bedrock project ID mantlegate bills to:
+/// `proj_[A-Za-z0-9]+` (never the account's `default` project).
 #[must_use]
 pub fn is_project_id(id: &str) -> bool {
-    id == "default"
-        || id
-            .strip_prefix("proj_")
-            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+    id.strip_prefix("proj_")
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// Parses a 64-digit hex SHA-256 (either case).
@@ -1448,10 +1569,54 @@ mod tests {
     #[test]
     fn project_ids() {
         assert!(is_project_id("proj_5d5ykleja6cwpirysbb7"));
-        assert!(is_project_id("default"));
+        assert!(!is_project_id("default"));
+        assert!(!is_project_id("proj_a\n"));
+        assert!(!is_project_id("proj_a\u{1b}[31m"));
         assert!(!is_project_id("proj_"));
         assert!(!is_project_id("proj-1"));
         assert!(!is_project_id("proj_a b"));
+    }
+
+    #[test]
+    fn a_project_id_is_proj_and_letters_and_digits_never_default() {
+        let with = |id: &str| {
+            format!(
+                "{MINIMAL}\n[[projects]]\nname = \"A\"\nid = {}\n[[projects]]\nname = \"B\"\nid = \"proj_b\"\n",
+                toml::Value::String(id.to_owned())
+            )
+        };
+        Config::from_toml(&with("proj_a1")).expect("valid");
+        let p = problems(&with("default"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].path, "projects[0].id");
+        assert!(
+            p[0].message
+                .contains("`default` is the account's default project"),
+            "{p:?}"
+        );
+        for bad in [
+            "proj_a\n",
+            "proj_a\u{1b}[31m",
+            " proj_a",
+            "proj_a b",
+            "PROJ_a",
+            "",
+        ] {
+            let p = problems(&with(bad));
+            assert_eq!(p.len(), 1, "{bad:?}: {p:?}");
+            assert_eq!(p[0].path, "projects[0].id");
+            assert!(
+                p[0].message.starts_with(&format!("{bad:?} is not")),
+                "{p:?}"
+            );
+            assert!(!p[0].message.contains('\u{1b}') && !p[0].message.contains('\n'));
+        }
+        let p = problems(&with("proj_b"));
+        assert!(
+            p[0].message
+                .contains("\"proj_b\" is already used by projects[0]"),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -1473,5 +1638,89 @@ mod tests {
         assert!(!config.keys.is_empty());
         assert!(!config.routes.is_empty());
         assert!(!config.upstream.model_prefixes.is_empty());
+    }
+
+    #[test]
+    fn a_file_read_while_it_changes_is_read_until_two_reads_agree() {
+        let reads = |versions: &[&str]| {
+            let mut next = versions.iter().map(|v| v.as_bytes().to_vec());
+            let mut count = 0;
+            let got = read_stable(|| {
+                count += 1;
+                Ok(next.next().unwrap_or_default())
+            });
+            (got.map_err(|e| e.to_string()), count)
+        };
+        // Half written, then whole twice: the whole file.
+        assert_eq!(
+            reads(&[
+                "[upstream]\n",
+                "[upstream]\nbase_url = 1\n",
+                "[upstream]\nbase_url = 1\n"
+            ]),
+            (Ok(b"[upstream]\nbase_url = 1\n".to_vec()), 3)
+        );
+        assert_eq!(reads(&["a", "a"]), (Ok(b"a".to_vec()), 2));
+        // Never twice the same: given up after a bounded number of reads.
+        let (got, count) = reads(&["1", "2", "3", "4", "5", "6", "7", "8"]);
+        assert!(got.is_err_and(|e| e.contains("changed while being read")));
+        assert_eq!(count, READ_ATTEMPTS + 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_a_regular_file_within_the_limit_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, "[upstream]\n").expect("write");
+        assert_eq!(read_file(&good).expect("read"), b"[upstream]\n");
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&good, &link).expect("symlink");
+        assert_eq!(
+            read_file(&link).expect("a symlink to a file"),
+            b"[upstream]\n"
+        );
+
+        let zero = dir.path().join("zero.toml");
+        std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+        let err = read_file(&zero).expect_err("a device");
+        assert!(
+            err.to_string()
+                .contains("not a regular file (it is a character device)"),
+            "{err}"
+        );
+
+        let fifo = dir.path().join("fifo.toml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        // Refused at once: nothing writes to the FIFO, a blocking open would wait forever.
+        let err = read_file(&fifo).expect_err("a FIFO");
+        assert!(
+            err.to_string()
+                .contains("not a regular file (it is a FIFO)"),
+            "{err}"
+        );
+
+        let err = read_file(dir.path()).expect_err("a directory");
+        assert!(err.to_string().contains("it is a directory"), "{err}");
+
+        let big = dir.path().join("big.toml");
+        let file = std::fs::File::create(&big).expect("create");
+        file.set_len(MAX_FILE_BYTES + 1).expect("sparse");
+        let err = read_file(&big).expect_err("too large");
+        assert!(
+            err.to_string().contains("larger than the 1048576 bytes"),
+            "{err}"
+        );
+        file.set_len(MAX_FILE_BYTES).expect("sparse");
+        assert_eq!(read_file(&big).expect("at the limit").len(), 1 << 20);
+
+        match Config::load(&zero) {
+            Err(ConfigError::Read { .. }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

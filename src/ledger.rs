@@ -165,6 +165,17 @@ pub trait Store: Send {
     /// # Errors
     /// Storage errors; the batch is retried as a whole.
     fn write_batch(&mut self, records: &[Record]) -> anyhow::Result<()>;
+
+    /// Writes every batch `next` yields in one transaction, committed once `next` returns
+    /// `None`: all of them, or, at the first error of `next` or of the storage, none (an
+    /// import). Calls the ledger has (same call id) are skipped, as by `write_batch`.
+    ///
+    /// # Errors
+    /// The first error; nothing was written then.
+    fn write_all(
+        &mut self,
+        next: &mut dyn FnMut() -> anyhow::Result<Option<Vec<Record>>>,
+    ) -> anyhow::Result<()>;
 }
 
 /// Read access to a ledger, shared by the server (lookups, budgets, reports) and the CLI.

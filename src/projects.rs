@@ -33,8 +33,38 @@ const PAGE_LIMIT: usize = 100;
 /// Pages read before the listing is considered broken (a cursor that never ends).
 const MAX_PAGES: usize = 1000;
 
-/// Time allowed for one Projects API call.
-const CALL_TIMEOUT: Duration = Duration::from_mins(1);
+/// Time allowed for one Projects API call, answer read whole (an [`Api`] may be given
+/// another with [`Api::with_call_timeout`]).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest answer read from the Projects API: a page of 100 projects is tens of kilobytes.
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// Whether `id` is an id the Projects API may give a project mantlegate manages (and writes
+/// into the config): `proj_` and letters and digits, never the account's `default`.
+#[must_use]
+pub fn is_managed_id(id: &str) -> bool {
+    crate::config::is_project_id(id)
+}
+
+/// Text from the API (a name, a message) made safe to print: control characters and the
+/// characters that reorder a terminal line (bidirectional overrides) are escaped as `\u{..}`
+/// (`\n`, `\t`...), so an answer cannot forge lines in the plan an operator reviews.
+#[must_use]
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else if matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// A project as the Projects API returns it (only the fields the plan needs).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -127,10 +157,12 @@ impl fmt::Display for Action {
     /// A short description, for progress and error messages.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Create { name, .. } => write!(f, "create project `{name}`"),
-            Self::UpdateTags { id, name, .. } => write!(f, "update the tags of `{name}` ({id})"),
-            Self::Archive { id, name } => write!(f, "archive `{name}` ({id})"),
-            Self::Unmanaged { id, name } => write!(f, "leave `{name}` ({id}) alone"),
+            Self::Create { name, .. } => write!(f, "create project `{}`", printable(name)),
+            Self::UpdateTags { id, name, .. } => {
+                write!(f, "update the tags of `{}` ({id})", printable(name))
+            }
+            Self::Archive { id, name } => write!(f, "archive `{}` ({id})", printable(name)),
+            Self::Unmanaged { id, name } => write!(f, "leave `{}` ({id}) alone", printable(name)),
         }
     }
 }
@@ -144,6 +176,9 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Active projects in the account when planned (for the project quota).
     pub active_upstream: usize,
+    /// Every id in the account (archived ones too) and in the config: a created project
+    /// answered with one of these is refused.
+    pub taken_ids: BTreeSet<String>,
 }
 
 impl Plan {
@@ -192,6 +227,11 @@ pub fn plan(config: &[ProjectConfig], upstream: &[UpstreamProject], archive_miss
         active.iter().map(|p| (p.id.as_str(), *p)).collect();
     let mut out = Plan {
         active_upstream: by_id.len(),
+        taken_ids: upstream
+            .iter()
+            .map(|p| p.id.clone())
+            .chain(config.iter().filter_map(|p| p.id.clone()))
+            .collect(),
         ..Plan::default()
     };
     let mut creates = Vec::new();
@@ -379,9 +419,9 @@ pub fn render(plan: &Plan) -> String {
     s
 }
 
-/// A name or value in double quotes, escaped as in TOML/JSON.
+/// A name or value in double quotes, escaped as in TOML/JSON (and [`printable`]).
 fn quoted(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""))
+    printable(&serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\"")))
 }
 
 /// A failed Projects API call.
@@ -421,6 +461,8 @@ pub struct Api {
     projects_url: Url,
     /// `Bearer <admin key>`.
     authorization: Secret<HeaderValue>,
+    /// Time allowed for one call, answer read whole.
+    call_timeout: Duration,
 }
 
 impl fmt::Debug for Api {
@@ -451,7 +493,6 @@ impl Api {
         authorization.set_sensitive(true);
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .timeout(CALL_TIMEOUT)
             // Never carry the admin key anywhere the configured host did not ask for.
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -460,7 +501,15 @@ impl Api {
             client,
             projects_url,
             authorization: Secret::new(authorization),
+            call_timeout: CALL_TIMEOUT,
         })
+    }
+
+    /// The same client with another time allowed per call ([`CALL_TIMEOUT`] by default).
+    #[must_use]
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
     }
 
     /// A client for the config's upstream with the admin key from the environment variable
@@ -521,9 +570,21 @@ impl Api {
                 .map(|p| p.id.clone())
                 .or(page.last_id.clone());
             for p in page.data {
-                if seen.insert(p.id.clone()) {
-                    out.push(p);
+                // The account's own `default` project is listed; any other id must be one
+                // mantlegate could write into the config.
+                if p.id != DEFAULT_PROJECT_ID && !is_managed_id(&p.id) {
+                    return Err(ApiError::Body(format!(
+                        "the project list holds the id {:?}, which is not a Bedrock project ID (proj_ followed by letters and digits)",
+                        p.id
+                    )));
                 }
+                if !seen.insert(p.id.clone()) {
+                    return Err(ApiError::Body(format!(
+                        "the project list holds the id {:?} twice",
+                        p.id
+                    )));
+                }
+                out.push(p);
             }
             if !page.has_more {
                 return Ok(out);
@@ -614,27 +675,59 @@ impl Api {
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| ApiError::Transport(error_chain(&e)))?;
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| ApiError::Transport(error_chain(&e)))?;
+        let (status, bytes) = tokio::time::timeout(self.call_timeout, async {
+            let mut resp = req
+                .send()
+                .await
+                .map_err(|e| ApiError::Transport(error_chain(&e)))?;
+            let too_large = || {
+                ApiError::Body(format!(
+                    "the answer is larger than {MAX_ANSWER_BYTES} bytes: refused"
+                ))
+            };
+            if resp
+                .content_length()
+                .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+            {
+                return Err(too_large());
+            }
+            let mut bytes = Vec::new();
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| ApiError::Transport(error_chain(&e)))?
+            {
+                if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Err(too_large());
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok((resp.status(), bytes))
+        })
+        .await
+        .map_err(|_| {
+            ApiError::Transport(format!(
+                "no whole answer within {} s: refused",
+                self.call_timeout.as_secs_f64()
+            ))
+        })??;
         if !status.is_success() {
             return Err(ApiError::Status {
                 status,
                 message: error_message(&bytes),
             });
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::Body(format!("{e} in `{}`", excerpt(&bytes))))
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::Body(format!(
+                "{} in `{}`",
+                printable(&e.to_string()),
+                excerpt(&bytes)
+            ))
+        })
     }
 }
 
-/// An error and its causes on one line (reqwest's own message omits the cause).
+/// An error and its causes on one line (reqwest's own message omits the cause), printable.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
     let mut source = err.source();
@@ -642,7 +735,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         let _ = write!(s, ": {cause}");
         source = cause.source();
     }
-    s
+    printable(&s)
 }
 
 /// The message of an error body: OpenAI's `error.message` (with `error.code`), AWS's
@@ -651,15 +744,15 @@ fn error_message(body: &[u8]) -> String {
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
         if let Some(msg) = v.pointer("/error/message").and_then(Value::as_str) {
             return match v.pointer("/error/code").and_then(Value::as_str) {
-                Some(code) => format!("{msg} ({code})"),
-                None => msg.to_owned(),
+                Some(code) => format!("{} ({})", printable(msg), printable(code)),
+                None => printable(msg),
             };
         }
         if let Some(msg) = ["message", "Message"]
             .iter()
             .find_map(|k| v.get(k).and_then(Value::as_str))
         {
-            return msg.to_owned();
+            return printable(msg);
         }
     }
     excerpt(body)
@@ -673,8 +766,8 @@ fn excerpt(body: &[u8]) -> String {
         return "(empty body)".to_owned();
     }
     match text.char_indices().nth(300) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text.to_owned(),
+        Some((cut, _)) => format!("{}...", printable(&text[..cut])),
+        None => printable(text),
     }
 }
 
@@ -706,16 +799,16 @@ impl fmt::Display for Applied {
         let parts: Vec<String> = self
             .created
             .iter()
-            .map(|(n, id)| format!("created `{n}` ({id})"))
+            .map(|(n, id)| format!("created `{}` ({id})", printable(n)))
             .chain(
                 self.updated
                     .iter()
-                    .map(|(n, id)| format!("updated the tags of `{n}` ({id})")),
+                    .map(|(n, id)| format!("updated the tags of `{}` ({id})", printable(n))),
             )
             .chain(
                 self.archived
                     .iter()
-                    .map(|(n, id)| format!("archived `{n}` ({id})")),
+                    .map(|(n, id)| format!("archived `{}` ({id})", printable(n))),
             )
             .collect();
         f.write_str(&parts.join("; "))
@@ -746,12 +839,31 @@ pub async fn apply(
     progress: &mut dyn Write,
 ) -> Result<Applied, Box<ApplyError>> {
     let mut done = Applied::default();
+    let mut taken = plan.taken_ids.clone();
     for action in &plan.actions {
         let result = match action {
-            Action::Create { name, tags, .. } => api.create(name, tags).await.map(|p| {
-                let _ = writeln!(progress, "created `{name}`: {}", p.id);
-                done.created.push((name.clone(), p.id));
-            }),
+            Action::Create { name, tags, .. } => {
+                api.create(name, tags).await.and_then(|p| {
+                    // The id goes into the config file: only a fresh project id is taken.
+                    if !is_managed_id(&p.id) {
+                        return Err(ApiError::Body(format!(
+                            "the new project's id {:?} is not a Bedrock project ID (proj_ followed by letters and digits): \
+                             it was not written to the config; check the account's projects before applying again",
+                            p.id
+                        )));
+                    }
+                    if !taken.insert(p.id.clone()) {
+                        return Err(ApiError::Body(format!(
+                            "the new project's id {:?} is already in use (in the account or the config): \
+                             it was not written to the config; check the account's projects before applying again",
+                            p.id
+                        )));
+                    }
+                    let _ = writeln!(progress, "created `{}`: {}", printable(name), p.id);
+                    done.created.push((name.clone(), p.id));
+                    Ok(())
+                })
+            }
             Action::UpdateTags {
                 id,
                 name,
@@ -759,11 +871,11 @@ pub async fn apply(
                 remove,
                 ..
             } => api.update_tags(id, add, remove).await.map(|_| {
-                let _ = writeln!(progress, "updated the tags of `{name}` ({id})");
+                let _ = writeln!(progress, "updated the tags of `{}` ({id})", printable(name));
                 done.updated.push((name.clone(), id.clone()));
             }),
             Action::Archive { id, name } => api.archive(id).await.map(|_| {
-                let _ = writeln!(progress, "archived `{name}` ({id})");
+                let _ = writeln!(progress, "archived `{}` ({id})", printable(name));
                 done.archived.push((name.clone(), id.clone()));
             }),
             Action::Unmanaged { .. } => Ok(()),
@@ -789,8 +901,10 @@ pub fn write_ids(path: &Path, ids: &[(String, String)]) -> anyhow::Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::config::read_file(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("cannot read {}: not UTF-8 text", path.display()))?;
     let updated = set_ids(&text, ids).with_context(|| format!("cannot edit {}", path.display()))?;
     write_in_place(path, &updated).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -24,9 +24,15 @@ pub struct Reloader {
 pub fn upstream_key(config: &Config) -> anyhow::Result<Option<String>> {
     if let Some(file) = &config.upstream.api_key_file {
         let path = resolve(config, file);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            anyhow::anyhow!("cannot read upstream.api_key_file {}: {e}", path.display())
-        })?;
+        let text = crate::config::read_file(&path)
+            .and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")
+                })
+            })
+            .map_err(|e| {
+                anyhow::anyhow!("cannot read upstream.api_key_file {}: {e}", path.display())
+            })?;
         let key = text.trim().to_owned();
         return Ok((!key.is_empty()).then_some(key));
     }
@@ -43,17 +49,29 @@ fn resolve(config: &Config, file: &str) -> PathBuf {
     }
 }
 
-/// A hash of everything a reload reads: the config file and the key file it names.
+/// A hash of everything a reload reads: the config file and the key file it names, each read
+/// by [`read_file`](crate::config::read_file) (never blocking, never more than its limit). A
+/// file that cannot be read hashes as its error, so that a path turning into something else
+/// (a FIFO, a device) is a change, whose reload is refused with the reason.
 fn fingerprint(path: &Path) -> u64 {
+    fn read(path: &Path, h: &mut DefaultHasher) -> Option<Vec<u8>> {
+        match crate::config::read_file(path) {
+            Ok(bytes) => {
+                bytes.hash(h);
+                Some(bytes)
+            }
+            Err(e) => {
+                e.to_string().hash(h);
+                None
+            }
+        }
+    }
     let mut h = DefaultHasher::new();
-    let text = std::fs::read(path).unwrap_or_default();
-    text.hash(&mut h);
-    if let Ok(config) = Config::from_toml_in(&String::from_utf8_lossy(&text), path.parent())
+    if let Some(text) = read(path, &mut h)
+        && let Ok(config) = Config::from_toml_in(&String::from_utf8_lossy(&text), path.parent())
         && let Some(file) = &config.upstream.api_key_file
     {
-        std::fs::read(resolve(&config, file))
-            .unwrap_or_default()
-            .hash(&mut h);
+        read(&resolve(&config, file), &mut h);
     }
     h.finish()
 }

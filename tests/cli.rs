@@ -363,3 +363,175 @@ async fn sighup_reloads_the_config_file() {
     assert_eq!(r.status(), 200, "the reloaded config knows the key");
     stop(child, lines).await;
 }
+
+/// Reads log lines until one contains every needle (20 s at most); returns it.
+async fn wait_for_line(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needles: &[&str],
+) -> String {
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no log line with {needles:?} within 20 s"))
+            .expect("serve is running");
+        if needles.iter().all(|n| line.contains(n)) {
+            return line;
+        }
+    }
+}
+
+fn hangup(child: &tokio::process::Child) {
+    let pid = child.id().expect("pid").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+}
+
+#[tokio::test]
+async fn a_config_path_turned_into_a_fifo_or_a_device_is_a_reload_error_and_sighup_still_works() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config_in(dir.path(), &up.url);
+    let (child, mut lines, url) = serve(dir.path(), &text, "info").await;
+    let path = dir.path().join("mantlegate.toml");
+    let call = |key: &'static str| {
+        let url = url.clone();
+        async move {
+            client()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .body(CHAT_BODY)
+                .send()
+                .await
+                .expect("send")
+                .status()
+        }
+    };
+
+    // A FIFO nobody writes to: reading it would wait forever, in the watcher or on SIGHUP.
+    std::fs::remove_file(&path).expect("remove");
+    mkfifo(&path);
+    hangup(&child);
+    let line = wait_for_line(&mut lines, &["config reload refused", "SIGHUP", "FIFO"]).await;
+    assert!(line.contains("not a regular file (it is a FIFO)"), "{line}");
+    assert_eq!(call(CHAT_KEY).await, 200, "the old config keeps serving");
+
+    // A symlink to /dev/zero: endless bytes, never read.
+    std::fs::remove_file(&path).expect("remove");
+    std::os::unix::fs::symlink("/dev/zero", &path).expect("symlink");
+    hangup(&child);
+    let line = wait_for_line(&mut lines, &["config reload refused", "SIGHUP", "device"]).await;
+    assert!(
+        line.contains("not a regular file (it is a character device)"),
+        "{line}"
+    );
+    assert_eq!(call(CHAT_KEY).await, 200, "the old config keeps serving");
+    assert_eq!(call("mg-added-by-reload").await, 401);
+
+    // The path fixed: SIGHUP takes the new config.
+    std::fs::remove_file(&path).expect("remove");
+    std::fs::write(
+        &path,
+        format!(
+            "{text}\n[[keys]]\nname = \"added\"\nsha256 = \"{}\"\nprojects = [\"Search\"]\n",
+            sha("mg-added-by-reload")
+        ),
+    )
+    .expect("write");
+    hangup(&child);
+    wait_for_line(&mut lines, &["config reloaded"]).await;
+    assert_eq!(call("mg-added-by-reload").await, 200);
+    assert_eq!(call(CHAT_KEY).await, 200);
+    stop(child, lines).await;
+}
+
+#[tokio::test]
+async fn a_config_path_that_is_not_a_regular_file_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo.toml");
+    mkfifo(&fifo);
+    let zero = dir.path().join("zero.toml");
+    std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+    for (path, what) in [(&fifo, "a FIFO"), (&zero, "a character device")] {
+        for command in ["check", "serve"] {
+            let run = tokio::process::Command::new(BIN)
+                .args([command, "--config"])
+                .arg(path)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(Duration::from_secs(20), run)
+                .await
+                .unwrap_or_else(|_| panic!("`{command}` on {what} did not end within 20 s"))
+                .expect("run");
+            assert_eq!(out.status.code(), Some(1), "{command} on {what}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(&format!("not a regular file (it is {what})")),
+                "{command}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ledger_import_refuses_a_bad_line_by_number_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    std::fs::write(&path, config_in(dir.path(), "http://127.0.0.1:9")).expect("write");
+    let line = |n: u32, cost: i64| {
+        format!(
+            r#"{{"call_id":"mg_import{n}","ts_ms":1780000000000,"request_id":"r{n}","key_name":null,"key_fp":null,"route":null,"project_name":"Search","project_id":"proj_search","tags":"{{}}","api":"chat.completions","model":"m","stream":false,"status":200,"outcome":"forwarded","error_code":null,"input_tokens":10,"cached_input_tokens":0,"output_tokens":5,"reasoning_tokens":0,"usage_source":"reported","cost_pico":{cost},"duration_ms":1.0,"ttfb_ms":null,"upstream_response_id":null}}"#
+        )
+    };
+    let input = dir.path().join("calls.jsonl");
+    let import = || {
+        std::process::Command::new(BIN)
+            .args(["ledger", "import", "--config"])
+            .arg(&path)
+            .arg("--input")
+            .arg(&input)
+            .output()
+            .expect("run")
+    };
+    std::fs::write(
+        &input,
+        format!(
+            "{}\n{}\n{}\n",
+            line(1, 5),
+            line(2, 5),
+            line(3, -1_000_000_000_000)
+        ),
+    )
+    .expect("write");
+    let out = import();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 3: cost_pico is negative"), "{stderr}");
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    assert_eq!(ledger_count(dir.path()), 0);
+
+    std::fs::write(&input, format!("{}\n{}\n", line(1, 5), line(2, 5))).expect("write");
+    for _ in 0..2 {
+        let out = import();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(ledger_count(dir.path()), 2);
+    }
+}

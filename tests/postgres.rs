@@ -1129,3 +1129,75 @@ fn a_version_2_ledger_migrates_to_call_ids_and_an_old_import_still_finds_its_cal
     let reader = PgReader::connect(&db.url).expect("reader at the new version");
     assert_eq!(reader.count().expect("count"), 5);
 }
+
+#[test]
+fn a_hostile_import_writes_nothing_and_a_good_one_is_written_once() {
+    let Some(db) = TestDb::create("hostile import") else {
+        return;
+    };
+    let mut store = PostgresStore::connect(&db.url).expect("postgres");
+    // A month long gone: its partition does not exist, the import creates it.
+    let good: Vec<String> = (0..1500)
+        .map(|i| {
+            let mut r = simple(&format!("req-{i}"), "2025-03-10T12:00:00Z");
+            r.cost_pico = Some(4_500_000_000);
+            serde_json::to_string(&CallRow::from_record(&r)).expect("json")
+        })
+        .collect();
+    let good = good.join("\n") + "\n";
+    let line: serde_json::Value =
+        serde_json::from_str(good.lines().next().expect("a line")).expect("json");
+    let with = |field: &str, value: serde_json::Value| {
+        let mut v = line.clone();
+        v[field] = value;
+        v["call_id"] = "mg_hostile".into();
+        v.to_string()
+    };
+    let mut annotate = |r: &mut Record| r.budget_months = vec![("b".into(), "2026-01".into())];
+    for (bad, says) in [
+        (
+            with("cost_pico", (-1_000_000_000_000_i64).into()),
+            "cost_pico is negative",
+        ),
+        (
+            with("input_tokens", (-1).into()),
+            "input_tokens is negative",
+        ),
+        (
+            with("cached_input_tokens", 1_000_000.into()),
+            "is more than input_tokens",
+        ),
+        (
+            with("reasoning_tokens", 1_000_000.into()),
+            "is more than output_tokens",
+        ),
+        (
+            with("tags", r#"{"Team":["x"]}"#.into()),
+            "tags is not a JSON object of strings",
+        ),
+        (with("extra", 1.into()), "unknown field `extra`"),
+        ("{not json".to_owned(), "line 1501: key must be a string"),
+    ] {
+        let input = format!("{good}{bad}\n");
+        let err =
+            transfer::import(&mut store, &mut input.as_bytes(), &mut annotate).expect_err(&bad);
+        let msg = format!("{err:#}");
+        assert!(msg.contains("line 1501: "), "{msg}");
+        assert!(msg.contains(says), "{says}: {msg}");
+        assert_eq!(totals(&db.url), (0, 0, 0), "nothing written: {bad}");
+        assert_eq!(
+            scalar(
+                &db.url,
+                "SELECT count(*) FROM pg_class WHERE relname = 'calls_2025_03'"
+            ),
+            0,
+            "not even the partition"
+        );
+    }
+    let spent = 1500 * 4_500_000_000;
+    for _ in 0..2 {
+        let n = transfer::import(&mut store, &mut good.as_bytes(), &mut annotate).expect("import");
+        assert_eq!(n, 1500);
+        assert_eq!(totals(&db.url), (1500, 1500, spent));
+    }
+}

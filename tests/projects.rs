@@ -11,6 +11,7 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::StreamExt as _;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -42,6 +43,23 @@ struct Account {
     list_archived: bool,
     /// A create with this name fails with a 500 and a non-JSON body.
     fail_create: Option<String>,
+    /// Creates answer with this id instead of a fresh one.
+    create_id: Option<String>,
+    /// How the list answers.
+    listing: Listing,
+}
+
+/// How the fake answers a list call.
+#[derive(Clone)]
+enum Listing {
+    /// The account's projects, paged.
+    Pages,
+    /// A valid page padded past 16 MiB, streamed in 64 KiB chunks.
+    Huge,
+    /// The head and the start of a page, then nothing, ever.
+    Stalled,
+    /// A 400 with this message.
+    Error(String),
 }
 
 type Shared = Arc<Mutex<Account>>;
@@ -113,6 +131,20 @@ async fn list(
     if !authorized(&headers) {
         return openai_error(StatusCode::UNAUTHORIZED, "Invalid API key provided");
     }
+    match a.listing.clone() {
+        Listing::Pages => {}
+        Listing::Huge => return huge_page(),
+        Listing::Stalled => {
+            let start = futures_util::stream::once(async {
+                Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+                    b"{\"object\":\"list\",\"data\":[",
+                ))
+            });
+            let body = start.chain(futures_util::stream::pending());
+            return axum::body::Body::from_stream(body).into_response();
+        }
+        Listing::Error(message) => return openai_error(StatusCode::BAD_REQUEST, &message),
+    }
     let limit: usize = query
         .get("limit")
         .and_then(|l| l.parse().ok())
@@ -146,6 +178,20 @@ async fn list(
     .into_response()
 }
 
+/// A valid empty last page with a 17 MiB field, made as it is sent (never held whole).
+fn huge_page() -> Response {
+    const CHUNK: usize = 64 << 10;
+    let head = futures_util::stream::once(async {
+        Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"{\"object\":\"list\",\"data\":[],\"has_more\":false,\"pad\":\"",
+        ))
+    });
+    let pad = futures_util::stream::iter(0..(17 << 20) / CHUNK)
+        .map(|_| Ok(bytes::Bytes::from(vec![b'x'; CHUNK])));
+    let tail = futures_util::stream::once(async { Ok(bytes::Bytes::from_static(b"\"}")) });
+    axum::body::Body::from_stream(head.chain(pad).chain(tail)).into_response()
+}
+
 async fn create(
     State(shared): State<Shared>,
     headers: HeaderMap,
@@ -171,7 +217,11 @@ async fn create(
             .into_response();
     }
     a.next_id += 1;
-    let mut p = project(&format!("proj_fake{:04}", a.next_id), &name, &[]);
+    let id = a
+        .create_id
+        .clone()
+        .unwrap_or_else(|| format!("proj_fake{:04}", a.next_id));
+    let mut p = project(&id, &name, &[]);
     p["tags"] = body.get("tags").cloned().unwrap_or_else(|| json!({}));
     a.projects.push(p.clone());
     Json(p).into_response()
@@ -261,6 +311,8 @@ async fn spawn_fake(projects: Vec<Value>, page_size: usize) -> (String, Shared) 
         page_size,
         list_archived: false,
         fail_create: None,
+        create_id: None,
+        listing: Listing::Pages,
     }));
     let app = Router::new()
         .route("/v1/organization/projects", get(list).post(create))
@@ -881,4 +933,220 @@ async fn the_binary_prints_the_plan() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains(ADMIN_ENV), "{stderr}");
+}
+
+/// An id that would forge a line of the plan and colour the terminal if printed as sent.
+const FORGING_ID: &str = "proj_x\n  + create \"Forged\"\u{1b}[31m";
+
+/// What must never reach a terminal from the API: an escape character or a forged line.
+fn assert_escaped(text: &str) {
+    assert!(!text.contains('\u{1b}'), "a raw escape character: {text:?}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.trim_start().starts_with("+ create \"Forged\"")),
+        "a forged line: {text}"
+    );
+}
+
+/// A config with one project to create (`New`) and one that exists (`Taken`, `proj_taken`).
+fn create_one(dir: &tempfile::TempDir, base: &str) -> PathBuf {
+    write_config(
+        dir,
+        &format!(
+            "{}\n[[projects]]\nname = \"Taken\"\nid = \"proj_taken\"\ntags = {{ Team = \"T\" }}\n\n[[projects]]\nname = \"New\"\ntags = {{ Team = \"T\" }}\n",
+            head(base)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_created_project_with_a_bad_or_taken_id_is_refused_and_never_written() {
+    for bad in [
+        "default",
+        "garbage id",
+        "proj_",
+        "proj_taken",
+        "proj_archived",
+        FORGING_ID,
+    ] {
+        let mut archived = project("proj_archived", "Old", &[]);
+        archived["status"] = json!("archived");
+        let (base, fake) = spawn_fake(
+            vec![
+                default_project(),
+                project("proj_taken", "Taken", &[("Team", "T")]),
+                archived,
+            ],
+            10,
+        )
+        .await;
+        fake.lock().expect("lock").list_archived = true;
+        fake.lock().expect("lock").create_id = Some(bad.to_owned());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = create_one(&dir, &base);
+        let before = std::fs::read_to_string(&path).expect("read");
+        let mut out = Vec::new();
+        let err = projects::apply_with(&api(&base), &path, false, &mut out)
+            .await
+            .expect_err(bad);
+        let msg = format!("{err:#}");
+        let out = String::from_utf8(out).expect("utf-8");
+        assert!(msg.contains("cannot create project `New`"), "{msg}");
+        assert!(msg.contains(&format!("{bad:?}")), "the id escaped: {msg}");
+        assert!(msg.contains("not written to the config"), "{msg}");
+        assert_escaped(&msg);
+        assert_escaped(&out);
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            before,
+            "{bad:?}"
+        );
+        assert_eq!(mutations(&fake).len(), 1, "one create, then stopped");
+    }
+}
+
+#[tokio::test]
+async fn a_listing_with_bad_or_repeated_ids_is_refused_before_any_change() {
+    for listed in [
+        vec![project("default", "Shadow", &[])],
+        vec![project("garbage", "G", &[])],
+        vec![project(FORGING_ID, "F", &[])],
+        vec![project("proj_dup", "A", &[]), project("proj_dup", "B", &[])],
+    ] {
+        let mut upstream = vec![default_project()];
+        upstream.extend(listed);
+        let (base, fake) = spawn_fake(upstream, 10).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = create_one(&dir, &base);
+        let before = std::fs::read_to_string(&path).expect("read");
+        let mut out = Vec::new();
+        let err = projects::apply_with(&api(&base), &path, true, &mut out)
+            .await
+            .expect_err("refused");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("cannot list the account's projects"), "{msg}");
+        assert_escaped(&msg);
+        assert!(out.is_empty(), "no plan is printed");
+        assert!(mutations(&fake).is_empty(), "no change");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), before);
+    }
+}
+
+#[tokio::test]
+async fn names_and_messages_from_the_api_are_printed_escaped() {
+    let evil = "Evil\n  + create \"Forged\"\u{1b}[31m\u{202e}";
+    let (base, fake) = spawn_fake(
+        vec![
+            default_project(),
+            project("proj_taken", "Taken", &[("Team", "T")]),
+            project("proj_evil", evil, &[("Team", evil)]),
+        ],
+        10,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = create_one(&dir, &base);
+    let (_, text) = plan_text(&api(&base), &path, true).await;
+    assert_escaped(&text);
+    assert!(!text.contains('\u{202e}'), "{text:?}");
+    assert!(
+        text.contains(r#"- archive "Evil\n  + create \"Forged\"\u001b[31m\u{202e}" (proj_evil)"#),
+        "{text}"
+    );
+
+    fake.lock().expect("lock").listing = Listing::Error(evil.to_owned());
+    let mut out = Vec::new();
+    let err = projects::plan_with(&api(&base), &path, false, &mut out)
+        .await
+        .expect_err("400");
+    let msg = format!("{err:#}");
+    assert_escaped(&msg);
+    assert!(
+        msg.contains(r#"400 Bad Request: Evil\n  + create "Forged"\u{1b}[31m\u{202e}"#),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_over_16_mib_is_refused() {
+    assert_eq!(projects::MAX_ANSWER_BYTES, 16 << 20);
+    let (base, fake) = spawn_fake(vec![default_project()], 10).await;
+    fake.lock().expect("lock").listing = Listing::Huge;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = create_one(&dir, &base);
+    let before = std::fs::read_to_string(&path).expect("read");
+    let mut out = Vec::new();
+    let err = projects::apply_with(&api(&base), &path, false, &mut out)
+        .await
+        .expect_err("too large");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("the answer is larger than 16777216 bytes"),
+        "{msg}"
+    );
+    assert!(mutations(&fake).is_empty());
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), before);
+}
+
+#[tokio::test]
+async fn a_stalled_answer_is_refused_after_the_call_timeout() {
+    assert_eq!(projects::CALL_TIMEOUT, std::time::Duration::from_secs(30));
+    let (base, fake) = spawn_fake(vec![default_project()], 10).await;
+    fake.lock().expect("lock").listing = Listing::Stalled;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = create_one(&dir, &base);
+    let before = std::fs::read_to_string(&path).expect("read");
+    let api = api(&base).with_call_timeout(std::time::Duration::from_millis(300));
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        projects::apply_with(&api, &path, false, &mut out),
+    )
+    .await
+    .expect("refused well before 20 s")
+    .expect_err("stalled");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    let msg = format!("{err:#}");
+    assert!(msg.contains("no whole answer within 0.3 s"), "{msg}");
+    assert!(mutations(&fake).is_empty());
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), before);
+}
+
+#[tokio::test]
+async fn the_binary_exits_1_on_a_forged_id_and_prints_it_escaped() {
+    let (base, fake) = spawn_fake(
+        vec![
+            default_project(),
+            project("proj_taken", "Taken", &[("Team", "T")]),
+        ],
+        10,
+    )
+    .await;
+    fake.lock().expect("lock").create_id = Some(FORGING_ID.to_owned());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = create_one(&dir, &base);
+    let before = std::fs::read_to_string(&path).expect("read");
+    let output = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_mantlegate"))
+                .args(["projects", "apply", "--config"])
+                .arg(&path)
+                .env(ADMIN_ENV, ADMIN_KEY)
+                .output()
+                .expect("run mantlegate")
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_escaped(&stdout);
+    assert_escaped(&stderr);
+    assert!(stderr.contains(&format!("{FORGING_ID:?}")), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), before);
+    assert_eq!(mutations(&fake).len(), 1);
 }

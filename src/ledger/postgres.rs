@@ -557,6 +557,40 @@ struct Columns {
 }
 
 impl Columns {
+    /// The parameters of [`WRITE_SQL`], in order.
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 28] {
+        [
+            &self.ts_ms,
+            &self.request_id,
+            &self.key_name,
+            &self.key_fp,
+            &self.route,
+            &self.project_name,
+            &self.project_id,
+            &self.tags,
+            &self.api,
+            &self.model,
+            &self.stream,
+            &self.status,
+            &self.outcome,
+            &self.error_code,
+            &self.input_tokens,
+            &self.cached_input_tokens,
+            &self.output_tokens,
+            &self.reasoning_tokens,
+            &self.usage_source,
+            &self.cost_pico,
+            &self.duration_ms,
+            &self.ttfb_ms,
+            &self.upstream_response_id,
+            &self.day,
+            &self.call_id,
+            &self.budget_call_id,
+            &self.budget_name,
+            &self.budget_month,
+        ]
+    }
+
     fn of(rows: &[Row]) -> Self {
         let mut c = Self::default();
         for row in rows {
@@ -638,44 +672,50 @@ async fn write_rows(client: &mut Object, rows: &[Row]) -> Result<i64, tokio_post
         }
         Columns::of(&rows)
     };
-    let inserted: i64 = tx
-        .query_one(
-            &stmt,
-            &[
-                &c.ts_ms,
-                &c.request_id,
-                &c.key_name,
-                &c.key_fp,
-                &c.route,
-                &c.project_name,
-                &c.project_id,
-                &c.tags,
-                &c.api,
-                &c.model,
-                &c.stream,
-                &c.status,
-                &c.outcome,
-                &c.error_code,
-                &c.input_tokens,
-                &c.cached_input_tokens,
-                &c.output_tokens,
-                &c.reasoning_tokens,
-                &c.usage_source,
-                &c.cost_pico,
-                &c.duration_ms,
-                &c.ttfb_ms,
-                &c.upstream_response_id,
-                &c.day,
-                &c.call_id,
-                &c.budget_call_id,
-                &c.budget_name,
-                &c.budget_month,
-            ],
-        )
-        .await?
-        .try_get(0)?;
+    let inserted: i64 = tx.query_one(&stmt, &c.params()).await?.try_get(0)?;
     tx.commit().await?;
     Ok(inserted)
+}
+
+/// One batch of an import, inside the import's transaction (opened on `client` by hand):
+/// partitions the batch needs and lacks are created in that transaction too, so that a
+/// refused import leaves nothing behind. Imported records have no background bookkeeping.
+async fn import_rows(client: &Object, rows: &[Row]) -> anyhow::Result<()> {
+    let months: BTreeSet<MonthKey> = rows.iter().map(|r| r.month).collect();
+    let mut missing = Vec::new();
+    for m in months {
+        let exists: Option<String> = client
+            .query_one("SELECT to_regclass($1)::text", &[&m.partition()])
+            .await?
+            .try_get(0)?;
+        if exists.is_none() {
+            missing.push(m);
+        }
+    }
+    if !missing.is_empty() {
+        client
+            .batch_execute(&format!("SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'"))
+            .await?;
+        client
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
+            .await?;
+        for m in missing {
+            let (Some(from), Some(to)) = (m.start_ms(), m.next().start_ms()) else {
+                continue;
+            };
+            // Only digits go into the name and bounds: nothing to escape.
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF calls FOR VALUES FROM ({from}) TO ({to})",
+                    m.partition()
+                ))
+                .await
+                .with_context(|| format!("creating the partition {}", m.partition()))?;
+        }
+    }
+    let stmt = client.prepare_cached(WRITE_SQL).await?;
+    client.query_one(&stmt, &Columns::of(rows).params()).await?;
+    Ok(())
 }
 
 /// A value `PostgreSQL` refused (SQLSTATE class 22: a sum past `BIGINT`, ...): retrying the
@@ -809,6 +849,55 @@ impl Store for PostgresStore {
                 Err(err)
             }
         }
+    }
+
+    fn write_all(
+        &mut self,
+        next: &mut dyn FnMut() -> anyhow::Result<Option<Vec<Record>>>,
+    ) -> anyhow::Result<()> {
+        // One connection for the whole import, its transaction opened by hand: the batches
+        // come from a reader on this thread, each written by a driver call of its own.
+        let pool = self.pool.clone();
+        let mut client = Some(self.driver.run(async move {
+            let client = connection(&pool).await?;
+            client.batch_execute("BEGIN").await?;
+            Ok(client)
+        })?);
+        let result = (|| {
+            while let Some(batch) = next()? {
+                let rows = Row::batch(&batch);
+                let c = client.take().context("postgresql connection lost")?;
+                client = Some(self.driver.run(async move {
+                    match tokio::time::timeout(WRITE_TIMEOUT, import_rows(&c, &rows)).await {
+                        Ok(Ok(())) => Ok(c),
+                        Ok(Err(err)) => {
+                            drop(Object::take(c));
+                            Err(err)
+                        }
+                        Err(_) => {
+                            drop(Object::take(c));
+                            anyhow::bail!(
+                                "an import batch took over {} s: abandoned",
+                                WRITE_TIMEOUT.as_secs()
+                            )
+                        }
+                    }
+                })?);
+            }
+            let c = client.take().context("postgresql connection lost")?;
+            self.driver.run(async move {
+                c.batch_execute("COMMIT").await?;
+                Ok(())
+            })
+        })();
+        if result.is_err()
+            && let Some(c) = client.take()
+        {
+            // Closed rather than handed back to the pool inside an open transaction: the
+            // server rolls it back.
+            drop(Object::take(c));
+        }
+        result
     }
 }
 

@@ -553,96 +553,109 @@ fn to_i64(n: u64) -> i64 {
 impl Store for SqliteStore {
     fn write_batch(&mut self, records: &[Record]) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
-        {
-            let skipped = insert_calls(&tx, records)?;
-            let mut daily = tx.prepare_cached(UPSERT_DAILY)?;
-            let mut pending = tx.prepare_cached(
-                "INSERT OR REPLACE INTO pending_background (response_id, project_id, model, ts_ms) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            let mut settle =
-                tx.prepare_cached("DELETE FROM pending_background WHERE response_id = ?1")?;
-            let mut last_used = tx.prepare_cached(UPSERT_LAST_USED)?;
-            let mut latest: std::collections::HashMap<&str, i64, foldhash::fast::RandomState> =
-                std::collections::HashMap::default();
-            // The day's roll-up rows a batch touches are few: add the batch up first, then
-            // one upsert per row rather than one per record.
-            let mut rollup: std::collections::HashMap<
-                DailyKey,
-                DailyDelta,
-                foldhash::fast::RandomState,
-            > = std::collections::HashMap::default();
-            for (i, r) in records.iter().enumerate() {
-                // A call already recorded counts nowhere again.
-                if skipped.as_ref().is_some_and(|s| s.old[i]) {
-                    continue;
-                }
-                let u = &r.usage;
-                let d = rollup
-                    .entry(DailyKey {
-                        day: r.ts_ms.div_euclid(MS_PER_DAY),
-                        key: r.key.as_deref().unwrap_or(""),
-                        route: r.route.as_deref().unwrap_or(""),
-                        project: r.project.as_deref().unwrap_or(""),
-                        project_id: r.project_id.as_deref().unwrap_or(""),
-                        tags: r.tags.as_deref().unwrap_or("{}"),
-                        api: r.api.unwrap_or(""),
-                        model: r.model.as_deref().unwrap_or(""),
-                        outcome: r.outcome,
-                    })
-                    .or_default();
-                d.requests += 1;
-                d.input += to_i64(u.input);
-                d.cached += to_i64(u.cached_input);
-                d.output += to_i64(u.output);
-                d.reasoning += to_i64(u.reasoning);
-                d.cost = d.cost.saturating_add(r.cost_pico.unwrap_or(0));
-                d.unpriced += i64::from(r.cost_pico.is_none());
-                if let Some(fp) = r.key_fp.as_deref() {
-                    let ts = latest.entry(fp).or_insert(r.ts_ms);
-                    *ts = (*ts).max(r.ts_ms);
-                }
-                match (&r.background, &r.upstream_response_id) {
-                    (Some(Background::Pending), Some(id)) => {
-                        pending.execute(params![
-                            id,
-                            r.project_id.as_deref().unwrap_or(""),
-                            r.model,
-                            r.ts_ms
-                        ])?;
-                    }
-                    (Some(Background::Settled), Some(id)) => {
-                        settle.execute(params![id])?;
-                    }
-                    _ => {}
-                }
-            }
-            for (fp, ts) in latest {
-                last_used.execute(params![fp, ts])?;
-            }
-            for (k, d) in rollup {
-                daily.execute(params![
-                    utc_day(k.day * MS_PER_DAY),
-                    k.key,
-                    k.route,
-                    k.project,
-                    k.project_id,
-                    k.tags,
-                    k.api,
-                    k.model,
-                    k.outcome,
-                    d.input,
-                    d.cached,
-                    d.output,
-                    d.reasoning,
-                    d.cost,
-                    d.unpriced,
-                    d.requests
-                ])?;
-            }
+        write_in(&tx, records)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn write_all(
+        &mut self,
+        next: &mut dyn FnMut() -> anyhow::Result<Option<Vec<Record>>>,
+    ) -> anyhow::Result<()> {
+        // Dropped without a commit at the first error: rolled back, nothing written.
+        let tx = self.conn.transaction()?;
+        while let Some(batch) = next()? {
+            write_in(&tx, &batch)?;
         }
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Writes `records` with their roll-ups inside `tx` (which the caller commits).
+fn write_in(tx: &rusqlite::Transaction<'_>, records: &[Record]) -> anyhow::Result<()> {
+    let skipped = insert_calls(tx, records)?;
+    let mut daily = tx.prepare_cached(UPSERT_DAILY)?;
+    let mut pending = tx.prepare_cached(
+        "INSERT OR REPLACE INTO pending_background (response_id, project_id, model, ts_ms) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut settle = tx.prepare_cached("DELETE FROM pending_background WHERE response_id = ?1")?;
+    let mut last_used = tx.prepare_cached(UPSERT_LAST_USED)?;
+    let mut latest: std::collections::HashMap<&str, i64, foldhash::fast::RandomState> =
+        std::collections::HashMap::default();
+    // The day's roll-up rows a batch touches are few: add the batch up first, then
+    // one upsert per row rather than one per record.
+    let mut rollup: std::collections::HashMap<DailyKey, DailyDelta, foldhash::fast::RandomState> =
+        std::collections::HashMap::default();
+    for (i, r) in records.iter().enumerate() {
+        // A call already recorded counts nowhere again.
+        if skipped.as_ref().is_some_and(|s| s.old[i]) {
+            continue;
+        }
+        let u = &r.usage;
+        let d = rollup
+            .entry(DailyKey {
+                day: r.ts_ms.div_euclid(MS_PER_DAY),
+                key: r.key.as_deref().unwrap_or(""),
+                route: r.route.as_deref().unwrap_or(""),
+                project: r.project.as_deref().unwrap_or(""),
+                project_id: r.project_id.as_deref().unwrap_or(""),
+                tags: r.tags.as_deref().unwrap_or("{}"),
+                api: r.api.unwrap_or(""),
+                model: r.model.as_deref().unwrap_or(""),
+                outcome: r.outcome,
+            })
+            .or_default();
+        d.requests += 1;
+        d.input += to_i64(u.input);
+        d.cached += to_i64(u.cached_input);
+        d.output += to_i64(u.output);
+        d.reasoning += to_i64(u.reasoning);
+        d.cost = d.cost.saturating_add(r.cost_pico.unwrap_or(0));
+        d.unpriced += i64::from(r.cost_pico.is_none());
+        if let Some(fp) = r.key_fp.as_deref() {
+            let ts = latest.entry(fp).or_insert(r.ts_ms);
+            *ts = (*ts).max(r.ts_ms);
+        }
+        match (&r.background, &r.upstream_response_id) {
+            (Some(Background::Pending), Some(id)) => {
+                pending.execute(params![
+                    id,
+                    r.project_id.as_deref().unwrap_or(""),
+                    r.model,
+                    r.ts_ms
+                ])?;
+            }
+            (Some(Background::Settled), Some(id)) => {
+                settle.execute(params![id])?;
+            }
+            _ => {}
+        }
+    }
+    for (fp, ts) in latest {
+        last_used.execute(params![fp, ts])?;
+    }
+    for (k, d) in rollup {
+        daily.execute(params![
+            utc_day(k.day * MS_PER_DAY),
+            k.key,
+            k.route,
+            k.project,
+            k.project_id,
+            k.tags,
+            k.api,
+            k.model,
+            k.outcome,
+            d.input,
+            d.cached,
+            d.output,
+            d.reasoning,
+            d.cost,
+            d.unpriced,
+            d.requests
+        ])?;
+    }
+    Ok(())
 }
 
 /// The SQLite [`LedgerRead`]: one read-only connection behind a mutex (reads are short).

@@ -124,15 +124,16 @@ impl CallRow {
     /// which are not columns of `calls`), named `call_id` when the row has no call id.
     ///
     /// # Errors
-    /// A negative token count, an unknown `usage_source`, or too many distinct values in a
-    /// low-cardinality column.
+    /// A row that breaks a rule of [`CallRow::check`], an unknown `usage_source`, or too many
+    /// distinct values in a low-cardinality column.
     fn into_record(
         mut self,
         names: &mut Names,
         call_id: impl FnOnce(&Self) -> String,
     ) -> anyhow::Result<Record> {
+        self.check()?;
         let count = |n: i64, what: &str| {
-            u64::try_from(n).map_err(|_| anyhow::anyhow!("{what} is negative: {n}"))
+            u64::try_from(n).map_err(|_| anyhow::anyhow!("{what} is negative ({n})"))
         };
         let usage_source = match self.usage_source.as_str() {
             "reported" => UsageSource::Reported,
@@ -143,15 +144,6 @@ impl CallRow {
                 "unknown usage_source \"{other}\": expected reported, estimated, missing or none"
             ),
         };
-        anyhow::ensure!(
-            jiff::Timestamp::from_millisecond(self.ts_ms).is_ok(),
-            "ts_ms {} is out of range",
-            self.ts_ms
-        );
-        anyhow::ensure!(
-            self.call_id.as_ref().is_none_or(|id| !id.is_empty()),
-            "call_id is empty"
-        );
         let call_id = match self.call_id.take() {
             Some(id) => id,
             None => call_id(&self),
@@ -186,6 +178,65 @@ impl CallRow {
             background: None,
             budget_months: Vec::new(),
         })
+    }
+}
+
+/// First millisecond of the year 9999 (UTC): no ledger partition holds a call from then on.
+const MAX_TS_MS: i64 = 253_370_764_800_000;
+
+impl CallRow {
+    /// The rules a line must keep to be imported, so that no import can bend the bill: no
+    /// negative token count or cost, cached tokens within the input tokens, reasoning tokens
+    /// within the output tokens, tags a JSON object of strings, durations not negative, a time
+    /// from 1970 to the year 9998, a non-empty call id. (Unknown fields are refused when the
+    /// line is parsed.)
+    ///
+    /// # Errors
+    /// The first rule broken, naming the field.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for (what, n) in [
+            ("input_tokens", self.input_tokens),
+            ("cached_input_tokens", self.cached_input_tokens),
+            ("output_tokens", self.output_tokens),
+            ("reasoning_tokens", self.reasoning_tokens),
+        ] {
+            anyhow::ensure!(n >= 0, "{what} is negative ({n})");
+        }
+        if let Some(cost) = self.cost_pico {
+            anyhow::ensure!(cost >= 0, "cost_pico is negative ({cost})");
+        }
+        anyhow::ensure!(
+            self.cached_input_tokens <= self.input_tokens,
+            "cached_input_tokens ({}) is more than input_tokens ({}), which count them",
+            self.cached_input_tokens,
+            self.input_tokens
+        );
+        anyhow::ensure!(
+            self.reasoning_tokens <= self.output_tokens,
+            "reasoning_tokens ({}) is more than output_tokens ({}), which count them",
+            self.reasoning_tokens,
+            self.output_tokens
+        );
+        serde_json::from_str::<HashMap<String, String>>(&self.tags)
+            .map_err(|e| anyhow::anyhow!("tags is not a JSON object of strings: {e}"))?;
+        anyhow::ensure!(
+            self.duration_ms >= 0.0,
+            "duration_ms is negative ({})",
+            self.duration_ms
+        );
+        if let Some(ttfb) = self.ttfb_ms {
+            anyhow::ensure!(ttfb >= 0.0, "ttfb_ms is negative ({ttfb})");
+        }
+        anyhow::ensure!(
+            (0..MAX_TS_MS).contains(&self.ts_ms),
+            "ts_ms {} is out of range (1970 to the year 9998)",
+            self.ts_ms
+        );
+        anyhow::ensure!(
+            self.call_id.as_ref().is_none_or(|id| !id.is_empty()),
+            "call_id is empty"
+        );
+        Ok(())
     }
 }
 
@@ -361,20 +412,23 @@ impl LegacyIds {
     }
 }
 
-/// Records an import writes per transaction.
+/// Records an import hands the store at a time (all in one transaction).
 const IMPORT_BATCH: usize = 1000;
 
+/// Longest line an import reads: an exported call is well under a kilobyte.
+const MAX_LINE_BYTES: u64 = 1 << 20;
+
 /// Reads JSON lines written by [`export`] (blank lines are skipped) and writes them through
-/// `store`, in batches; `annotate` may complete each record first (e.g. its budget months, so
-/// that a `PostgreSQL` ledger counts imported spend in `budget_spend`). Returns how many
-/// records were read. Idempotent: a call whose id the ledger has is skipped, so importing the
-/// same lines twice changes nothing. Lines without a call id (older exports) get their
+/// `store` in one transaction: every line or none. Each line is checked ([`CallRow::check`])
+/// before anything is committed; `annotate` may complete each record first (e.g. its budget
+/// months, so that a `PostgreSQL` ledger counts imported spend in `budget_spend`). Returns how
+/// many records were read. Idempotent: a call whose id the ledger has is skipped, so importing
+/// the same lines twice changes nothing. Lines without a call id (older exports) get their
 /// [`legacy_call_id`](super::legacy_call_id), the n-th line with the same request id and time
 /// counted as the n-th such call (remembered for the whole import: 32 bytes or so per such line).
 ///
 /// # Errors
-/// The first unreadable line (with its number: the lines before it, in whole batches, are
-/// written), or a storage error.
+/// The first line refused (`line N: why`), or a storage error; nothing is written then.
 pub fn import(
     store: &mut dyn Store,
     input: &mut dyn BufRead,
@@ -382,34 +436,40 @@ pub fn import(
 ) -> anyhow::Result<u64> {
     let mut names = Names::new();
     let mut legacy = LegacyIds::default();
-    let mut batch = Vec::with_capacity(IMPORT_BATCH);
     let mut n = 0u64;
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut number = 0u64;
-    loop {
-        line.clear();
-        if input.read_line(&mut line).context("reading the import")? == 0 {
-            break;
+    let mut next = || -> anyhow::Result<Option<Vec<Record>>> {
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        while batch.len() < IMPORT_BATCH {
+            line.clear();
+            let read = std::io::Read::take(&mut *input, MAX_LINE_BYTES + 1)
+                .read_until(b'\n', &mut line)
+                .context("reading the import")?;
+            if read == 0 {
+                break;
+            }
+            number += 1;
+            anyhow::ensure!(
+                line.len() as u64 <= MAX_LINE_BYTES,
+                "line {number}: longer than {MAX_LINE_BYTES} bytes"
+            );
+            if line.trim_ascii().is_empty() {
+                continue;
+            }
+            let mut record = serde_json::from_slice::<CallRow>(&line)
+                .map_err(anyhow::Error::from)
+                .and_then(|row| row.into_record(&mut names, |row| legacy.name(row)))
+                .with_context(|| format!("line {number}"))?;
+            annotate(&mut record);
+            batch.push(record);
+            n += 1;
         }
-        number += 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let mut record = serde_json::from_str::<CallRow>(&line)
-            .map_err(anyhow::Error::from)
-            .and_then(|row| row.into_record(&mut names, |row| legacy.name(row)))
-            .with_context(|| format!("import line {number}"))?;
-        annotate(&mut record);
-        batch.push(record);
-        n += 1;
-        if batch.len() == IMPORT_BATCH {
-            store.write_batch(&batch)?;
-            batch.clear();
-        }
-    }
-    if !batch.is_empty() {
-        store.write_batch(&batch)?;
-    }
+        Ok((!batch.is_empty()).then_some(batch))
+    };
+    store
+        .write_all(&mut next)
+        .context("ledger import refused, nothing was written")?;
     Ok(n)
 }
 
@@ -476,12 +536,91 @@ mod tests {
         assert!(format!("{err:#}").contains("line 2"), "{err:#}");
     }
 
+    /// Lines that break a rule, each as `(what is changed in a good line, what the error says)`.
+    fn hostile_lines() -> Vec<(String, &'static str)> {
+        let good = serde_json::to_value(CallRow::from_record(&record(7))).expect("json");
+        let with = |field: &str, value: serde_json::Value| {
+            let mut v = good.clone();
+            v[field] = value;
+            v.to_string()
+        };
+        vec![
+            (
+                with("cost_pico", (-1_000_000_000_000_i64).into()),
+                "cost_pico is negative",
+            ),
+            (
+                with("input_tokens", (-5).into()),
+                "input_tokens is negative",
+            ),
+            (
+                with("output_tokens", (-5).into()),
+                "output_tokens is negative",
+            ),
+            (
+                with("cached_input_tokens", 11.into()),
+                "cached_input_tokens (11) is more than input_tokens (10)",
+            ),
+            (
+                with("reasoning_tokens", 6.into()),
+                "reasoning_tokens (6) is more than output_tokens (5)",
+            ),
+            (
+                with("tags", "[1,2]".into()),
+                "tags is not a JSON object of strings",
+            ),
+            (
+                with("tags", "not json".into()),
+                "tags is not a JSON object of strings",
+            ),
+            (
+                with("tags", r#"{"team":7}"#.into()),
+                "tags is not a JSON object of strings",
+            ),
+            (
+                with("duration_ms", (-1.0).into()),
+                "duration_ms is negative",
+            ),
+            (with("ts_ms", (-1).into()), "ts_ms -1 is out of range"),
+            (with("extra", true.into()), "unknown field `extra`"),
+            (r#"{"ts_ms":1,"#.to_owned(), "EOF while parsing"),
+        ]
+    }
+
+    #[test]
+    fn every_hostile_line_is_refused_with_its_number_and_nothing_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("h.db");
+        let mut store = SqliteStore::open(&path).expect("open");
+        let good: String = (100..1600)
+            .map(|n| serde_json::to_string(&CallRow::from_record(&record(n))).expect("json") + "\n")
+            .collect();
+        for (bad, says) in hostile_lines() {
+            // 1,500 good lines, then the bad one: three batches' worth before it.
+            let input = format!("{good}{bad}\n");
+            let err = import(&mut store, &mut input.as_bytes(), &mut |_| {}).expect_err(&bad);
+            let msg = format!("{err:#}");
+            assert!(msg.contains(&format!("line 1501: {says}")), "{msg}");
+            assert!(msg.contains("nothing was written"), "{msg}");
+            assert_eq!(contents(&path), (0, 0, Vec::new()), "{bad}");
+        }
+        // The good lines alone go in whole, and a second import changes nothing.
+        assert_eq!(
+            import(&mut store, &mut good.as_bytes(), &mut |_| {}).expect("import"),
+            1500
+        );
+        let first = contents(&path);
+        assert_eq!((first.0, first.1), (1500, 1500));
+        import(&mut store, &mut good.as_bytes(), &mut |_| {}).expect("import again");
+        assert_eq!(contents(&path), first);
+    }
+
     /// `(calls, requests in the daily roll-up, call ids)` of a SQLite ledger.
     fn contents(path: &std::path::Path) -> (i64, i64, Vec<String>) {
         let conn = crate::ledger::sqlite::open_read_only(path).expect("read");
         let (calls, requests) = conn
             .query_row(
-                "SELECT (SELECT COUNT(*) FROM calls), (SELECT SUM(requests) FROM daily)",
+                "SELECT (SELECT COUNT(*) FROM calls), COALESCE((SELECT SUM(requests) FROM daily), 0)",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
