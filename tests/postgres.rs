@@ -1132,7 +1132,8 @@ fn a_version_2_ledger_migrates_to_call_ids_and_an_old_import_still_finds_its_cal
 
 #[tokio::test]
 async fn a_budget_back_after_a_reload_without_it_is_reseeded_from_the_calls() {
-    let Some(db) = TestDb::create("budget reseeded by a reload") else {
+    let created = tokio::task::spawn_blocking(|| TestDb::create("budget reseeded by a reload"));
+    let Some(db) = created.await.expect("join") else {
         return;
     };
     let url = db.url.clone();
