@@ -112,14 +112,12 @@ impl Reloader {
                         "limits.store changed: it takes effect at the next restart"
                     );
                 }
-                tracing::info!(
-                    reason,
-                    projects = next.projects.len(),
-                    keys = next.key_count,
-                    routes = next.routes.len(),
-                    "config reloaded"
-                );
+                let (projects, keys, routes) =
+                    (next.projects.len(), next.key_count, next.routes.len());
+                // Swapped in before it is announced: a call forwarded after the line is read
+                // runs under it.
                 self.state.snapshot.store(Arc::new(next));
+                tracing::info!(reason, projects, keys, routes, "config reloaded");
                 self.state.metrics.reloaded(true);
                 true
             }
@@ -168,7 +166,9 @@ impl Reloader {
             let hangup = std::future::pending::<()>();
             tokio::select! {
                 () = hangup => {
-                    self.reload("SIGHUP");
+                    // Off the async workers: seeding budgets a reload adds reads the ledger.
+                    let this = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || this.reload("SIGHUP")).await;
                 }
                 () = tokio::time::sleep(interval) => {
                     let this = self.clone();
@@ -178,7 +178,8 @@ impl Reloader {
                     .await
                     .unwrap_or(false);
                     if changed {
-                        self.reload("file changed");
+                        let this = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || this.reload("file changed")).await;
                     }
                 }
             }
