@@ -115,6 +115,14 @@ pub struct Budget {
     /// Its time zone.
     pub tz: TimeZone,
     tz_name: String,
+    /// The live figures: the same object in every snapshot the budget continues in.
+    st: Arc<BudgetState>,
+}
+
+/// A budget's live figures, kept apart from its config so that a reload which keeps the
+/// budget (same name, scope and time zone) keeps the very same figures: calls admitted under
+/// the old config settle into what the new one admits against, and nothing is copied.
+struct BudgetState {
     month: Mutex<Month>,
     month_end_ms: AtomicI64,
     spent: AtomicI64,
@@ -208,33 +216,36 @@ fn usd(pico: i64) -> Decimal {
 
 impl Budget {
     fn roll(&self, now_ms: i64) {
-        if now_ms < self.month_end_ms.load(Ordering::Acquire) {
+        if now_ms < self.st.month_end_ms.load(Ordering::Acquire) {
             return;
         }
-        let Ok(mut month) = self.month.lock() else {
+        let Ok(mut month) = self.st.month.lock() else {
             return;
         };
         if now_ms < month.end_ms {
             return; // another thread rolled it
         }
         let next = Month::containing(now_ms, &self.tz);
-        let old = self.spent.swap(0, Ordering::AcqRel);
-        self.used.fetch_sub(old, Ordering::AcqRel);
-        self.fired.store(0, Ordering::Release);
-        self.unflushed.store(0, Ordering::Release);
-        self.others.store(0, Ordering::Release);
+        let old = self.st.spent.swap(0, Ordering::AcqRel);
+        self.st.used.fetch_sub(old, Ordering::AcqRel);
+        self.st.fired.store(0, Ordering::Release);
+        self.st.unflushed.store(0, Ordering::Release);
+        self.st.others.store(0, Ordering::Release);
         *month = next;
-        self.month_end_ms.store(next.end_ms, Ordering::Release);
+        self.st.month_end_ms.store(next.end_ms, Ordering::Release);
     }
 
     fn month(&self) -> Month {
-        self.month.lock().map_or_else(|e| *e.into_inner(), |m| *m)
+        self.st
+            .month
+            .lock()
+            .map_or_else(|e| *e.into_inner(), |m| *m)
     }
 
     /// Month-to-date spend, pico-dollars.
     #[must_use]
     pub fn spent_pico(&self) -> i64 {
-        self.spent.load(Ordering::Acquire)
+        self.st.spent.load(Ordering::Acquire)
     }
 
     fn forecast_pico(&self, now_ms: i64) -> i64 {
@@ -251,8 +262,8 @@ impl Budget {
     pub fn status(&self, now_ms: i64) -> Status {
         self.roll(now_ms);
         let spent = self.spent_pico();
-        let reserved = self.used.load(Ordering::Acquire) - spent;
-        let others = self.others.load(Ordering::Acquire);
+        let reserved = self.st.used.load(Ordering::Acquire) - spent;
+        let others = self.st.others.load(Ordering::Acquire);
         let percent = if self.limit_pico > 0 {
             (Decimal::from(spent) * Decimal::ONE_HUNDRED / Decimal::from(self.limit_pico))
                 .round_dp(2)
@@ -343,13 +354,15 @@ impl Budgets {
                     alert_at,
                     tz,
                     tz_name: b.timezone.clone(),
-                    month_end_ms: AtomicI64::new(month.end_ms),
-                    month: Mutex::new(month),
-                    spent: AtomicI64::new(0),
-                    used: AtomicI64::new(0),
-                    fired: AtomicU64::new(0),
-                    unflushed: AtomicI64::new(0),
-                    others: AtomicI64::new(0),
+                    st: Arc::new(BudgetState {
+                        month_end_ms: AtomicI64::new(month.end_ms),
+                        month: Mutex::new(month),
+                        spent: AtomicI64::new(0),
+                        used: AtomicI64::new(0),
+                        fired: AtomicU64::new(0),
+                        unflushed: AtomicI64::new(0),
+                        others: AtomicI64::new(0),
+                    }),
                 }))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -372,12 +385,17 @@ impl Budgets {
 
     /// Seeds month-to-date spend (e.g. from the ledger at start): `spent(budget)` gives the
     /// pico-dollars already spent in its current month.
-    pub fn seed(&self, mut spent: impl FnMut(&Budget, &Month) -> i64) {
-        for b in &self.list {
+    pub fn seed(&self, spent: impl FnMut(&Budget, &Month) -> i64) {
+        self.seed_only(&vec![true; self.list.len()], spent);
+    }
+
+    /// Seeds the budgets whose entry in `which` is true (as [`Budgets::seed`]), in order.
+    pub fn seed_only(&self, which: &[bool], mut spent: impl FnMut(&Budget, &Month) -> i64) {
+        for (b, _) in self.list.iter().zip(which).filter(|(_, w)| **w) {
             let month = b.month();
             let s = spent(b, &month);
-            b.spent.store(s, Ordering::Release);
-            b.used.store(s, Ordering::Release);
+            b.st.spent.store(s, Ordering::Release);
+            b.st.used.store(s, Ordering::Release);
             // Thresholds already crossed before the restart are not announced again.
             let bits = b
                 .alert_at
@@ -385,7 +403,7 @@ impl Budgets {
                 .enumerate()
                 .filter(|(_, f)| crossed(s, b.limit_pico, **f))
                 .fold(0u64, |acc, (i, _)| acc | (1 << i));
-            b.fired.store(bits, Ordering::Release);
+            b.st.fired.store(bits, Ordering::Release);
         }
     }
 
@@ -394,9 +412,22 @@ impl Budgets {
     /// # Errors
     /// Storage errors.
     pub fn seed_from_ledger(&self, reader: &dyn crate::ledger::LedgerRead) -> anyhow::Result<()> {
+        self.seed_from_ledger_only(&vec![true; self.list.len()], reader)
+    }
+
+    /// Seeds the budgets whose entry in `which` is true from the ledger's spend of their
+    /// current month.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn seed_from_ledger_only(
+        &self,
+        which: &[bool],
+        reader: &dyn crate::ledger::LedgerRead,
+    ) -> anyhow::Result<()> {
         let mut cache: std::collections::HashMap<(i64, i64), Vec<SpendRow>> =
             std::collections::HashMap::new();
-        for b in &self.list {
+        for (b, _) in self.list.iter().zip(which).filter(|(_, w)| **w) {
             let m = b.month();
             if let std::collections::hash_map::Entry::Vacant(e) =
                 cache.entry((m.start_ms, m.end_ms))
@@ -411,7 +442,7 @@ impl Budgets {
                 e.insert(rows);
             }
         }
-        self.seed(|b, m| {
+        self.seed_only(which, |b, m| {
             cache.get(&(m.start_ms, m.end_ms)).map_or(0, |rows| {
                 rows.iter()
                     .filter(|(name, tags, _)| b.scope.covers(name, tags))
@@ -422,33 +453,84 @@ impl Budgets {
         Ok(())
     }
 
+    /// Seeds the budgets whose entry in `which` is true from the fleet's shared figures in the
+    /// `PostgreSQL` ledger, their month rows recomputed from the month's calls; all of them
+    /// (None, at start) from the rows as they are, a missing row created from the calls.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn seed_from_fleet(
+        &self,
+        which: Option<&[bool]>,
+        pg: &crate::ledger::postgres::PgReader,
+    ) -> anyhow::Result<()> {
+        let all = vec![true; self.list.len()];
+        let all_of_them = which.is_none();
+        let which = which.unwrap_or(&all);
+        let now_ms = Timestamp::now().as_millisecond();
+        let seeds = self
+            .list
+            .iter()
+            .zip(which)
+            .filter(|(_, w)| **w)
+            .map(|(b, _)| {
+                let m = Month::containing(now_ms, &b.tz);
+                let scope = b.scope.clone();
+                crate::ledger::postgres::BudgetSeed {
+                    budget: b.name.clone(),
+                    month: m.label(),
+                    start_ms: m.start_ms,
+                    end_ms: m.end_ms,
+                    covers: Box::new(move |name, tags| {
+                        scope.covers(name, &serde_json::from_str(tags).unwrap_or_default())
+                    }),
+                }
+            })
+            .collect();
+        // At start a month's row is the fleet's figure; a budget a reload brings may find a
+        // stale row (it was absent, or had another scope), so its row is recomputed.
+        let figures = if all_of_them {
+            pg.seed_budget_spend(seeds)?
+        } else {
+            pg.reseed_budget_spend(seeds)?
+        };
+        let mut figures = figures.into_iter();
+        self.seed_only(which, |_, _| figures.next().unwrap_or(0));
+        Ok(())
+    }
+
     /// Statuses of every budget at `now_ms`.
     #[must_use]
     pub fn statuses(&self, now_ms: i64) -> Vec<Status> {
         self.list.iter().map(|b| b.status(now_ms)).collect()
     }
 
-    /// Carries spend, reservations and fired alerts over from `old` for budgets that keep
-    /// their name, scope, limit and time zone (a config reload).
-    pub fn carry_over(&self, old: &Self) {
-        for b in &self.list {
-            if let Some(o) = old
-                .list
-                .iter()
-                .find(|o| o.name == b.name && o.scope == b.scope && o.tz_name == b.tz_name)
-            {
-                b.spent
-                    .store(o.spent.load(Ordering::Acquire), Ordering::Release);
-                b.used
-                    .store(o.used.load(Ordering::Acquire), Ordering::Release);
-                b.fired
-                    .store(o.fired.load(Ordering::Acquire), Ordering::Release);
-                b.unflushed
-                    .store(o.unflushed.load(Ordering::Acquire), Ordering::Release);
-                b.others
-                    .store(o.others.load(Ordering::Acquire), Ordering::Release);
-            }
-        }
+    /// Takes over the live figures of `old`'s budgets that continue here (same name, scope
+    /// and time zone; limit, action and thresholds may change): each continuing budget shares
+    /// the very state object of its predecessor, so calls admitted under the old config
+    /// settle into it and its reservations count here. Called on the freshly built budgets of
+    /// a reload, before they are shared. Returns whether each budget is new (renamed,
+    /// re-scoped, or back after being absent): those start at 0 and are to be seeded from
+    /// the ledger ([`Budgets::seed_only`]).
+    pub fn carry_over(&mut self, old: &Self) -> Vec<bool> {
+        self.list
+            .iter_mut()
+            .map(|b| {
+                let Some(o) = old
+                    .list
+                    .iter()
+                    .find(|o| o.name == b.name && o.scope == b.scope && o.tz_name == b.tz_name)
+                else {
+                    return true;
+                };
+                // Built just now and not shared yet: the only handle.
+                let Some(fresh) = Arc::get_mut(b) else {
+                    return true;
+                };
+                fresh.st = o.st.clone();
+                false
+            })
+            .collect()
     }
 
     /// Admits a call under budgets `applicable`, reserving `reserve_pico` in each. A block
@@ -472,9 +554,10 @@ impl Budgets {
             let mut held = reserve_pico;
             let ok = if b.block {
                 // Other replicas' reservations count against the limit as this one's do.
-                let others = b.others.load(Ordering::Acquire);
-                b.spent.load(Ordering::Acquire) < b.limit_pico
-                    && b.used
+                let others = b.st.others.load(Ordering::Acquire);
+                b.st.spent.load(Ordering::Acquire) < b.limit_pico
+                    && b.st
+                        .used
                         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                             let next = used.saturating_add(reserve_pico);
                             (next.saturating_add(others) <= b.limit_pico || reserve_pico == 0)
@@ -484,12 +567,12 @@ impl Budgets {
             } else {
                 // Saturating, and holding what was really added: an absurd reservation (a
                 // call's worst case can be as large as an i64) cannot wrap the sum.
-                let before = b
-                    .used
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                        Some(used.saturating_add(reserve_pico))
-                    })
-                    .unwrap_or_else(|used| used);
+                let before =
+                    b.st.used
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                            Some(used.saturating_add(reserve_pico))
+                        })
+                        .unwrap_or_else(|used| used);
                 held = before.saturating_add(reserve_pico) - before;
                 true
             };
@@ -533,11 +616,11 @@ impl Budgets {
             {
                 // Never below 0: a record settled before a reload's carry-over is not counted
                 // twice in the other direction.
-                let _ = b
-                    .unflushed
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                        Some((u - pico).max(0))
-                    });
+                let _ =
+                    b.st.unflushed
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                            Some((u - pico).max(0))
+                        });
             }
         }
     }
@@ -551,9 +634,9 @@ impl Budgets {
             .map(|b| {
                 b.roll(now_ms);
                 let month = b.month();
-                let spent = b.spent.load(Ordering::Acquire);
-                let unflushed = b.unflushed.load(Ordering::Acquire);
-                let used = b.used.load(Ordering::Acquire);
+                let spent = b.st.spent.load(Ordering::Acquire);
+                let unflushed = b.st.unflushed.load(Ordering::Acquire);
+                let used = b.st.used.load(Ordering::Acquire);
                 FleetMark {
                     budget: b.name.clone(),
                     month: month.label(),
@@ -591,9 +674,9 @@ impl Budgets {
                 continue; // rolled meanwhile: the next refresh reads the new month
             }
             let delta = figure.spent_pico.saturating_add(mark.unflushed) - mark.spent;
-            let spent = b.spent.fetch_add(delta, Ordering::AcqRel) + delta;
-            b.used.fetch_add(delta, Ordering::AcqRel);
-            b.others
+            let spent = b.st.spent.fetch_add(delta, Ordering::AcqRel) + delta;
+            b.st.used.fetch_add(delta, Ordering::AcqRel);
+            b.st.others
                 .store(figure.others_reserved_pico.max(0), Ordering::Release);
             b.newly_crossed(spent, now_ms, &mut alerts);
         }
@@ -636,7 +719,7 @@ impl Budget {
         for (i, f) in self.alert_at.iter().enumerate() {
             let bit = 1u64 << i;
             if crossed(spent, self.limit_pico, *f)
-                && self.fired.fetch_or(bit, Ordering::AcqRel) & bit == 0
+                && self.st.fired.fetch_or(bit, Ordering::AcqRel) & bit == 0
             {
                 alerts.push(self.alert(*f, spent, now_ms));
             }
@@ -667,9 +750,9 @@ impl Reservation {
         for (b, reserved) in std::mem::take(&mut self.held) {
             let b = &b.0;
             b.roll(now_ms);
-            b.unflushed.fetch_add(actual, Ordering::AcqRel);
-            b.used.fetch_add(actual - reserved, Ordering::AcqRel);
-            let spent = b.spent.fetch_add(actual, Ordering::AcqRel) + actual;
+            b.st.unflushed.fetch_add(actual, Ordering::AcqRel);
+            b.st.used.fetch_add(actual - reserved, Ordering::AcqRel);
+            let spent = b.st.spent.fetch_add(actual, Ordering::AcqRel) + actual;
             if self.fleet {
                 continue; // announced by the fleet refresh, once for the fleet
             }
@@ -681,7 +764,7 @@ impl Reservation {
     /// Gives the reservation back unspent (the call never reached the upstream).
     pub fn release(&mut self) {
         for (b, reserved) in self.held.drain(..) {
-            b.0.used.fetch_sub(reserved, Ordering::AcqRel);
+            b.0.st.used.fetch_sub(reserved, Ordering::AcqRel);
         }
     }
 }
@@ -781,21 +864,21 @@ mod tests {
         let b = budgets(false, "10");
         let first = b.admit(&[0], i64::MAX, now).expect("alert budgets admit");
         let second = b.admit(&[0], i64::MAX, now).expect("alert budgets admit");
-        assert_eq!(b.list[0].used.load(Ordering::Acquire), i64::MAX);
+        assert_eq!(b.list[0].st.used.load(Ordering::Acquire), i64::MAX);
         assert!(b.statuses(now)[0].reserved_usd.starts_with("9223372.03"));
         drop(second);
         drop(first);
-        assert_eq!(b.list[0].used.load(Ordering::Acquire), 0);
+        assert_eq!(b.list[0].st.used.load(Ordering::Acquire), 0);
         let r = b.admit(&[0], i64::MAX, now).expect("alert");
         let _ = r.settle(Some(PICO), now);
-        assert_eq!(b.list[0].used.load(Ordering::Acquire), PICO);
+        assert_eq!(b.list[0].st.used.load(Ordering::Acquire), PICO);
         assert_eq!(b.list[0].spent_pico(), PICO);
         // A block budget refuses one, and says what it would have reserved.
         let b = budgets(true, "10");
         let err = b.admit(&[0], i64::MAX, now).expect_err("too large");
         assert_eq!(err.reserve_usd, from_pico_usd(i64::MAX));
         assert_eq!(err.spend_usd, Decimal::ZERO);
-        assert_eq!(b.list[0].used.load(Ordering::Acquire), 0);
+        assert_eq!(b.list[0].st.used.load(Ordering::Acquire), 0);
     }
 
     fn from_pico_usd(pico: i64) -> Decimal {
@@ -970,6 +1053,45 @@ mod tests {
         assert_eq!(b.fleet_marks(now)[0].unflushed, PICO);
         b.committed([("b", "2026-11", 3 * PICO)]);
         assert_eq!(b.fleet_marks(now)[0].unflushed, 0);
+    }
+
+    #[test]
+    fn a_continuing_budget_keeps_its_state_and_a_new_one_is_flagged_for_seeding() {
+        let now = ms("2026-11-10T00:00:00Z");
+        let old = budgets(true, "10");
+        let _ = old
+            .admit(&[0], 0, now)
+            .expect("fits")
+            .settle(Some(2 * PICO), now);
+        let in_flight = old.admit(&[0], 3 * PICO, now).expect("fits");
+        // The limit changes: the budget continues.
+        let mut next = budgets(true, "6");
+        assert_eq!(next.carry_over(&old), [false]);
+        assert_eq!(next.list[0].status(now).reserved_usd, "3");
+        assert!(next.admit(&[0], 2 * PICO, now).is_err(), "2 + 3 + 2 > 6");
+        // The call admitted under the old config settles into the budget as it continues.
+        let _ = in_flight.settle(Some(PICO), now);
+        let status = next.list[0].status(now);
+        assert_eq!(
+            (status.spend_usd.as_str(), status.reserved_usd.as_str()),
+            ("3", "0")
+        );
+        // Renamed: a new budget, to be seeded.
+        let text = r#"
+            [upstream]
+            base_url = "https://x.example"
+            [[projects]]
+            name = "P"
+            id = "proj_p"
+            [[budgets]]
+            name = "renamed"
+            project = "P"
+            monthly_usd = "10"
+            "#;
+        let config = Config::from_toml(text).expect("valid");
+        let mut renamed = Budgets::from_config(&config, now).expect("budgets");
+        assert_eq!(renamed.carry_over(&next), [true]);
+        assert_eq!(renamed.list[0].status(now).spend_usd, "0");
     }
 
     #[test]

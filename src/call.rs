@@ -192,6 +192,14 @@ impl Call {
         now <= max
     }
 
+    /// Moves the call, not admitted yet, to `snap` (a reload came before it was forwarded):
+    /// what it was attributed to under the old snapshot is found again under the new one.
+    pub fn rebase(&mut self, snap: Arc<Snapshot>) {
+        self.snap = snap;
+        // An index into the old snapshot's projects means nothing in the new one.
+        self.project = None;
+    }
+
     /// The snapshot this call runs under.
     #[must_use]
     pub fn snapshot(&self) -> &Arc<Snapshot> {

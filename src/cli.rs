@@ -391,7 +391,7 @@ async fn run(
     state.seed_pending(&*reader)?;
     match &pg {
         // The fleet's shared month-to-date figures, seeded from the calls where missing.
-        Some(pg) => seed_budgets_from_postgres(&state.snapshot.load().budgets, pg)?,
+        Some(pg) => state.snapshot.load().budgets.seed_from_fleet(None, pg)?,
         None => state.snapshot.load().budgets.seed_from_ledger(&*reader)?,
     }
     if let (Some(months), Some(pg)) = (config.ledger.retention_months, pg.clone()) {
@@ -541,40 +541,6 @@ fn open_reader(config: &Config) -> anyhow::Result<Arc<dyn LedgerRead>> {
         sqlite::open_read_only(path)
             .with_context(|| format!("cannot read the ledger {}", path.display()))?,
     )))
-}
-
-/// Seeds the in-memory budgets from the fleet's shared figures (creating missing rows from
-/// the calls of the month).
-fn seed_budgets_from_postgres(
-    budgets: &crate::budget::Budgets,
-    pg: &PgReader,
-) -> anyhow::Result<()> {
-    let now_ms = jiff::Timestamp::now().as_millisecond();
-    let seeds = budgets
-        .list
-        .iter()
-        .map(|b| {
-            let m = crate::budget::Month::containing(now_ms, &b.tz);
-            let scope = b.scope.clone();
-            crate::ledger::postgres::BudgetSeed {
-                budget: b.name.clone(),
-                month: m.label(),
-                start_ms: m.start_ms,
-                end_ms: m.end_ms,
-                covers: Box::new(move |name, tags| {
-                    scope.covers(name, &serde_json::from_str(tags).unwrap_or_default())
-                }),
-            }
-        })
-        .collect();
-    let figures = pg.seed_budget_spend(seeds)?;
-    let mut i = 0;
-    budgets.seed(|_, _| {
-        let f = figures.get(i).copied().unwrap_or(0);
-        i += 1;
-        f
-    });
-    Ok(())
 }
 
 /// Where records the ledger could not take at shutdown go: beside the SQLite file (the

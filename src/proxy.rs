@@ -35,7 +35,8 @@ static OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
 
 /// Handles every call that is not one of mantlegate's own endpoints.
 pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    // One snapshot for the whole call: a reload mid-call does not change its rules.
+    // The snapshot at arrival; a reload acknowledged before the call is forwarded is taken up
+    // then (see `forward`), and the call keeps the one it was admitted under to the end.
     let snap = state.snapshot.load_full();
     let mut call = Call::new(
         Instant::now(),
@@ -68,6 +69,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Respons
                 rate.headers.apply(&mut parts.headers);
             }
             let success = parts.status.is_success();
+            let snap = call.snapshot().clone();
             call.overhead = Some(sent.duration_since(call.started()) + head.elapsed());
             let deadline =
                 tokio::time::Instant::from_std(call.started()) + snap.upstream.total_timeout;
@@ -108,17 +110,87 @@ struct Upstream {
     sent: Instant,
 }
 
+/// Who a call is and where it goes, under one snapshot.
+struct Caller<'s, 'p> {
+    route: Option<&'s crate::state::Route>,
+    /// The path after the route prefix and the API base.
+    rest: &'p str,
+    key: &'s Key,
+    endpoint: Endpoint,
+    project: ProjectIdx,
+    /// The stored response the call deletes (to be billed first if pending).
+    deletes: Option<String>,
+}
+
+/// Route, key, endpoint and project of a call under `snap`, and the ownership of the stored
+/// response its path names; each is set on `call` as found. Run at arrival, and again on the
+/// new snapshot when a reload came while the body arrived (`again`).
+async fn identify<'s, 'p>(
+    state: &AppState,
+    snap: &'s Snapshot,
+    parts: &request::Parts,
+    path: &'p str,
+    call: &mut Call,
+    again: bool,
+) -> Result<Caller<'s, 'p>, ProxyError> {
+    let route = snap.route_for(path);
+    call.route = route.map(|r| r.prefix.clone());
+    let after_route = route.map_or(path, |r| &path[r.prefix.len()..]);
+    let rest =
+        endpoint::api_rest(after_route).ok_or_else(|| endpoint::unknown(&parts.method, path))?;
+    // Authenticate before classifying, so a probe of an unforwarded path is logged with its key.
+    let credential = attribution::credential(&parts.headers)?;
+    let key = attribution::authenticate(snap, credential)?;
+    call.key = Some(key.name.clone());
+    call.key_fp = Some(key.fingerprint.clone());
+    let endpoint = Endpoint::classify(&parts.method, rest, path)?;
+    call.endpoint = Some(endpoint);
+
+    // A stored response this call deletes or builds on: if it is a background response not
+    // yet billed, it is fetched (and billed) first, or its usage would never be seen.
+    let mut deletes = None;
+    let requested = requested_project(&parts.headers)?;
+    let mut project = attribution::resolve(snap, key, route, requested)?;
+    if let Some(id) = endpoint.response_id(rest) {
+        let id = endpoint::response_id(id)?;
+        call.target_response = Some(id.to_owned());
+        project = project_of_response(state, snap, key, route, id, project).await?;
+        if !again && matches!(endpoint, Endpoint::GetResponse | Endpoint::CancelResponse) {
+            note_fleet_pending(state, id).await;
+        }
+        if endpoint == Endpoint::DeleteResponse {
+            deletes = Some(id.to_owned());
+        }
+    }
+    call.project = Some(project);
+    Ok(Caller {
+        route,
+        rest,
+        key,
+        endpoint,
+        project,
+        deletes,
+    })
+}
+
 /// Everything between arrival and the upstream's response head.
+///
+/// The call is identified under `arrival`, the snapshot current when its head came; once its
+/// body is in, a reload acknowledged meanwhile is in force for it: it is authenticated,
+/// attributed and admitted again under the new snapshot (a key disabled, expired or removed,
+/// a grant removed, refuses it), which it then carries to its settlement.
 #[expect(
     clippy::too_many_lines,
     reason = "the request path read top to bottom, one step after another"
 )]
 async fn forward(
     state: &AppState,
-    snap: &Snapshot,
+    arrival: &Arc<Snapshot>,
     req: Request,
     call: &mut Call,
 ) -> Result<Upstream, ProxyError> {
+    // Declared first: the caller found under it borrows from it to the end.
+    let reloaded: Arc<Snapshot>;
     let (parts, body) = req.into_parts();
     // mantlegate's own API: a path there that is none of its endpoints is no API call either,
     // and leaves no ledger record (probes of the admin API are not anyone's spend).
@@ -141,39 +213,43 @@ async fn forward(
     {
         return Err(ProxyError::HeaderTooLarge(name.as_str().to_owned()));
     }
-    let route = snap.route_for(path);
-    call.route = route.map(|r| r.prefix.clone());
-    let after_route = route.map_or(path, |r| &path[r.prefix.len()..]);
-    let rest =
-        endpoint::api_rest(after_route).ok_or_else(|| endpoint::unknown(&parts.method, path))?;
-    // Authenticate before classifying, so a probe of an unforwarded path is logged with its key.
-    let credential = attribution::credential(&parts.headers)?;
-    let key = attribution::authenticate(snap, credential)?;
-    call.key = Some(key.name.clone());
-    call.key_fp = Some(key.fingerprint.clone());
-    let endpoint = Endpoint::classify(&parts.method, rest, path)?;
-    call.endpoint = Some(endpoint);
-
-    // A stored response this call deletes or builds on: if it is a background response not
-    // yet billed, it is fetched (and billed) first, or its usage would never be seen.
-    let mut used_response = None;
-    let requested = requested_project(&parts.headers)?;
-    let mut project_idx = attribution::resolve(snap, key, route, requested)?;
-    if let Some(id) = endpoint.response_id(rest) {
-        let id = endpoint::response_id(id)?;
-        call.target_response = Some(id.to_owned());
-        project_idx = project_of_response(state, snap, key, route, id, project_idx).await?;
-        if matches!(endpoint, Endpoint::GetResponse | Endpoint::CancelResponse) {
-            note_fleet_pending(state, id).await;
-        }
-        if endpoint == Endpoint::DeleteResponse {
-            used_response = Some(id.to_owned());
-        }
-    }
-    call.project = Some(project_idx);
-    if endpoint == Endpoint::GetResponse && asks_stream(parts.uri.query()) {
+    let mut who = identify(state, arrival, &parts, path, call, false).await?;
+    if who.endpoint == Endpoint::GetResponse && asks_stream(parts.uri.query()) {
         call.stream = true;
     }
+
+    let mut body = if who.endpoint.forwards_body() {
+        let within = (call.started(), arrival.connections.request_body_timeout);
+        read_body(body, arrival.max_body_bytes, &parts, within).await?
+    } else {
+        Bytes::new()
+    };
+    call.request_bytes = body.len();
+    // The fast path: one load and a pointer comparison.
+    let snap: &Snapshot = {
+        let current = state.snapshot.load();
+        if Arc::ptr_eq(&*current, arrival) {
+            arrival
+        } else {
+            reloaded = arc_swap::Guard::into_inner(current);
+            call.rebase(reloaded.clone());
+            let again = identify(state, &reloaded, &parts, path, call, true).await?;
+            if again.endpoint != who.endpoint {
+                // The reload moved a route so that the path means another endpoint now.
+                return Err(endpoint::unknown(&parts.method, path));
+            }
+            who = again;
+            &reloaded
+        }
+    };
+    let Caller {
+        route,
+        rest,
+        key,
+        endpoint,
+        project: mut project_idx,
+        deletes: mut used_response,
+    } = who;
     // A pass-through key is the caller's own Bedrock API key: it goes upstream as sent, never
     // signed. Otherwise SigV4 (when configured) or mantlegate's own API key.
     let signer = if key.passthrough {
@@ -182,6 +258,7 @@ async fn forward(
         state.signer.as_ref()
     };
     let authorization = if key.passthrough {
+        let credential = attribution::credential(&parts.headers)?;
         let mut v = HeaderValue::from_str(&format!("Bearer {credential}")).map_err(|_| {
             ProxyError::InvalidApiKey("the API key is not valid header text".into())
         })?;
@@ -199,14 +276,6 @@ async fn forward(
                 .clone(),
         )
     };
-
-    let mut body = if endpoint.forwards_body() {
-        let within = (call.started(), snap.connections.request_body_timeout);
-        read_body(body, snap.max_body_bytes, &parts, within).await?
-    } else {
-        Bytes::new()
-    };
-    call.request_bytes = body.len();
     let mut inject_usage = false;
     let mut model = None;
     let mut max_output = None;

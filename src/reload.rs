@@ -87,8 +87,12 @@ impl Reloader {
         }
     }
 
-    /// Loads, validates and swaps in the config. Calls in flight keep the snapshot they
-    /// started with; budget and rate-limit state carries over for what still exists.
+    /// Loads, validates and swaps in the config. Calls that have not been forwarded yet are
+    /// authenticated, attributed and admitted under the new config; calls in flight finish
+    /// under the one they were admitted under. A budget that continues (same name, scope and
+    /// time zone) keeps its live state object, so what calls in flight reserved and spend
+    /// lands in it; a budget the reload brings starts from the ledger's spend of its month.
+    /// Rate-limit state carries over for rules that still exist.
     /// Returns whether the new config was taken.
     pub fn reload(&self, reason: &str) -> bool {
         self.fingerprint
@@ -104,7 +108,10 @@ impl Reloader {
         match built {
             Ok((mut next, store_url)) => {
                 let old = self.state.snapshot.load();
-                next.budgets.carry_over(&old.budgets);
+                let fresh = next.budgets.carry_over(&old.budgets);
+                if fresh.contains(&true) {
+                    self.seed_new_budgets(&next.budgets, &fresh);
+                }
                 if next.rate_limit_config == old.rate_limit_config {
                     next.limiter = old.limiter.clone();
                     next.rate_store.clone_from(&old.rate_store);
@@ -123,14 +130,12 @@ impl Reloader {
                         "limits.store changed: it takes effect at the next restart"
                     );
                 }
-                tracing::info!(
-                    reason,
-                    projects = next.projects.len(),
-                    keys = next.key_count,
-                    routes = next.routes.len(),
-                    "config reloaded"
-                );
+                let (projects, keys, routes) =
+                    (next.projects.len(), next.key_count, next.routes.len());
+                // Swapped in before it is announced: a call forwarded after the line is read
+                // runs under it.
                 self.state.snapshot.store(Arc::new(next));
+                tracing::info!(reason, projects, keys, routes, "config reloaded");
                 self.state.metrics.reloaded(true);
                 true
             }
@@ -141,6 +146,21 @@ impl Reloader {
                 self.state.metrics.reloaded(false);
                 false
             }
+        }
+    }
+
+    /// Seeds the budgets a reload brings (new, renamed, re-scoped, or back after being
+    /// absent) from the ledger's spend of their month, as a start does: never from 0. A
+    /// ledger that cannot be read leaves them at 0 for now (the fleet refresh corrects a
+    /// shared ledger's figure), and says so.
+    fn seed_new_budgets(&self, budgets: &crate::budget::Budgets, fresh: &[bool]) {
+        let seeded = match (&self.state.fleet, &self.state.reader) {
+            (Some(pg), _) => budgets.seed_from_fleet(Some(fresh), pg),
+            (None, Some(reader)) => budgets.seed_from_ledger_only(fresh, &**reader),
+            (None, None) => Ok(()),
+        };
+        if let Err(err) = seeded {
+            tracing::warn!(error = %format!("{err:#}"), "cannot read the ledger's spend for budgets the reload added: they count from 0 until it answers");
         }
     }
 
@@ -164,7 +184,9 @@ impl Reloader {
             let hangup = std::future::pending::<()>();
             tokio::select! {
                 () = hangup => {
-                    self.reload("SIGHUP");
+                    // Off the async workers: seeding budgets a reload adds reads the ledger.
+                    let this = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || this.reload("SIGHUP")).await;
                 }
                 () = tokio::time::sleep(interval) => {
                     let this = self.clone();
@@ -174,7 +196,8 @@ impl Reloader {
                     .await
                     .unwrap_or(false);
                     if changed {
-                        self.reload("file changed");
+                        let this = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || this.reload("file changed")).await;
                     }
                 }
             }

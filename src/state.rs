@@ -113,7 +113,8 @@ impl Upstream {
     }
 }
 
-/// A validated config compiled for lookups. Requests load one snapshot and use it to the end.
+/// A validated config compiled for lookups. A call is admitted under the snapshot current once
+/// its body is in, and keeps that one to its settlement.
 #[derive(Debug)]
 pub struct Snapshot {
     /// All projects, in config order.

@@ -1200,4 +1200,88 @@ fn a_hostile_import_writes_nothing_and_a_good_one_is_written_once() {
         assert_eq!(n, 1500);
         assert_eq!(totals(&db.url), (1500, 1500, spent));
     }
+
+#[tokio::test]
+async fn a_budget_back_after_a_reload_without_it_is_reseeded_from_the_calls() {
+    let created = tokio::task::spawn_blocking(|| TestDb::create("budget reseeded by a reload"));
+    let Some(db) = created.await.expect("join") else {
+        return;
+    };
+    let url = db.url.clone();
+    let (store, reader) = tokio::task::spawn_blocking(move || {
+        (
+            PostgresStore::connect(&url).expect("postgres"),
+            PgReader::connect(&url).expect("reader"),
+        )
+    })
+    .await
+    .expect("join");
+    let mut store = store;
+    let reader = Arc::new(reader);
+    let now = jiff::Timestamp::now().as_millisecond();
+    let month = mantlegate::budget::Month::containing(now, &jiff::tz::TimeZone::UTC).label();
+    let call = |i: usize, named: bool| {
+        let mut r = simple(&format!("reseed_{i}"), "2026-01-01T00:00:00Z");
+        r.ts_ms = now;
+        r.call_id = mantlegate::ledger::new_call_id(now);
+        r.project = Some(Arc::from("Chatbot"));
+        r.project_id = Some(Arc::from("proj_chat"));
+        r.tags = Some(Arc::from("{}"));
+        r.cost_pico = Some(1_000_000_000);
+        r.budget_months = if named {
+            vec![(Arc::from("chatbot-monthly"), Arc::from(month.as_str()))]
+        } else {
+            Vec::new()
+        };
+        r
+    };
+    // Two calls while the budget existed, three while a reload had dropped it.
+    let records: Vec<Record> = (0..5).map(|i| call(i, i < 2)).collect();
+    let store = tokio::task::spawn_blocking(move || {
+        store.write_batch(&records).expect("write");
+        store
+    })
+    .await
+    .expect("join");
+    drop(store);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let text = |budget: &str| {
+        format!(
+            r#"
+[upstream]
+base_url = "http://127.0.0.1:9"
+[[projects]]
+name = "Chatbot"
+id = "proj_chat"
+[ledger]
+url = "{}"
+{budget}
+"#,
+            db.url
+        )
+    };
+    let budget = "[[budgets]]\nname = \"chatbot-monthly\"\nproject = \"Chatbot\"\nmonthly_usd = \"1\"\naction = \"block\"\n";
+    std::fs::write(&path, text("")).expect("write");
+    let config = mantlegate::config::Config::load(&path).expect("config");
+    let snapshot = mantlegate::state::Snapshot::build(&config, None).expect("snapshot");
+    let mut state =
+        mantlegate::state::AppState::new(snapshot, Duration::from_secs(1)).expect("state");
+    state.fleet = Some(reader.clone());
+    state.reader = Some(reader.clone());
+    let reloader = mantlegate::reload::Reloader::new(&path, state.clone());
+    std::fs::write(&path, text(budget)).expect("write");
+    assert!(reloader.reload("test"));
+    let status = &state.snapshot.load().budgets.statuses(now)[0];
+    // Five calls of $0.001: the month's calls the budget covers, not its stale row's two.
+    assert_eq!(status.spend_usd, "0.005");
+    let reader2 = reader.clone();
+    let row = tokio::task::spawn_blocking(move || {
+        reader2
+            .budget_spend(&[("chatbot-monthly".to_owned(), month)])
+            .expect("figure")
+    })
+    .await
+    .expect("join");
+    assert_eq!(row, [5_000_000_000], "the fleet's row is corrected too");
 }

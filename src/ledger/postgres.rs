@@ -1048,6 +1048,25 @@ impl PgReader {
     /// # Errors
     /// Storage errors.
     pub fn seed_budget_spend(&self, seeds: Vec<BudgetSeed>) -> anyhow::Result<Vec<i64>> {
+        self.seed_budget_rows(seeds, false)
+    }
+
+    /// Sets each budget month's `budget_spend` row to the spend of the calls it covers, as
+    /// [`PgReader::seed_budget_spend`] creates a missing one: for budgets a reload brings
+    /// (new, re-scoped, or back after an absence during which no record named them), whose
+    /// row may be missing, stale or another scope's. Returns the figures, in order.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn reseed_budget_spend(&self, seeds: Vec<BudgetSeed>) -> anyhow::Result<Vec<i64>> {
+        self.seed_budget_rows(seeds, true)
+    }
+
+    fn seed_budget_rows(
+        &self,
+        seeds: Vec<BudgetSeed>,
+        overwrite: bool,
+    ) -> anyhow::Result<Vec<i64>> {
         let keys: Vec<(String, String)> = seeds
             .iter()
             .map(|s| (s.budget.clone(), s.month.clone()))
@@ -1057,7 +1076,7 @@ impl PgReader {
             let (budgets, months) = (budgets.clone(), months.clone());
             move |c| async move { existing_budget_rows(&**c, &budgets, &months).await }
         })?;
-        if keys.iter().all(|k| present.contains_key(k)) {
+        if !overwrite && keys.iter().all(|k| present.contains_key(k)) {
             return Ok(keys.iter().map(|k| present[k]).collect());
         }
         self.query(move |mut c| async move {
@@ -1069,7 +1088,9 @@ impl PgReader {
             let mut figures = Vec::with_capacity(seeds.len());
             for seed in seeds {
                 let key = (seed.budget.clone(), seed.month.clone());
-                if let Some(&v) = present.get(&key) {
+                if let Some(&v) = present.get(&key)
+                    && !overwrite
+                {
                     figures.push(v);
                     continue;
                 }
@@ -1083,8 +1104,13 @@ impl PgReader {
                         .fold(0i64, |sum, (_, _, pico)| sum.saturating_add(*pico))
                 });
                 tx.execute(
-                    "INSERT INTO budget_spend (budget, month, spent_pico) VALUES ($1, $2, $3)
-                     ON CONFLICT (budget, month) DO NOTHING",
+                    if overwrite {
+                        "INSERT INTO budget_spend (budget, month, spent_pico) VALUES ($1, $2, $3)
+                         ON CONFLICT (budget, month) DO UPDATE SET spent_pico = excluded.spent_pico"
+                    } else {
+                        "INSERT INTO budget_spend (budget, month, spent_pico) VALUES ($1, $2, $3)
+                         ON CONFLICT (budget, month) DO NOTHING"
+                    },
                     &[&key.0, &key.1, &total],
                 )
                 .await?;

@@ -572,11 +572,18 @@ pub async fn spawn_proxy_from_file(
     let key = mantlegate::reload::upstream_key(&config).expect("key");
     let snapshot = Snapshot::build(&config, key.as_deref()).expect("snapshot");
     let state = AppState::new(snapshot, config.upstream.connect_timeout).expect("state");
-    let reloader = Arc::new(Reloader::new(&path, state.clone()));
-    (start(state, dir).await, reloader, path)
+    // The reloader takes the state as `serve` gives it: with the ledger reader.
+    let (proxy, state) = start_with_state(state, dir).await;
+    let reloader = Arc::new(Reloader::new(&path, state));
+    (proxy, reloader, path)
 }
 
-async fn start(mut state: AppState, dir: tempfile::TempDir) -> Proxy {
+async fn start(state: AppState, dir: tempfile::TempDir) -> Proxy {
+    start_with_state(state, dir).await.0
+}
+
+/// Starts a proxy on `state`, returning the state as the server runs it.
+async fn start_with_state(mut state: AppState, dir: tempfile::TempDir) -> (Proxy, AppState) {
     let db = dir.path().join("ledger.db");
     let store = SqliteStore::open(&db).expect("ledger");
     let reader = Reader::new(sqlite::open_read_only(&db).expect("reader"));
@@ -593,19 +600,20 @@ async fn start(mut state: AppState, dir: tempfile::TempDir) -> Proxy {
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(mantlegate::serve(
         listener,
-        state,
+        state.clone(),
         async move {
             let _ = stopped.await;
         },
         Duration::from_secs(1),
     ));
-    Proxy {
+    let proxy = Proxy {
         url: format!("http://{addr}"),
         db,
         stats: ledger_stats,
         _dir: dir,
         _stop: stop,
-    }
+    };
+    (proxy, state)
 }
 
 /// A client that never retries and never pools across tests.
