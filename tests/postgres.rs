@@ -1200,6 +1200,7 @@ fn a_hostile_import_writes_nothing_and_a_good_one_is_written_once() {
         assert_eq!(n, 1500);
         assert_eq!(totals(&db.url), (1500, 1500, spent));
     }
+}
 
 #[tokio::test]
 async fn a_budget_back_after_a_reload_without_it_is_reseeded_from_the_calls() {
