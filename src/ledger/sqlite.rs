@@ -1,5 +1,6 @@
 //! The embedded SQLite ledger: WAL mode, one writer, per-call rows plus per-day roll-ups.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use std::sync::{Arc, Mutex};
 
-use super::{Background, LedgerRead, Record, Store};
+use super::{Background, LedgerRead, OTHER_MODEL, REJECTED_MODEL, Record, Store};
 
 /// Schema version this build writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 3;
@@ -521,6 +522,8 @@ impl Skipped {
 /// The SQLite [`Store`].
 pub struct SqliteStore {
     conn: Connection,
+    /// Distinct models a key may add to a day's roll-up (`[ledger] max_models_per_day`).
+    max_models: usize,
 }
 
 impl SqliteStore {
@@ -529,7 +532,60 @@ impl SqliteStore {
     /// # Errors
     /// See [`open`].
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        Ok(Self { conn: open(path)? })
+        Ok(Self {
+            conn: open(path)?,
+            max_models: crate::config::DEFAULT_MAX_MODELS_PER_DAY,
+        })
+    }
+
+    /// Sets how many distinct models a key may add to a day's roll-up (the rest roll up under
+    /// `(other)`).
+    #[must_use]
+    pub fn with_max_models_per_day(mut self, max: usize) -> Self {
+        self.max_models = max;
+        self
+    }
+}
+
+/// The models a key already has in a day's roll-up, placeholders aside: loaded once per batch
+/// and `(day, key)`, then kept up to date as the batch adds models.
+type DayModels<'a> =
+    std::collections::HashMap<(i64, &'a str), HashSet<String>, foldhash::fast::RandomState>;
+
+/// The model `r` is rolled up under: [`Record::rollup_model`], or `(other)` when its key
+/// already has `max` other models that day.
+fn capped_model<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    seen: &mut DayModels<'a>,
+    r: &'a Record,
+    day: i64,
+    max: usize,
+) -> rusqlite::Result<&'a str> {
+    let model = r.rollup_model();
+    if model == REJECTED_MODEL || model == OTHER_MODEL {
+        return Ok(model);
+    }
+    let key = r.key.as_deref().unwrap_or("");
+    let models = match seen.entry((day, key)) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let mut stmt = tx.prepare_cached(
+                "SELECT DISTINCT model FROM daily WHERE day = ?1 AND key_name = ?2
+                 AND model NOT IN ('(rejected)', '(other)')",
+            )?;
+            let rows = stmt.query_map(params![utc_day(day * MS_PER_DAY), key], |row| {
+                row.get::<_, String>(0)
+            })?;
+            e.insert(rows.collect::<rusqlite::Result<HashSet<String>>>()?)
+        }
+    };
+    if models.contains(model) {
+        Ok(model)
+    } else if models.len() < max {
+        models.insert(model.to_owned());
+        Ok(model)
+    } else {
+        Ok(OTHER_MODEL)
     }
 }
 
@@ -571,22 +627,25 @@ impl Store for SqliteStore {
                 DailyDelta,
                 foldhash::fast::RandomState,
             > = std::collections::HashMap::default();
+            let mut day_models = DayModels::default();
             for (i, r) in records.iter().enumerate() {
                 // A call already recorded counts nowhere again.
                 if skipped.as_ref().is_some_and(|s| s.old[i]) {
                     continue;
                 }
                 let u = &r.usage;
+                let day = r.ts_ms.div_euclid(MS_PER_DAY);
+                let model = capped_model(&tx, &mut day_models, r, day, self.max_models)?;
                 let d = rollup
                     .entry(DailyKey {
-                        day: r.ts_ms.div_euclid(MS_PER_DAY),
+                        day,
                         key: r.key.as_deref().unwrap_or(""),
                         route: r.route.as_deref().unwrap_or(""),
                         project: r.project.as_deref().unwrap_or(""),
                         project_id: r.project_id.as_deref().unwrap_or(""),
                         tags: r.tags.as_deref().unwrap_or("{}"),
                         api: r.api.unwrap_or(""),
-                        model: r.model.as_deref().unwrap_or(""),
+                        model,
                         outcome: r.outcome,
                     })
                     .or_default();
