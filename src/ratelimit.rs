@@ -1530,12 +1530,13 @@ mod tests {
         let a = limiter.acquire_async(&[0], 1000, t0).await.expect("room");
         assert_eq!(a.headers.remaining_tokens, Some(5000));
         a.settle(1500, t0);
-        // The shared store took and settled it; the local one saw nothing.
+        // The shared store took and settled it; the local one followed its answer and the
+        // debt (never the refund side): the fallback's state, should the shared store fail.
         assert_eq!(
             limiter.status_async(0, t0).await.remaining_tokens,
             Some(4500)
         );
-        assert_eq!(limiter.status(0, t0).remaining_tokens, Some(6000));
+        assert_eq!(limiter.status(0, t0).remaining_tokens, Some(4500));
         assert_eq!(shared.acquires.load(Ordering::SeqCst), 1);
         for _ in 0..2 {
             drop(limiter.acquire_async(&[0], 0, t0).await.expect("room"));
