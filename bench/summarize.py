@@ -97,12 +97,20 @@ def machine():
     rev = os.environ.get("BENCH_REV") or version(["git", "-C", root, "rev-parse", "--short", "HEAD"])
     dirty = "" if os.environ.get("BENCH_REV") else version(
         ["git", "-C", root, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
+    rev += " (release build)"
+    if os.environ.get("BENCH_MANTLEGATE"):
+        # Another binary than the checkout's build: the checkout's revision would mislead.
+        rev = f"binary {os.environ['BENCH_MANTLEGATE']} (BENCH_MANTLEGATE; set BENCH_REV to name its revision)"
+        if os.environ.get("BENCH_REV"):
+            rev = f"{os.environ['BENCH_REV']} ({os.environ['BENCH_MANTLEGATE']})"
+    if os.environ.get("BENCH_MANTLEGATE_BASE"):
+        rev += f"; mantlegate-base: {os.environ['BENCH_MANTLEGATE_BASE']}"
     return {
         "cpu": f"{os.cpu_count()} × {model}",
         "kernel": platform.release(),
         "nginx": version(["nginx", "-v"]).replace("nginx version: ", ""),
         "wrk": version(["wrk", "-v"]).split(" [")[0],
-        "rev": rev + (" (with uncommitted changes in src/)" if dirty and dirty != "not installed" else ""),
+        "rev": rev + (" (checkout with uncommitted changes in src/)" if dirty and dirty != "not installed" else ""),
     }
 
 
@@ -313,7 +321,7 @@ def main():
     m = machine()
     out = [f"# mantlegate benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n",
            f"- Machine: {m['cpu']}, Linux {m['kernel']}",
-           f"- mantlegate {m['rev']} (release build); nginx {m['nginx']}; {m['wrk']}",
+           f"- mantlegate {m['rev']}; nginx {m['nginx']}; {m['wrk']}",
            f"- Settings: {args.settings}",
            "- Load generator (wrk, 1 thread) and fake upstream on the load core; the proxy alone "
            "on the proxy core. CPU per call: the proxy's utime+stime from /proc over the run "

@@ -162,7 +162,11 @@ pub async fn costs(
             Err(e) => return admin_error(StatusCode::BAD_REQUEST, "invalid_format", &e),
         },
     };
-    let dims = match report::parse_dims(q.group_by.as_deref().unwrap_or("project")) {
+    let group_by = q.group_by.as_deref().unwrap_or("project");
+    if let Err(e) = report::check_dim_count(group_by) {
+        return admin_error(StatusCode::BAD_REQUEST, "report_too_large", &e.to_string());
+    }
+    let dims = match report::parse_dims(group_by) {
         Ok(d) => d,
         Err(e) => return admin_error(StatusCode::BAD_REQUEST, "invalid_group_by", &e),
     };
@@ -182,14 +186,19 @@ pub async fn costs(
     };
     let result = tokio::task::spawn_blocking(move || {
         let rows = reader.daily(&period)?;
-        Ok::<_, anyhow::Error>(report::render(
-            &report::aggregate(&rows, &dims, period),
-            format,
-        ))
+        Ok::<_, anyhow::Error>(
+            report::aggregate_within(&rows, &dims, period, report::MAX_GROUPS)
+                .map(|r| report::render(&r, format)),
+        )
     })
     .await;
     match result {
-        Ok(Ok(body)) => {
+        Ok(Ok(Err(too_large))) => admin_error(
+            StatusCode::BAD_REQUEST,
+            "report_too_large",
+            &too_large.to_string(),
+        ),
+        Ok(Ok(Ok(body))) => {
             let content_type = match format {
                 report::Format::Json => "application/json",
                 _ => "text/csv; charset=utf-8",

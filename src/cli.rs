@@ -493,16 +493,15 @@ fn report(
 ) -> anyhow::Result<()> {
     let config = load(path)?;
     let format: crate::report::Format = format.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    crate::report::check_dim_count(group_by)?;
     let dims = crate::report::parse_dims(group_by).map_err(|e| anyhow::anyhow!(e))?;
     let today = jiff::Timestamp::now()
         .to_zoned_datetime(jiff::tz::TimeZone::UTC)
         .date();
     let period = crate::report::period(from, to, today).map_err(|e| anyhow::anyhow!(e))?;
     let rows = open_reader(&config)?.daily(&period)?;
-    print!(
-        "{}",
-        crate::report::render(&crate::report::aggregate(&rows, &dims, period), format)
-    );
+    let report = crate::report::aggregate_within(&rows, &dims, period, crate::report::MAX_GROUPS)?;
+    print!("{}", crate::report::render(&report, format));
     Ok(())
 }
 
@@ -511,15 +510,17 @@ fn report(
 fn open_ledger(config: &Config) -> anyhow::Result<OpenLedger> {
     if let Some(url) = &config.ledger.url {
         // Applies pending migrations under an advisory lock; refuses a newer schema.
-        let store =
-            PostgresStore::connect(url.expose()).context("cannot open the postgresql ledger")?;
+        let store = PostgresStore::connect(url.expose())
+            .context("cannot open the postgresql ledger")?
+            .with_max_models_per_day(config.ledger.max_models_per_day);
         let reader =
             Arc::new(PgReader::connect(url.expose()).context("cannot read the postgresql ledger")?);
         Ok((Box::new(store), reader.clone(), Some(reader)))
     } else {
         let path = Path::new(&config.ledger.path);
         let store = SqliteStore::open(path)
-            .with_context(|| format!("cannot open the ledger {}", path.display()))?;
+            .with_context(|| format!("cannot open the ledger {}", path.display()))?
+            .with_max_models_per_day(config.ledger.max_models_per_day);
         Ok((
             Box::new(store),
             Arc::new(Reader::new(sqlite::open_read_only(path)?)),

@@ -190,7 +190,14 @@ pub struct LedgerConfig {
     /// other's calls).
     #[serde(with = "humantime_serde")]
     pub budget_refresh: Duration,
+    /// Distinct models one key's calls may add to a day's roll-up; the calls of further models
+    /// are rolled up under `(other)` (the calls table keeps the real model), so a client
+    /// naming a new model on every call cannot grow reports without bound.
+    pub max_models_per_day: usize,
 }
+
+/// Default of `[ledger] max_models_per_day`.
+pub const DEFAULT_MAX_MODELS_PER_DAY: usize = 1000;
 
 impl Default for LedgerConfig {
     fn default() -> Self {
@@ -200,6 +207,7 @@ impl Default for LedgerConfig {
             url: None,
             retention_months: None,
             budget_refresh: Duration::from_secs(1),
+            max_models_per_day: DEFAULT_MAX_MODELS_PER_DAY,
         }
     }
 }
@@ -913,6 +921,9 @@ impl Config {
                 "ledger.budget_refresh",
                 "must be between 10ms and 1m: it bounds how long replicas miss each other's spend",
             );
+        }
+        if self.ledger.max_models_per_day == 0 || self.ledger.max_models_per_day > 1_000_000 {
+            v.add("ledger.max_models_per_day", "must be from 1 to 1000000");
         }
         if self.ledger.queue_capacity == 0 {
             v.add("ledger.queue_capacity", "must be greater than 0");

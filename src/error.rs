@@ -135,6 +135,13 @@ pub enum ProxyError {
     /// Too many calls in flight (`server.max_in_flight`).
     #[error("mantlegate is at its limit of {0} calls in flight; retry shortly")]
     Overloaded(usize),
+    /// The shared ledger could not say, in time, which project owns a stored response the call
+    /// names: the call is refused rather than forwarded under a project that may not own it.
+    /// (The detail goes to the log only.)
+    #[error(
+        "mantlegate could not check who owns this stored response: its ledger did not answer in time. Nothing was forwarded; retry shortly"
+    )]
+    LedgerUnavailable(String),
     /// A bug: the request could not be handled.
     #[error("mantlegate failed to handle this request; it has been logged")]
     Internal,
@@ -165,9 +172,10 @@ impl ProxyError {
             Self::RateLimited(_) | Self::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamKeyMissing | Self::Overloaded(_) | Self::UpstreamCredentials(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::UpstreamKeyMissing
+            | Self::Overloaded(_)
+            | Self::UpstreamCredentials(_)
+            | Self::LedgerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -199,6 +207,7 @@ impl ProxyError {
             Self::UpstreamKeyMissing => "upstream_key_missing",
             Self::UpstreamCredentials(_) => "upstream_credentials_unavailable",
             Self::Overloaded(_) => "overloaded",
+            Self::LedgerUnavailable(_) => "ledger_unavailable",
             Self::Internal => "internal_error",
         }
     }
@@ -216,7 +225,7 @@ impl ProxyError {
             | Self::UpstreamKeyMissing
             | Self::UpstreamCredentials(_) => "upstream_error",
             Self::Internal => "server_error",
-            Self::Overloaded(_) => "service_unavailable_error",
+            Self::Overloaded(_) | Self::LedgerUnavailable(_) => "service_unavailable_error",
             _ => "invalid_request_error",
         }
     }
@@ -224,7 +233,8 @@ impl ProxyError {
     /// Whether the outcome is a rejection of the caller (as opposed to an upstream failure).
     #[must_use]
     pub fn is_rejection(&self) -> bool {
-        self.status().is_client_error() || matches!(self, Self::Overloaded(_))
+        self.status().is_client_error()
+            || matches!(self, Self::Overloaded(_) | Self::LedgerUnavailable(_))
     }
 
     /// The JSON body: `{"error":{"message","type","param","code"}}`.

@@ -69,6 +69,25 @@ pub struct Record {
     pub budget_months: Vec<(Arc<str>, Arc<str>)>,
 }
 
+/// The roll-up model of a call the upstream did not answer with success: its model is
+/// whatever the client wrote, and must not grow the daily roll-up.
+pub const REJECTED_MODEL: &str = "(rejected)";
+/// The roll-up model of calls to models past a key's `[ledger] max_models_per_day` that day.
+pub const OTHER_MODEL: &str = "(other)";
+
+impl Record {
+    /// The model this call is rolled up under before the per-day cap: the real one when the
+    /// upstream answered with success, else [`REJECTED_MODEL`].
+    #[must_use]
+    pub fn rollup_model(&self) -> &str {
+        if (200..300).contains(&self.status) {
+            self.model.as_deref().unwrap_or("")
+        } else {
+            REJECTED_MODEL
+        }
+    }
+}
+
 /// A plain forwarded call's record, for tests to vary with struct update syntax.
 #[cfg(test)]
 pub(crate) fn sample_record(ts_ms: i64) -> Record {
@@ -181,10 +200,12 @@ pub trait Store: Send {
 /// Read access to a ledger, shared by the server (lookups, budgets, reports) and the CLI.
 /// Blocking: call from a blocking thread (`spawn_blocking`) on the server.
 pub trait LedgerRead: Send + Sync {
-    /// The project id a Responses object was created under.
+    /// The project id a Responses object was created under: `Ok(None)` when the ledger
+    /// answered and knows no such response, `Err` when it could not answer (callers that
+    /// guard ownership must then refuse, not treat it as unknown).
     ///
     /// # Errors
-    /// Storage errors.
+    /// Storage errors, and (`PostgreSQL`) no answer within 2 s.
     fn project_of_response(&self, response_id: &str) -> anyhow::Result<Option<String>>;
     /// Background responses not yet metered: `(response id, project id, model)`.
     ///

@@ -625,11 +625,13 @@ async fn settle_before_use(
 }
 
 /// The project a call naming stored response `id` goes to: the one that created it, when this
-/// key may use it (`current` when the response is unknown here).
+/// key may use it (`current` when the ledger answered that the response is unknown).
 ///
 /// # Errors
 /// 404 `response_not_found` when another project, which this key may not use, created it:
-/// to this key it does not exist.
+/// to this key it does not exist. 503 `ledger_unavailable` when the ledger could not say who
+/// created it within [`OWNER_LOOKUP_TIMEOUT`]: forwarding then might hand one project's
+/// response to another's key.
 async fn project_of_response(
     state: &AppState,
     snap: &Snapshot,
@@ -638,12 +640,34 @@ async fn project_of_response(
     id: &str,
     current: ProjectIdx,
 ) -> Result<ProjectIdx, ProxyError> {
-    match owner_of_response(state, snap, id).await {
+    let owner = match tokio::time::timeout(OWNER_LOOKUP_TIMEOUT, owner_of_response(state, snap, id))
+        .await
+    {
+        Ok(Ok(owner)) => owner,
+        Ok(Err(err)) => {
+            tracing::warn!(error = %format!("{err:#}"), "ledger lookup of a response's owner failed");
+            return Err(ProxyError::LedgerUnavailable(format!("{err:#}")));
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout = ?OWNER_LOOKUP_TIMEOUT,
+                "ledger lookup of a response's owner timed out"
+            );
+            return Err(ProxyError::LedgerUnavailable(
+                "owner lookup timed out".into(),
+            ));
+        }
+    };
+    match owner {
         Some(owner) if attribution::may_use(snap, key, route, owner) => Ok(owner),
         Some(_) => Err(ProxyError::ResponseNotFound(id.to_owned())),
         None => Ok(current),
     }
 }
+
+/// The longest a call waits for the ledger to say who owns a stored response (retries of a
+/// fleet's not-yet-committed record included) before it is refused with 503.
+const OWNER_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether a query asks for a stream (`stream=true`, as the SDKs send it for a GET that
 /// resumes or replays a response's events).
@@ -693,36 +717,44 @@ fn meter_kind(
 }
 
 /// The project that created a stored response: this process's index first, then the ledger.
+/// `Ok(None)`: the ledger answered, and knows no such response (or its project is no longer
+/// configured). `Err`: the ledger could not answer.
 ///
 /// In a fleet the response may have been created through another replica a moment ago, its
 /// record not committed yet: a miss is asked again, with backoff, until the ledger's
 /// one-second commit promise has passed (only ids no replica created pay that wait).
-async fn owner_of_response(state: &AppState, snap: &Snapshot, id: &str) -> Option<ProjectIdx> {
+async fn owner_of_response(
+    state: &AppState,
+    snap: &Snapshot,
+    id: &str,
+) -> anyhow::Result<Option<ProjectIdx>> {
     if let Some(p) = state.responses.get(id) {
-        return snap.project_by_handle(&p.value().0);
+        return Ok(snap.project_by_handle(&p.value().0));
     }
-    let reader = state.reader.as_ref()?;
+    let Some(reader) = state.reader.as_ref() else {
+        return Ok(None);
+    };
     let lookup = || {
         let reader = reader.clone();
         let id = id.to_owned();
         async move {
-            tokio::task::spawn_blocking(move || reader.project_of_response(&id).ok().flatten())
-                .await
-                .ok()
-                .flatten()
+            match tokio::task::spawn_blocking(move || reader.project_of_response(&id)).await {
+                Ok(answer) => answer,
+                Err(err) => Err(anyhow::anyhow!("ledger lookup task failed: {err}")),
+            }
         }
     };
-    let mut project_id = lookup().await;
+    let mut project_id = lookup().await?;
     if state.fleet.is_some() {
         for wait_ms in [50, 100, 200, 400, 500] {
             if project_id.is_some() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
-            project_id = lookup().await;
+            project_id = lookup().await?;
         }
     }
-    project_id.and_then(|p| snap.project_by_handle(&p))
+    Ok(project_id.and_then(|p| snap.project_by_handle(&p)))
 }
 
 /// In a fleet, a background response created through another replica is pending in the

@@ -40,7 +40,7 @@ use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
@@ -247,6 +247,8 @@ struct Tat(AtomicU64);
 pub struct MemoryStore {
     /// Nanoseconds on the caller's clock; 0 (or any time at or before now) is a full bucket.
     cells: Box<[Tat]>,
+    /// Per cell: whether [`follow`](Self::follow) has set it from a shared store's answer.
+    followed: Box<[AtomicBool]>,
 }
 
 impl MemoryStore {
@@ -255,6 +257,7 @@ impl MemoryStore {
     pub fn new(cells: usize) -> Self {
         Self {
             cells: (0..cells).map(|_| Tat::default()).collect(),
+            followed: (0..cells).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -272,6 +275,33 @@ impl MemoryStore {
                 Ok(_) => return Ok(new_tat),
                 Err(actual) => current = actual,
             }
+        }
+    }
+
+    /// Moves `cell`'s TAT up to `tat` if it is behind.
+    fn raise(&self, cell: usize, tat: u64) {
+        if let Some(Tat(current)) = self.cells.get(cell) {
+            current.fetch_max(tat, Ordering::AcqRel);
+        }
+    }
+
+    /// Takes a shared store's answer for `cell` (its TAT there, on this store's clock), so that
+    /// this store, should it have to decide alone, goes on from what the fleet admitted. The
+    /// first answer replaces the cell's starting state; later ones only move it up (answers to
+    /// concurrent calls may arrive out of order; a refund there is not taken here: the
+    /// fallback stays on the safe side).
+    fn follow(&self, cell: usize, tat: u64) {
+        let Some(Tat(current)) = self.cells.get(cell) else {
+            return;
+        };
+        let first = self
+            .followed
+            .get(cell)
+            .is_some_and(|f| !f.swap(true, Ordering::AcqRel));
+        if first {
+            current.store(tat, Ordering::Release);
+        } else {
+            current.fetch_max(tat, Ordering::AcqRel);
         }
     }
 
@@ -447,6 +477,9 @@ struct Inner {
     rules: Box<[Compiled]>,
     /// The store of [`RateLimiter::acquire`]; with a shared store, the local fallback.
     store: Arc<dyn RateStore>,
+    /// With a shared store, the local fallback again, as its concrete type: every answer of the
+    /// shared store is mirrored into it ([`MemoryStore::raise`]).
+    mirror: Option<Arc<MemoryStore>>,
     /// The fleet-wide store of [`RateLimiter::acquire_async`], if any.
     shared: Option<Arc<dyn AsyncRateStore>>,
     /// Time zero of the nanosecond clock the store sees.
@@ -516,22 +549,39 @@ impl RateLimiter {
     /// `2 × rule + 1` for tokens).
     #[must_use]
     pub fn with_store(rules: Vec<RateRule>, store: Arc<dyn RateStore>) -> Self {
-        Self::build(rules, store, None)
+        Self::build(rules, store, None, None)
     }
 
     /// A limiter for `rules` whose state lives in the fleet-wide `shared` store (same cell
     /// numbering as [`with_store`](Self::with_store)), with an in-memory store of its own as the
     /// fallback while `shared` fails: admit with [`acquire_async`](Self::acquire_async).
+    ///
+    /// The fallback never starts full: each of its buckets follows the shared store's answers
+    /// (a cell's TAT there, seen here) and starts *empty* (refilling at the rule's rate) until
+    /// the first one. So when the shared store fails, each replica goes on from the budget the
+    /// fleet had left at its last answer, or from nothing: over N replicas at most N times a
+    /// limit passes in any minute of an outage, never N times a limit on top of what the fleet
+    /// had already admitted.
     #[must_use]
     pub fn with_shared_store(rules: Vec<RateRule>, shared: Arc<dyn AsyncRateStore>) -> Self {
         let local = Arc::new(MemoryStore::new(rules.len() * 2));
-        Self::build(rules, local, Some(shared))
+        let limiter = Self::build(rules, local.clone(), Some(shared), Some(local.clone()));
+        let now_ns = limiter.inner.now_ns(Instant::now());
+        for (rule, compiled) in limiter.inner.rules.iter().enumerate() {
+            for dim in [Dim::Requests, Dim::Tokens] {
+                if let Some(Limit::Rate { burst_ns, .. }) = compiled.get(dim) {
+                    local.raise(cell_of(rule, dim), now_ns.saturating_add(burst_ns));
+                }
+            }
+        }
+        limiter
     }
 
     fn build(
         rules: Vec<RateRule>,
         store: Arc<dyn RateStore>,
         shared: Option<Arc<dyn AsyncRateStore>>,
+        mirror: Option<Arc<MemoryStore>>,
     ) -> Self {
         let rules = rules
             .into_iter()
@@ -544,6 +594,7 @@ impl RateLimiter {
             inner: Arc::new(Inner {
                 rules,
                 store,
+                mirror,
                 shared,
                 base: Instant::now(),
             }),
@@ -691,6 +742,12 @@ impl RateLimiter {
             return self.conclude(takes, ahead, Ok(()), est_tokens, settle, false);
         }
         if let Ok(outcome) = shared.acquire(takes, now_ns, ahead).await {
+            if let Some(mirror) = &inner.mirror {
+                // `ahead` is on the shared store's clock, relative to its now: taken as ours.
+                for (take, &ahead) in takes.iter().zip(ahead.iter()) {
+                    mirror.follow(take.cell, now_ns.saturating_add(ahead));
+                }
+            }
             self.conclude(takes, ahead, outcome, est_tokens, settle, true)
         } else {
             // The store counted and logged its failure: decide here, per replica.
@@ -908,7 +965,14 @@ impl Admission {
                 });
                 let cell = cell_of(rule, Dim::Tokens);
                 match (&inner.shared, self.shared) {
-                    (Some(shared), true) => shared.adjust(cell, delta_ns, now_ns),
+                    (Some(shared), true) => {
+                        shared.adjust(cell, delta_ns, now_ns);
+                        // A debt is mirrored too (a refund is not: the fallback stays on the
+                        // safe side of what the shared store holds).
+                        if let (Some(mirror), true) = (&inner.mirror, delta_ns > 0) {
+                            mirror.adjust(cell, delta_ns, now_ns);
+                        }
+                    }
                     _ => inner.store.adjust(cell, delta_ns, now_ns),
                 }
             }
@@ -1466,12 +1530,13 @@ mod tests {
         let a = limiter.acquire_async(&[0], 1000, t0).await.expect("room");
         assert_eq!(a.headers.remaining_tokens, Some(5000));
         a.settle(1500, t0);
-        // The shared store took and settled it; the local one saw nothing.
+        // The shared store took and settled it; the local one followed its answer and the
+        // debt (never the refund side): the fallback's state, should the shared store fail.
         assert_eq!(
             limiter.status_async(0, t0).await.remaining_tokens,
             Some(4500)
         );
-        assert_eq!(limiter.status(0, t0).remaining_tokens, Some(6000));
+        assert_eq!(limiter.status(0, t0).remaining_tokens, Some(4500));
         assert_eq!(shared.acquires.load(Ordering::SeqCst), 1);
         for _ in 0..2 {
             drop(limiter.acquire_async(&[0], 0, t0).await.expect("room"));
@@ -1486,37 +1551,74 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failing_shared_store_fails_open_to_local_limits() {
+    async fn a_shared_store_down_from_the_start_falls_back_to_empty_buckets() {
         let shared = FlakyShared::new(2);
+        shared.set_down(true);
         let limiter =
             RateLimiter::with_shared_store(vec![rule(Some(3), Some(6000))], shared.clone());
         let t0 = Instant::now();
-        drop(limiter.acquire_async(&[0], 0, t0).await.expect("shared"));
-        shared.set_down(true);
-        // Down: the local store decides, with the same limits (3 per minute, per replica).
-        let local = limiter.acquire_async(&[0], 1000, t0).await.expect("local");
-        assert_eq!(local.headers.remaining_requests, Some(2));
-        for _ in 0..2 {
+        // Nothing known of the fleet: the local buckets start empty, never full.
+        limiter
+            .acquire_async(&[0], 0, t0)
+            .await
+            .expect_err("a fresh fallback starts empty");
+        let t1 = t0 + Duration::from_secs(21);
+        let local = limiter
+            .acquire_async(&[0], 1000, t1)
+            .await
+            .expect("refilled");
+        assert_eq!(local.headers.remaining_requests, Some(0));
+        // Back up: a call admitted locally settles locally, whatever the shared store is.
+        shared.set_down(false);
+        local.settle(0, t1);
+        assert_eq!(shared.acquires.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            limiter.status_async(0, t1).await.remaining_requests,
+            Some(3)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_fallback_goes_on_from_the_shared_stores_last_answer() {
+        let shared = FlakyShared::new(2);
+        let limiter =
+            RateLimiter::with_shared_store(vec![rule(Some(3), Some(6000))], shared.clone());
+        // A minute on, the local buckets would be full; the fleet takes all 3 through Redis.
+        let t0 = Instant::now() + Duration::from_mins(2);
+        for _ in 0..3 {
             drop(
                 limiter
                     .acquire_async(&[0], 0, t0)
                     .await
-                    .expect("local room"),
+                    .expect("shared room"),
             );
         }
+        shared.set_down(true);
+        // The local bucket followed the shared one (its start, empty, replaced by the first
+        // answer): empty now, not full.
         limiter
             .acquire_async(&[0], 0, t0)
             .await
-            .expect_err("local limit holds");
-        // Back up: a call admitted locally settles locally, whatever the shared store is.
-        shared.set_down(false);
-        local.settle(0, t0);
-        assert_eq!(limiter.status(0, t0).remaining_tokens, Some(6000));
-        assert_eq!(
-            limiter.status_async(0, t0).await.remaining_requests,
-            Some(2)
+            .expect_err("the fleet's minute is spent");
+        assert_eq!(limiter.status(0, t0).remaining_requests, Some(0));
+        let t1 = t0 + Duration::from_secs(20);
+        drop(
+            limiter
+                .acquire_async(&[0], 0, t1)
+                .await
+                .expect("one refilled"),
         );
-        assert_eq!(shared.acquires.load(Ordering::SeqCst), 1);
+        limiter
+            .acquire_async(&[0], 0, t1)
+            .await
+            .expect_err("only one refilled");
+        // A token debt settled through the shared store is mirrored locally too.
+        shared.set_down(false);
+        let t2 = t0 + Duration::from_mins(2);
+        let a = limiter.acquire_async(&[0], 1000, t2).await.expect("shared");
+        a.settle(4000, t2);
+        shared.set_down(true);
+        assert_eq!(limiter.status(0, t2).remaining_tokens, Some(2000));
     }
 
     #[tokio::test]

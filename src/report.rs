@@ -86,6 +86,44 @@ impl FromStr for Dim {
     }
 }
 
+/// The most dimensions a report may be grouped by: each is a column of every row, and a
+/// grouping by thousands of tag keys costs gigabytes for nothing anyone reads.
+pub const MAX_DIMS: usize = 8;
+
+/// The most rows (groups) a report may have; a larger one is refused, not built.
+pub const MAX_GROUPS: usize = 200_000;
+
+/// Why a report is refused for its size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TooLarge {
+    /// More than [`MAX_DIMS`] group-by dimensions.
+    #[error(
+        "a report is grouped by at most {MAX_DIMS} dimensions, and {0} were given: group by fewer"
+    )]
+    Dims(usize),
+    /// More than [`MAX_GROUPS`] rows.
+    #[error(
+        "the report would have more than {MAX_GROUPS} rows: group by fewer dimensions or ask for a shorter period"
+    )]
+    Groups,
+}
+
+/// Refuses a `--group-by` / `group_by` list of more than [`MAX_DIMS`] dimensions, before
+/// anything is parsed or read.
+///
+/// # Errors
+/// [`TooLarge::Dims`].
+pub fn check_dim_count(s: &str) -> Result<(), TooLarge> {
+    if s.trim().is_empty() {
+        return Ok(());
+    }
+    let n = s.split(',').count();
+    if n > MAX_DIMS {
+        return Err(TooLarge::Dims(n));
+    }
+    Ok(())
+}
+
 /// `"project,tag:Team,day"` -> dims, in that order. An empty string means no grouping (one
 /// row: the total).
 ///
@@ -465,11 +503,37 @@ fn dim_value<'a>(dim: &Dim, row: &'a DailyRow, cache: &mut TagCache<'a>) -> Stri
 /// keys; the total is summed in pico-dollars like the rows, so it equals their sum exactly.
 #[must_use]
 pub fn aggregate(rows: &[DailyRow], dims: &[Dim], period: Period) -> Report {
+    match aggregate_within(rows, dims, period, usize::MAX) {
+        Ok(report) => report,
+        // Unreachable with no bound on the groups; an empty report is still an answer.
+        Err(_) => Report {
+            dims: dims.to_vec(),
+            period,
+            rows: Vec::new(),
+            total: Group::default().finish(Vec::new(), String::new(), BTreeMap::new()),
+        },
+    }
+}
+
+/// [`aggregate`] that gives up as soon as a report would have more than `max_groups` rows,
+/// so its memory stays bounded by what it would return.
+///
+/// # Errors
+/// [`TooLarge::Groups`].
+pub fn aggregate_within(
+    rows: &[DailyRow],
+    dims: &[Dim],
+    period: Period,
+    max_groups: usize,
+) -> Result<Report, TooLarge> {
     let mut cache = TagCache::new();
     let mut groups: HashMap<Vec<String>, Group<'_>> = HashMap::new();
     let mut total = Group::default();
     for row in rows {
         let keys: Vec<String> = dims.iter().map(|d| dim_value(d, row, &mut cache)).collect();
+        if groups.len() >= max_groups && !groups.contains_key(&keys) {
+            return Err(TooLarge::Groups);
+        }
         groups.entry(keys).or_default().add(row);
         total.add(row);
     }
@@ -492,12 +556,12 @@ pub fn aggregate(rows: &[DailyRow], dims: &[Dim], period: Period) -> Report {
             .cmp(&a.cost_pico)
             .then_with(|| a.keys.cmp(&b.keys))
     });
-    Report {
+    Ok(Report {
         dims: dims.to_vec(),
         period,
         rows: out,
         total: total.finish(Vec::new(), String::new(), BTreeMap::new()),
-    }
+    })
 }
 
 /// The non-empty values of the tag dims of a group, by tag key.

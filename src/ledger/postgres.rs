@@ -42,6 +42,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// One read (a report, a lookup) longer than this is an error.
 const READ_TIMEOUT: Duration = Duration::from_mins(2);
+/// One lookup a call waits on (who owns a stored response) longer than this is an error.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Partition DDL waits at most this long for the lock on `calls`: a pending `ACCESS
 /// EXCLUSIVE` request queues every later insert behind it, so it must not wait long.
 const DDL_LOCK_TIMEOUT: &str = "5s";
@@ -59,7 +61,10 @@ const CALL_COLUMNS: &str = "ts_ms, request_id, key_name, key_fp, route, project_
 /// insert really adds (`RETURNING`) feed the daily and budget upserts, so a batch retried
 /// after a commit whose answer was lost, or an import run twice, counts nothing twice.
 /// Upserts go in key order, so two replicas touching the same rows lock them in the same
-/// order (no deadlock).
+/// order (no deadlock). The roll-up keys a call the upstream did not answer with success under
+/// the model `(rejected)`, and a model beyond the first `$29` of a key's day under `(other)`:
+/// whatever models clients name, a key adds a bounded number of roll-up rows a day.
+/// (Replicas writing at the same moment may each admit the last free places: a few more.)
 const WRITE_SQL: &str = "WITH src AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::boolean[],
@@ -84,16 +89,38 @@ const WRITE_SQL: &str = "WITH src AS (
     RETURNING call_id
 ), new AS (
     SELECT src.* FROM src JOIN ins USING (call_id)
+), tagged AS (
+    SELECT new.*, COALESCE(new.key_name, '') AS rkey,
+        CASE WHEN new.status BETWEEN 200 AND 299 THEN COALESCE(new.model, '')
+            ELSE '(rejected)' END AS rmodel
+    FROM new
+), fresh AS (
+    SELECT DISTINCT t.day, t.rkey, t.rmodel FROM tagged t
+    WHERE t.rmodel NOT IN ('(rejected)', '(other)') AND NOT EXISTS (
+        SELECT 1 FROM daily WHERE daily.day = t.day AND daily.key_name = t.rkey
+            AND daily.model = t.rmodel)
+), counts AS (
+    SELECT k.day, k.rkey, (SELECT count(DISTINCT model) FROM daily
+        WHERE daily.day = k.day AND daily.key_name = k.rkey
+            AND daily.model NOT IN ('(rejected)', '(other)')) AS have
+    FROM (SELECT DISTINCT day, rkey FROM fresh) k
+), ranked AS (
+    SELECT f.day, f.rkey, f.rmodel,
+        c.have + row_number() OVER (PARTITION BY f.day, f.rkey ORDER BY f.rmodel) AS nth
+    FROM fresh f JOIN counts c USING (day, rkey)
+), rolled AS (
+    SELECT t.*, CASE WHEN r.nth > $29 THEN '(other)' ELSE t.rmodel END AS dmodel
+    FROM tagged t LEFT JOIN ranked r USING (day, rkey, rmodel)
 ), d AS (
     INSERT INTO daily (day, key_name, route, project_name, project_id, tags, api, model,
         outcome, requests, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens,
         cost_pico, unpriced_requests)
-    SELECT day, COALESCE(key_name, ''), COALESCE(route, ''), COALESCE(project_name, ''),
-        COALESCE(project_id, ''), tags, COALESCE(api, ''), COALESCE(model, ''), outcome,
+    SELECT day, rkey, COALESCE(route, ''), COALESCE(project_name, ''),
+        COALESCE(project_id, ''), tags, COALESCE(api, ''), dmodel, outcome,
         count(*), sum(input_tokens)::bigint, sum(cached_input_tokens)::bigint,
         sum(output_tokens)::bigint, sum(reasoning_tokens)::bigint,
         COALESCE(sum(cost_pico), 0)::bigint, count(*) FILTER (WHERE cost_pico IS NULL)
-    FROM new
+    FROM rolled
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
     ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9
     ON CONFLICT (day, key_name, route, project_name, project_id, tags, api, model, outcome)
@@ -558,7 +585,10 @@ struct Columns {
 
 impl Columns {
     /// The parameters of [`WRITE_SQL`], in order.
-    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 28] {
+    fn params<'a>(
+        &'a self,
+        max_models: &'a i64,
+    ) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 29] {
         [
             &self.ts_ms,
             &self.request_id,
@@ -588,6 +618,7 @@ impl Columns {
             &self.budget_call_id,
             &self.budget_name,
             &self.budget_month,
+            max_models,
         ]
     }
 
@@ -637,7 +668,11 @@ impl Columns {
 /// settled in one batch is gone). A settlement whose response is no longer pending was
 /// metered by another replica that saw it finished too: the record stays, its usage and cost
 /// become zero, so the fleet counts a background response once.
-async fn write_rows(client: &mut Object, rows: &[Row]) -> Result<i64, tokio_postgres::Error> {
+async fn write_rows(
+    client: &mut Object,
+    rows: &[Row],
+    max_models: i64,
+) -> Result<i64, tokio_postgres::Error> {
     let stmt = client.prepare_cached(WRITE_SQL).await?;
     let tx = client.transaction().await?;
     let mut claimed_elsewhere = Vec::new();
@@ -672,7 +707,10 @@ async fn write_rows(client: &mut Object, rows: &[Row]) -> Result<i64, tokio_post
         }
         Columns::of(&rows)
     };
-    let inserted: i64 = tx.query_one(&stmt, &c.params()).await?.try_get(0)?;
+    let inserted: i64 = tx
+        .query_one(&stmt, &c.params(&max_models))
+        .await?
+        .try_get(0)?;
     tx.commit().await?;
     Ok(inserted)
 }
@@ -680,7 +718,7 @@ async fn write_rows(client: &mut Object, rows: &[Row]) -> Result<i64, tokio_post
 /// One batch of an import, inside the import's transaction (opened on `client` by hand):
 /// partitions the batch needs and lacks are created in that transaction too, so that a
 /// refused import leaves nothing behind. Imported records have no background bookkeeping.
-async fn import_rows(client: &Object, rows: &[Row]) -> anyhow::Result<()> {
+async fn import_rows(client: &Object, rows: &[Row], max_models: i64) -> anyhow::Result<()> {
     let months: BTreeSet<MonthKey> = rows.iter().map(|r| r.month).collect();
     let mut missing = Vec::new();
     for m in months {
@@ -714,7 +752,9 @@ async fn import_rows(client: &Object, rows: &[Row]) -> anyhow::Result<()> {
         }
     }
     let stmt = client.prepare_cached(WRITE_SQL).await?;
-    client.query_one(&stmt, &Columns::of(rows).params()).await?;
+    client
+        .query_one(&stmt, &Columns::of(rows).params(&max_models))
+        .await?;
     Ok(())
 }
 
@@ -735,21 +775,22 @@ async fn write_batch(
     client: &mut Object,
     rows: &[Row],
     missing: &BTreeSet<MonthKey>,
+    max_models: i64,
 ) -> anyhow::Result<()> {
     if !missing.is_empty() {
         create_partitions(client, missing).await?;
     }
-    match write_rows(client, rows).await {
+    match write_rows(client, rows, max_models).await {
         Ok(_) => Ok(()),
         Err(err) if is_missing_partition(&err) => {
             create_partitions(client, &months_of(rows)).await?;
-            write_rows(client, rows).await?;
+            write_rows(client, rows, max_models).await?;
             Ok(())
         }
         Err(err) if is_data_error(&err) && rows.len() > 1 => {
             tracing::warn!(error = %format!("{err:#}"), records = rows.len(), "ledger batch refused by postgresql; writing its records one by one");
             for row in rows {
-                match write_rows(client, std::slice::from_ref(row)).await {
+                match write_rows(client, std::slice::from_ref(row), max_models).await {
                     Ok(_) => {}
                     Err(err) if is_data_error(&err) => {
                         tracing::error!(call_id = ?row.call.call_id, request_id = %row.call.request_id, error = %format!("{err:#}"), "ledger record refused by postgresql: dropped");
@@ -773,6 +814,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// Months whose partition this writer knows to exist.
     partitions: HashSet<MonthKey>,
+    /// Distinct models a key may add to a day's roll-up (`[ledger] max_models_per_day`).
+    max_models: i64,
 }
 
 impl PostgresStore {
@@ -805,7 +848,17 @@ impl PostgresStore {
             driver,
             pool,
             partitions: ahead.into_iter().collect(),
+            max_models: i64::try_from(crate::config::DEFAULT_MAX_MODELS_PER_DAY)
+                .unwrap_or(i64::MAX),
         })
+    }
+
+    /// Sets how many distinct models a key may add to a day's roll-up (the rest roll up under
+    /// `(other)`).
+    #[must_use]
+    pub fn with_max_models_per_day(mut self, max: usize) -> Self {
+        self.max_models = i64::try_from(max).unwrap_or(i64::MAX);
+        self
     }
 }
 
@@ -821,11 +874,14 @@ impl Store for PostgresStore {
             .collect();
         let pool = self.pool.clone();
         let created = missing.clone();
+        let max_models = self.max_models;
         let result = self.driver.run(async move {
             let mut client = connection(&pool).await?;
-            let outcome =
-                tokio::time::timeout(WRITE_TIMEOUT, write_batch(&mut client, &rows, &missing))
-                    .await;
+            let outcome = tokio::time::timeout(
+                WRITE_TIMEOUT,
+                write_batch(&mut client, &rows, &missing, max_models),
+            )
+            .await;
             if let Ok(result) = outcome {
                 result
             } else {
@@ -867,8 +923,11 @@ impl Store for PostgresStore {
             while let Some(batch) = next()? {
                 let rows = Row::batch(&batch);
                 let c = client.take().context("postgresql connection lost")?;
+                let max_models = self.max_models;
                 client = Some(self.driver.run(async move {
-                    match tokio::time::timeout(WRITE_TIMEOUT, import_rows(&c, &rows)).await {
+                    match tokio::time::timeout(WRITE_TIMEOUT, import_rows(&c, &rows, max_models))
+                        .await
+                    {
                         Ok(Ok(())) => Ok(c),
                         Ok(Err(err)) => {
                             drop(Object::take(c));
@@ -1008,6 +1067,28 @@ impl PgReader {
                 .map_err(|_| {
                     anyhow::anyhow!("ledger read took over {} s", READ_TIMEOUT.as_secs())
                 })?
+        })
+    }
+
+    /// [`query`](Self::query) for a lookup a call waits on: getting the connection and running
+    /// `f` together take at most [`LOOKUP_TIMEOUT`], so a stalled database costs each waiting
+    /// call (and its blocking thread) that long, not minutes.
+    fn lookup<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Object) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<T>> + Send,
+    {
+        let pool = self.pool.clone();
+        self.driver.run(async move {
+            tokio::time::timeout(
+                LOOKUP_TIMEOUT,
+                async move { f(connection(&pool).await?).await },
+            )
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("ledger lookup took over {} ms", LOOKUP_TIMEOUT.as_millis())
+            })?
         })
     }
 
@@ -1313,7 +1394,7 @@ impl PgReader {
 impl LedgerRead for PgReader {
     fn project_of_response(&self, response_id: &str) -> anyhow::Result<Option<String>> {
         let id = response_id.to_owned();
-        self.query(move |c| async move {
+        self.lookup(move |c| async move {
             let row = c
                 .query_opt(
                     "SELECT project_id FROM calls WHERE upstream_response_id = $1

@@ -1,5 +1,6 @@
 //! The embedded SQLite ledger: WAL mode, one writer, per-call rows plus per-day roll-ups.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use std::sync::{Arc, Mutex};
 
-use super::{Background, LedgerRead, Record, Store};
+use super::{Background, LedgerRead, OTHER_MODEL, REJECTED_MODEL, Record, Store};
 
 /// Schema version this build writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 3;
@@ -521,6 +522,8 @@ impl Skipped {
 /// The SQLite [`Store`].
 pub struct SqliteStore {
     conn: Connection,
+    /// Distinct models a key may add to a day's roll-up (`[ledger] max_models_per_day`).
+    max_models: usize,
 }
 
 impl SqliteStore {
@@ -529,7 +532,60 @@ impl SqliteStore {
     /// # Errors
     /// See [`open`].
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        Ok(Self { conn: open(path)? })
+        Ok(Self {
+            conn: open(path)?,
+            max_models: crate::config::DEFAULT_MAX_MODELS_PER_DAY,
+        })
+    }
+
+    /// Sets how many distinct models a key may add to a day's roll-up (the rest roll up under
+    /// `(other)`).
+    #[must_use]
+    pub fn with_max_models_per_day(mut self, max: usize) -> Self {
+        self.max_models = max;
+        self
+    }
+}
+
+/// The models a key already has in a day's roll-up, placeholders aside: loaded once per batch
+/// and `(day, key)`, then kept up to date as the batch adds models.
+type DayModels<'a> =
+    std::collections::HashMap<(i64, &'a str), HashSet<String>, foldhash::fast::RandomState>;
+
+/// The model `r` is rolled up under: [`Record::rollup_model`], or `(other)` when its key
+/// already has `max` other models that day.
+fn capped_model<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    seen: &mut DayModels<'a>,
+    r: &'a Record,
+    day: i64,
+    max: usize,
+) -> rusqlite::Result<&'a str> {
+    let model = r.rollup_model();
+    if model == REJECTED_MODEL || model == OTHER_MODEL {
+        return Ok(model);
+    }
+    let key = r.key.as_deref().unwrap_or("");
+    let models = match seen.entry((day, key)) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let mut stmt = tx.prepare_cached(
+                "SELECT DISTINCT model FROM daily WHERE day = ?1 AND key_name = ?2
+                 AND model NOT IN ('(rejected)', '(other)')",
+            )?;
+            let rows = stmt.query_map(params![utc_day(day * MS_PER_DAY), key], |row| {
+                row.get::<_, String>(0)
+            })?;
+            e.insert(rows.collect::<rusqlite::Result<HashSet<String>>>()?)
+        }
+    };
+    if models.contains(model) {
+        Ok(model)
+    } else if models.len() < max {
+        models.insert(model.to_owned());
+        Ok(model)
+    } else {
+        Ok(OTHER_MODEL)
     }
 }
 
@@ -553,7 +609,7 @@ fn to_i64(n: u64) -> i64 {
 impl Store for SqliteStore {
     fn write_batch(&mut self, records: &[Record]) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
-        write_in(&tx, records)?;
+        write_in(&tx, records, self.max_models)?;
         tx.commit()?;
         Ok(())
     }
@@ -565,7 +621,7 @@ impl Store for SqliteStore {
         // Dropped without a commit at the first error: rolled back, nothing written.
         let tx = self.conn.transaction()?;
         while let Some(batch) = next()? {
-            write_in(&tx, &batch)?;
+            write_in(&tx, &batch, self.max_models)?;
         }
         tx.commit()?;
         Ok(())
@@ -573,7 +629,13 @@ impl Store for SqliteStore {
 }
 
 /// Writes `records` with their roll-ups inside `tx` (which the caller commits).
-fn write_in(tx: &rusqlite::Transaction<'_>, records: &[Record]) -> anyhow::Result<()> {
+/// Writes `records` in `tx`; a key's models in a day's roll-up beyond `max_models` go under
+/// `(other)`.
+fn write_in(
+    tx: &rusqlite::Transaction<'_>,
+    records: &[Record],
+    max_models: usize,
+) -> anyhow::Result<()> {
     let skipped = insert_calls(tx, records)?;
     let mut daily = tx.prepare_cached(UPSERT_DAILY)?;
     let mut pending = tx.prepare_cached(
@@ -587,22 +649,25 @@ fn write_in(tx: &rusqlite::Transaction<'_>, records: &[Record]) -> anyhow::Resul
     // one upsert per row rather than one per record.
     let mut rollup: std::collections::HashMap<DailyKey, DailyDelta, foldhash::fast::RandomState> =
         std::collections::HashMap::default();
+    let mut day_models = DayModels::default();
     for (i, r) in records.iter().enumerate() {
         // A call already recorded counts nowhere again.
         if skipped.as_ref().is_some_and(|s| s.old[i]) {
             continue;
         }
         let u = &r.usage;
+        let day = r.ts_ms.div_euclid(MS_PER_DAY);
+        let model = capped_model(tx, &mut day_models, r, day, max_models)?;
         let d = rollup
             .entry(DailyKey {
-                day: r.ts_ms.div_euclid(MS_PER_DAY),
+                day,
                 key: r.key.as_deref().unwrap_or(""),
                 route: r.route.as_deref().unwrap_or(""),
                 project: r.project.as_deref().unwrap_or(""),
                 project_id: r.project_id.as_deref().unwrap_or(""),
                 tags: r.tags.as_deref().unwrap_or("{}"),
                 api: r.api.unwrap_or(""),
-                model: r.model.as_deref().unwrap_or(""),
+                model,
                 outcome: r.outcome,
             })
             .or_default();

@@ -24,7 +24,9 @@
 //!
 //! **Failure** (Redis unreachable, slower than [`RedisOptions::timeout`], or answering an
 //! error): fail open. The call is decided by the limiter's in-memory store, i.e. the limits hold
-//! per replica, never off; [`RedisStats::fallbacks`] counts those calls, one `error` line marks
+//! per replica, never off. That store never starts full: it follows every answer of Redis (a
+//! cell's TAT seen here) and starts empty, so an outage goes on from the fleet's last known
+//! budget and N replicas admit at most N times a limit per minute of it; [`RedisStats::fallbacks`] counts those calls, one `error` line marks
 //! the outage, a `warn` line each minute it lasts, an `info` line its end. While down, calls do
 //! not wait for Redis: it is probed in the background every [`RedisOptions::retry_every`], and
 //! used again once it answers. Settling a call admitted by Redis (the token correction) is sent
