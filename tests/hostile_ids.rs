@@ -58,6 +58,13 @@ async fn raw_with(
     (status, code)
 }
 
+/// A GET through the proxy that must answer 200; its body is read whole.
+async fn get_ok(proxy: &Proxy, path: &str, key: &str) {
+    let r = send(proxy, reqwest::Method::GET, path, key, None).await;
+    assert_eq!(r.status(), 200, "GET {path}");
+    r.bytes().await.expect("body");
+}
+
 async fn send(
     proxy: &Proxy,
     method: reqwest::Method,
@@ -161,16 +168,7 @@ async fn an_escaped_id_bills_the_background_response_and_clears_it_from_pending(
     assert_bills_bg1(&rows[1]);
     assert_eq!(pending_count(&proxy), 0);
     // Seen finished again, under the plain id: free.
-    let r = send(
-        &proxy,
-        reqwest::Method::GET,
-        "/v1/responses/resp_bg1",
-        CHAT_KEY,
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    r.bytes().await.expect("body");
+    get_ok(&proxy, "/v1/responses/resp_bg1", CHAT_KEY).await;
     proxy.wait_for_records(3).await;
     assert_free(&proxy.records()[2]);
 }
@@ -387,16 +385,7 @@ async fn a_resumed_stream_bills_the_response_and_a_later_get_does_not() {
     assert_eq!(r.status(), 200);
     let body = r.bytes().await.expect("body");
     assert_eq!(body, background_events("resp_bg1")[4..].concat().as_bytes());
-    let r = send(
-        &proxy,
-        reqwest::Method::GET,
-        "/v1/responses/resp_bg1",
-        CHAT_KEY,
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    r.bytes().await.expect("body");
+    get_ok(&proxy, "/v1/responses/resp_bg1", CHAT_KEY).await;
     assert_eq!(
         seen(&up),
         [
@@ -445,16 +434,7 @@ async fn an_abandoned_background_stream_is_billed_by_the_later_get_with_reported
     assert_free(created);
     assert_eq!(pending_count(&proxy), 1, "its usage is still to come");
 
-    let r = send(
-        &proxy,
-        reqwest::Method::GET,
-        "/v1/responses/resp_bgs",
-        CHAT_KEY,
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    r.bytes().await.expect("body");
+    get_ok(&proxy, "/v1/responses/resp_bgs", CHAT_KEY).await;
     assert_eq!(
         seen(&up),
         [
@@ -541,16 +521,7 @@ async fn an_answer_without_usage_leaves_the_response_pending_for_one_with_it() {
     proxy.wait_for_records(2).await;
     assert_free(&proxy.records()[1]);
     assert_eq!(pending_count(&proxy), 1, "its usage is still to come");
-    let r = send(
-        &proxy,
-        reqwest::Method::GET,
-        "/v1/responses/resp_bg1",
-        CHAT_KEY,
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    r.bytes().await.expect("body");
+    get_ok(&proxy, "/v1/responses/resp_bg1", CHAT_KEY).await;
     assert_eq!(
         seen(&up),
         [
@@ -678,16 +649,7 @@ async fn a_poll_after_a_restart_bills_the_pending_response_once() {
     create_background(&proxy, CHAT_KEY).await;
     let proxy = proxy.restart(&text).await;
     for _ in 0..2 {
-        let r = send(
-            &proxy,
-            reqwest::Method::GET,
-            "/v1/responses/resp_bg1",
-            CHAT_KEY,
-            None,
-        )
-        .await;
-        assert_eq!(r.status(), 200);
-        r.bytes().await.expect("body");
+        get_ok(&proxy, "/v1/responses/resp_bg1", CHAT_KEY).await;
     }
     assert_eq!(
         seen(&up),
