@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints, the Rust unit and integration tests, the end-to-end tests
-# that drive mantlegate with the official OpenAI Python SDK, and each fuzz target for a bounded
-# time (FUZZ_SECONDS, 30 by default).
+# Runs every test: formatting, lints, licenses, that the Dockerfile's build context compiles, the
+# Rust unit and integration tests, the end-to-end tests that drive mantlegate with the official
+# OpenAI Python SDK, and each fuzz target for a bounded time (FUZZ_SECONDS, 30 by default).
 #
 # The PostgreSQL, Redis and fleet tests run against MANTLEGATE_TEST_POSTGRES_URL and
 # MANTLEGATE_TEST_REDIS_URL, the local servers by default (started when installed and not
@@ -26,6 +26,8 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
   cargo install cargo-deny --version 0.20.2 --locked --quiet
 fi
 cargo deny check bans licenses sources
+echo "== the Dockerfile's build context compiles"
+scripts/check-docker-context.sh
 echo "== cargo test"
 cargo test --locked
 echo "== OpenAI SDK end-to-end tests"
