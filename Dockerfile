@@ -5,6 +5,7 @@
 # scripts/check-docker-context.sh (part of scripts/test.sh) compiles what the COPY lines of the
 # build stage copy, as a clean clone has it.
 
+# At least Cargo.toml's `rust-version`.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them: built for the manifest and lock

@@ -1,4 +1,5 @@
-//! What a new user meets from a clean clone: the fleet's config and compose file.
+//! What a new user meets from a clean clone: the fleet's config and compose file, the Rust
+//! version the README, Cargo.toml and the Dockerfile state.
 
 use std::path::{Path, PathBuf};
 
@@ -66,4 +67,45 @@ fn compose_runs_two_replicas_on_the_fleet_config_with_its_database_and_redis() {
     for env in ["BEDROCK_API_KEY", "MANTLEGATE_ADMIN_TOKEN"] {
         assert!(compose.contains(&format!("{env}: ${{{env}:?")), "{env}");
     }
+}
+
+/// `rust-version` of Cargo.toml, as numbers.
+fn rust_version() -> (String, Vec<u32>) {
+    let manifest: toml::Table = read("Cargo.toml").parse().expect("Cargo.toml");
+    let version = manifest["package"]["rust-version"]
+        .as_str()
+        .expect("package.rust-version")
+        .to_owned();
+    let parts = version
+        .split('.')
+        .map(|p| p.parse().expect("a number"))
+        .collect();
+    (version, parts)
+}
+
+#[test]
+fn the_readme_and_the_dockerfile_agree_with_rust_version() {
+    let (version, wanted) = rust_version();
+    assert!(
+        read("README.md").contains(&format!("Rust {version} or newer")),
+        "README.md states Rust {version}"
+    );
+    let dockerfile = read("Dockerfile");
+    let tag = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .expect("a FROM rust: line")
+        .split(['-', ' '])
+        .next()
+        .expect("a tag");
+    let image: Vec<u32> = tag
+        .split('.')
+        .map(|p| p.parse().expect("a numeric rust image tag"))
+        .collect();
+    // A tag of fewer parts (1.95) is the newest release of that line.
+    let compared = wanted.len().min(image.len());
+    assert!(
+        image[..compared] >= wanted[..compared],
+        "rust:{tag} is older than rust-version {version}"
+    );
 }
