@@ -1,5 +1,5 @@
 //! What a new user meets from a clean clone: the fleet's config and compose file, the Rust
-//! version the README, Cargo.toml and the Dockerfile state.
+//! version the README, Cargo.toml and the Dockerfile state, the license.
 
 use std::path::{Path, PathBuf};
 
@@ -108,4 +108,15 @@ fn the_readme_and_the_dockerfile_agree_with_rust_version() {
         image[..compared] >= wanted[..compared],
         "rust:{tag} is older than rust-version {version}"
     );
+}
+
+#[test]
+fn the_license_is_apache_2_0_as_cargo_toml_says() {
+    let manifest: toml::Table = read("Cargo.toml").parse().expect("Cargo.toml");
+    assert_eq!(manifest["package"]["license"].as_str(), Some("Apache-2.0"));
+    let license = read("LICENSE");
+    assert!(
+        license.contains("Apache License\n                           Version 2.0, January 2004")
+    );
+    assert!(license.contains("END OF TERMS AND CONDITIONS"));
 }
