@@ -1,4 +1,4 @@
-//! Command line: serve, check, keys, demo, simulate.
+//! Command line: serve, check, keys, demo, simulate, health, and the ledger and projects tools.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -93,6 +93,17 @@ enum Command {
     Projects {
         #[command(subcommand)]
         command: ProjectsCommand,
+    },
+    /// Probe a running proxy's health endpoint: exit 0 when it answers 2xx, else 1 and why
+    /// (the container image's health check; the image has no curl).
+    Health {
+        /// The endpoint, plain HTTP: `/readyz` (config loaded, upstream credentials present)
+        /// or `/healthz` (the process answers).
+        #[arg(long, default_value = crate::health::DEFAULT_URL)]
+        url: String,
+        /// How long to wait for the answer, e.g. `3s`, `500ms`.
+        #[arg(long, default_value = "3s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Only the simulated bedrock-mantle (for trying configurations and for tests).
     Simulate {
@@ -208,6 +219,9 @@ pub fn main() -> ExitCode {
         } => keys_list(&config),
         Command::Projects { command } => runtime().and_then(|rt| rt.block_on(projects(command))),
         Command::Demo { listen } => runtime().and_then(|rt| rt.block_on(demo(listen))),
+        Command::Health { url, timeout } => crate::health::probe(&url, timeout)
+            .map(|ok| println!("{} {}", ok.status, ok.body))
+            .map_err(anyhow::Error::from),
         Command::Simulate {
             listen,
             event_delay_ms,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod framing;
+pub mod health;
 pub mod keys;
 pub mod ledger;
 pub mod logging;

@@ -535,3 +535,144 @@ fn ledger_import_refuses_a_bad_line_by_number_and_writes_nothing() {
         assert_eq!(ledger_count(dir.path()), 2);
     }
 }
+
+/// `mantlegate health ARGS`: its exit code, stdout and stderr, and how long it took.
+async fn health(args: &[&str]) -> (Option<i32>, String, String, Duration) {
+    let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(BIN)
+            .arg("health")
+            .args(&args)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            started.elapsed(),
+        )
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test]
+async fn health_is_0_for_a_ready_proxy_and_1_with_the_reason_when_it_has_no_upstream_key() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (child, lines, url) = serve(dir.path(), &config_in(dir.path(), &up.url), "info").await;
+    let (code, stdout, stderr, _) = health(&["--url", &format!("{url}/readyz")]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), r#"200 {"status":"ready"}"#);
+    stop(child, lines).await;
+
+    // The variable the config names for the upstream key is not set: up, but not ready.
+    let keyless = config_tuned(
+        &up.url,
+        "",
+        "api_key_env = \"MANTLEGATE_TEST_HEALTH_UNSET_KEY\"",
+        &format!(
+            "[ledger]\npath = {:?}\n",
+            dir.path().join("keyless.db").display().to_string()
+        ),
+    );
+    let (child, lines, url) = serve(dir.path(), &keyless, "info").await;
+    let (code, stdout, stderr, _) = health(&["--url", &format!("{url}/readyz")]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("answered 503"), "{stderr}");
+    assert!(stderr.contains("no upstream credentials"), "{stderr}");
+    let (code, stdout, stderr, _) = health(&["--url", &format!("{url}/healthz")]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    stop(child, lines).await;
+}
+
+/// A peer on a port of its own that, for each connection, reads the request head and then
+/// does `answer` with the socket.
+fn peer(answer: fn(&mut std::net::TcpStream)) -> String {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/readyz", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for mut socket in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && socket.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                answer(&mut socket);
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn health_gives_up_on_closed_silent_dripping_and_non_http_peers_within_its_timeout() {
+    use std::io::Write as _;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}/readyz", l.local_addr().expect("addr"))
+    };
+    let silent = peer(|_| std::thread::sleep(Duration::from_secs(30)));
+    let drip = peer(|s| {
+        for b in b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+            .iter()
+            .cycle()
+        {
+            if s.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let endless_head = peer(|s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nx-filler: ");
+        while s.write_all(&[b'a'; 1024]).is_ok() {}
+    });
+    let many_headers = peer(|s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n");
+        while s.write_all(b"x-a: b\r\n").is_ok() {}
+    });
+    let not_http = peer(|s| {
+        let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n");
+    });
+    let hangs_up = peer(|_| {});
+    let escapes = peer(|s| {
+        let _ =
+            s.write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 12\r\n\r\nbad\x1b[2J\x07\n\xffok");
+    });
+    for (url, says) in [
+        (closed.as_str(), "cannot reach"),
+        (&silent, "no whole answer within 500ms"),
+        (&drip, "no whole answer within 500ms"),
+        (&endless_head, "a response head longer than 16 KiB"),
+        (&many_headers, "too many headers"),
+        (&not_http, "did not answer with HTTP"),
+        (&hangs_up, "closed before a whole head"),
+        (&escapes, "answered 500: bad [2J"),
+    ] {
+        let (code, stdout, stderr, took) = health(&["--url", url, "--timeout", "500ms"]).await;
+        assert_eq!(code, Some(1), "{url}: {stdout}{stderr}");
+        assert!(stderr.contains(says), "{url}: {stderr}");
+        assert!(
+            !stderr.contains('\x1b'),
+            "no escape reaches the terminal: {stderr:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(took < Duration::from_secs(3), "{url}: {took:?}");
+    }
+    // URLs it cannot probe: refused before any connection, with what to give instead.
+    for (url, says) in [
+        ("https://127.0.0.1:8080/readyz", "only plain http"),
+        (
+            "127.0.0.1:8080",
+            "give one like http://127.0.0.1:8080/readyz",
+        ),
+    ] {
+        let (code, _, stderr, _) = health(&["--url", url]).await;
+        assert_eq!(code, Some(1), "{url}: {stderr}");
+        assert!(stderr.contains(says), "{url}: {stderr}");
+    }
+}

@@ -332,7 +332,8 @@ struct OwnRedis {
 }
 
 impl OwnRedis {
-    async fn start() -> Option<Self> {
+    /// `None` when there is no `redis-server` to run: `test` is skipped.
+    async fn start(test: &str) -> Option<Self> {
         // A free port: bound, then released for redis-server to take.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -356,7 +357,7 @@ impl OwnRedis {
         {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("skipped: no redis-server ({e})");
+                common::services::unavailable(test, &format!("redis-server cannot be run ({e})"));
                 return None;
             }
         };
@@ -381,7 +382,7 @@ impl OwnRedis {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_goes_on_from_the_fleets_budget_never_from_full_buckets() {
-    let Some(mut redis) = OwnRedis::start().await else {
+    let Some(mut redis) = OwnRedis::start("a redis outage").await else {
         return;
     };
     let up = FakeUpstream::start().await;

@@ -1,7 +1,7 @@
 //! Two replicas (the real binary, twice) against one `PostgreSQL` ledger and one Redis: every
 //! call recorded once, a rate limit and a block budget holding for the fleet, a replica killed
 //! with SIGKILL losing no completed call, a ledger outage buffered and written afterwards.
-//! Skipped unless both `MANTLEGATE_TEST_POSTGRES_URL` and `MANTLEGATE_TEST_REDIS_URL` are set.
+//! Needs both `MANTLEGATE_TEST_POSTGRES_URL` and `MANTLEGATE_TEST_REDIS_URL` (tests/common/services.rs).
 
 mod common;
 
@@ -34,10 +34,7 @@ struct Fleet {
 impl Fleet {
     /// `None` (the test is skipped) without both servers.
     async fn start(test: &str, extra: &str) -> Option<Self> {
-        let Ok(redis) = std::env::var("MANTLEGATE_TEST_REDIS_URL") else {
-            eprintln!("skipped {test}: MANTLEGATE_TEST_REDIS_URL is not set");
-            return None;
-        };
+        let redis = common::services::url(common::services::REDIS_ENV, test)?;
         let test_name = test.to_owned();
         let db = tokio::task::spawn_blocking(move || TestDb::create(&test_name))
             .await

@@ -1,6 +1,6 @@
 //! The `PostgreSQL` ledger against a real server: the same reports as SQLite, idempotent
 //! retries, partitions and retention, migrations, export and import, reconnection. Each test
-//! makes its own database; all are skipped when `MANTLEGATE_TEST_POSTGRES_URL` is unset.
+//! makes its own database on `MANTLEGATE_TEST_POSTGRES_URL` (tests/common/services.rs).
 
 mod common;
 

@@ -1,4 +1,7 @@
-//! Rate limits shared through Redis by two limiters (two replicas); skipped without `MANTLEGATE_TEST_REDIS_URL`.
+//! Rate limits shared through Redis by two limiters (two replicas). Needs
+//! `MANTLEGATE_TEST_REDIS_URL` (tests/common/services.rs), but for the tests of its absence.
+
+mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,13 +15,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-/// The Redis of the tests, or `None` (and a note) when `MANTLEGATE_TEST_REDIS_URL` is unset.
-fn redis_url() -> Option<String> {
-    let url = std::env::var("MANTLEGATE_TEST_REDIS_URL").ok();
-    if url.is_none() {
-        eprintln!("note: MANTLEGATE_TEST_REDIS_URL is not set; skipping this Redis test");
-    }
-    url
+/// The Redis of the tests, or `None` when `test` is skipped (see `common::services::url`).
+fn redis_url(test: &str) -> Option<String> {
+    common::services::url(common::services::REDIS_ENV, test)
 }
 
 /// A name no other test run uses (the keys of a run expire within 3 minutes).
@@ -59,7 +58,9 @@ async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_a_minute_admits_ten_across_two_replicas_under_load() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = redis_url("ten_a_minute_admits_ten_across_two_replicas_under_load") else {
+        return;
+    };
     let project = unique("chatbot");
     let rules = [RuleIdentity {
         scope: Scope::Project,
@@ -146,7 +147,9 @@ async fn ten_a_minute_admits_ten_across_two_replicas_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settling_tokens_moves_the_shared_tat() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = redis_url("settling_tokens_moves_the_shared_tat") else {
+        return;
+    };
     let key_name = unique("ci-bot");
     // 6 tokens a minute: one every 10 s, so the test's own duration does not show.
     let rules = [RuleIdentity {
@@ -223,7 +226,9 @@ async fn wait_until(limiter: &RateLimiter, done: impl Fn(&RateHeaders) -> bool) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_by_one_rule_takes_nothing_from_the_others() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = redis_url("a_refusal_by_one_rule_takes_nothing_from_the_others") else {
+        return;
+    };
     let (project, key) = (unique("team"), unique("key"));
     let rules = [
         RuleIdentity {
@@ -265,7 +270,9 @@ async fn a_refusal_by_one_rule_takes_nothing_from_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_script_version_owns_its_keys() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = redis_url("the_script_version_owns_its_keys") else {
+        return;
+    };
     let project = unique("upgrade");
     let rules = [RuleIdentity {
         scope: Scope::Project,
@@ -337,7 +344,9 @@ async fn the_script_version_owns_its_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_moves_a_rule_keeps_its_counters() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = redis_url("a_reload_that_moves_a_rule_keeps_its_counters") else {
+        return;
+    };
     let (project, key) = (unique("stable"), unique("newkey"));
     let before = [RuleIdentity {
         scope: Scope::Project,
@@ -393,10 +402,7 @@ async fn closed_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_unreachable_fails_open_to_per_replica_limits() {
-    // Needs no Redis: the point is its absence. Still gated, like every test of this file.
-    if redis_url().is_none() {
-        return;
-    }
+    // Needs no Redis: the point is its absence.
     let url = format!("redis://127.0.0.1:{}", closed_port().await);
     let project = unique("down");
     let rules = [RuleIdentity {
@@ -433,10 +439,7 @@ async fn redis_unreachable_fails_open_to_per_replica_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_redis_costs_one_timeout_then_nothing() {
-    if redis_url().is_none() {
-        return;
-    }
-    // Accepts connections and never answers.
+    // Needs no Redis either. Accepts connections and never answers.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let hold = tokio::spawn(async move {
@@ -528,7 +531,10 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_go_local_while_redis_is_away_and_shared_when_it_is_back() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = redis_url("limits_go_local_while_redis_is_away_and_shared_when_it_is_back")
+    else {
+        return;
+    };
     let parsed = reqwest::Url::parse(&url).expect("url");
     let target = format!(
         "{}:{}",

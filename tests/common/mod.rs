@@ -6,6 +6,7 @@
 
 pub mod binary;
 pub mod pg;
+pub mod services;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,9 +1,9 @@
 //! A `PostgreSQL` database of its own per test, on the server `MANTLEGATE_TEST_POSTGRES_URL`
-//! names (tests are skipped when it is unset).
+//! names (see [`super::services`] for when a test is skipped instead).
 
 use tokio_postgres::NoTls;
 
-pub const ENV: &str = "MANTLEGATE_TEST_POSTGRES_URL";
+use super::services;
 
 /// `base` with its database name replaced by `db` (query parameters kept).
 pub fn with_db(base: &str, db: &str) -> String {
@@ -60,12 +60,9 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// `None` (and a note) when no server is configured: the test is skipped.
+    /// `None` when no server is configured: the test is skipped (see [`services::url`]).
     pub fn create(test: &str) -> Option<Self> {
-        let Ok(admin) = std::env::var(ENV) else {
-            eprintln!("skipped {test}: {ENV} is not set");
-            return None;
-        };
+        let admin = services::url(services::POSTGRES_ENV, test)?;
         let name = format!("mg_test_{:016x}", rand::random::<u64>());
         exec(&admin, &format!("CREATE DATABASE {name}"));
         let url = with_db(&admin, &name);
