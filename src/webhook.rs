@@ -35,6 +35,8 @@ const POLL: Duration = Duration::from_secs(5);
 /// A claim's lease lasts the attempt's timeout plus this (time to record the outcome): a
 /// replica that dies mid-attempt holds the endpoint no longer.
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// How often alerts past [`GIVE_UP_AFTER`] are looked for.
+const EXPIRE_EVERY: Duration = Duration::from_mins(1);
 /// After a storage error, the next look at the outbox comes this much later.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 /// How long a stopping server waits for the dispatcher to put the alerts it holds into the
@@ -266,6 +268,7 @@ pub async fn deliver_outbox(state: AppState, stop: impl std::future::Future<Outp
         endpoint: None,
         endpoint_failures: 0,
         rest_until_ms: 0,
+        expired_at: None,
     };
     if let Err(err) = d.store(|o| o.release_stale()).await {
         d.store_failed(&err);
@@ -308,6 +311,8 @@ struct Dispatcher {
     endpoint_failures: u32,
     /// After a failure, no attempt before this (Unix ms).
     rest_until_ms: i64,
+    /// When alerts to give up were last looked for.
+    expired_at: Option<tokio::time::Instant>,
 }
 
 impl Dispatcher {
@@ -352,24 +357,11 @@ impl Dispatcher {
         }
         let snap = self.state.snapshot.load_full();
         let now = now_ms();
-        let before = now - ms(GIVE_UP_AFTER);
-        match self.store(move |o| o.expire(before, now)).await {
-            Ok(gone) => {
-                self.store_answered();
-                for e in gone {
-                    self.state.metrics.webhook_given_up();
-                    tracing::error!(
-                        alert_id = %e.id,
-                        host = snap.alert_webhook.as_ref().map(Webhook::host),
-                        body = %e.body,
-                        "budget alert webhook given up: not delivered within 24 h"
-                    );
-                }
-            }
-            Err(err) => {
-                self.store_failed(&err);
-                return STORE_RETRY;
-            }
+        if self
+            .expired_at
+            .is_none_or(|at| at.elapsed() >= EXPIRE_EVERY)
+        {
+            self.expire(&snap, now).await;
         }
         let Some(hook) = snap.alert_webhook.clone() else {
             return POLL;
@@ -402,6 +394,27 @@ impl Dispatcher {
             // Never a busy loop on a lease that ends now.
             Claim::Busy { until_ms } => until(until_ms, now).max(Duration::from_millis(10)),
             Claim::Idle { next_ms } => next_ms.map_or(POLL, |at| until(at, now)),
+        }
+    }
+
+    /// Gives up the alerts raised more than [`GIVE_UP_AFTER`] ago (an error line each).
+    async fn expire(&mut self, snap: &crate::state::Snapshot, now: i64) {
+        let before = now - ms(GIVE_UP_AFTER);
+        match self.store(move |o| o.expire(before, now)).await {
+            Ok(gone) => {
+                self.expired_at = Some(tokio::time::Instant::now());
+                self.store_answered();
+                for e in gone {
+                    self.state.metrics.webhook_given_up();
+                    tracing::error!(
+                        alert_id = %e.id,
+                        host = snap.alert_webhook.as_ref().map(Webhook::host),
+                        body = %e.body,
+                        "budget alert webhook given up: not delivered within 24 h"
+                    );
+                }
+            }
+            Err(err) => self.store_failed(&err),
         }
     }
 

@@ -585,6 +585,71 @@ alert_at = [0.25, 0.5, 0.75, 1.0]
     )
 }
 
+#[tokio::test]
+async fn an_alert_a_day_old_is_given_up_with_an_error_and_never_sent() {
+    let hook = Hook::start(vec![Reply::Status(200)]).await;
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("ledger.db");
+    // An alert raised 25 hours ago and one raised now, both waiting in the outbox.
+    let now = jiff::Timestamp::now().as_millisecond();
+    {
+        use mantlegate::ledger::outbox::{Entry, Outbox as _};
+        let outbox = mantlegate::ledger::sqlite::SqliteOutbox::open(&db).expect("outbox");
+        let entry = |id: &str, created_ms| Entry {
+            id: id.to_owned(),
+            created_ms,
+            body: format!(r#"{{"id":"{id}","budget":"chatbot-monthly"}}"#),
+        };
+        outbox
+            .add(&[
+                entry("mga_old", now - 25 * 3_600_000),
+                entry("mga_new", now),
+            ])
+            .expect("add");
+    }
+    let text = format!(
+        "{}\n[ledger]\npath = \"{}\"\n[admin]\ntoken_env = \"MG_TEST_ADMIN\"\n",
+        hooked(&up.url, &hook, "[0.5]"),
+        db.display()
+    );
+    let path = dir.path().join("mantlegate.toml");
+    std::fs::write(&path, &text).expect("write");
+    let env = [("MG_TEST_ADMIN", ADMIN_TOKEN)];
+    let (child, lines, url) = serve_file(&path, "info", &env).await;
+    eventually(Duration::from_secs(10), "the outbox emptied", || async {
+        outbox_rows(&db).is_empty()
+    })
+    .await;
+    let metrics = metrics_of(&url).await;
+    assert_eq!(
+        sample(&metrics, "mantlegate_webhook_alerts_given_up_total"),
+        1
+    );
+    assert_eq!(sample(&metrics, "mantlegate_webhook_deliveries_total"), 1);
+    let got = hook.got();
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].key(), "mga_new");
+    let logs = stop(child, lines).await;
+    let given_up: Vec<serde_json::Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["level"] == "ERROR" && v["alert_id"] == "mga_old")
+        .collect();
+    assert_eq!(given_up.len(), 1, "{logs:#?}");
+    assert!(
+        given_up[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("given up")),
+        "{}",
+        given_up[0]
+    );
+    assert_eq!(
+        given_up[0]["body"], r#"{"id":"mga_old","budget":"chatbot-monthly"}"#,
+        "the whole alert in the line"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_sharing_the_postgres_outbox_deliver_each_alert_once() {
     let Some(db) = tokio::task::spawn_blocking(|| TestDb::create("webhook fleet"))
