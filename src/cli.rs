@@ -914,6 +914,24 @@ fn check(path: &Path) -> ExitCode {
                         "  note: budgets are per process (sqlite ledger): several replicas need [ledger] url = \"postgres://...\" to hold them together"
                     );
                 }
+                match config
+                    .alerts
+                    .webhook_url
+                    .as_ref()
+                    .and_then(|url| crate::webhook::Webhook::parse(url.expose()))
+                {
+                    // The host only: the URL may carry a token.
+                    Some(hook) => println!(
+                        "  alerts: webhook to {} (an attempt may take {}; retried until a 2xx, for 24 h)",
+                        hook.host(),
+                        humantime_serde::re::humantime::format_duration(
+                            config.alerts.webhook_timeout
+                        )
+                    ),
+                    None => println!(
+                        "  note: no [alerts] webhook_url: budget alerts only reach the log"
+                    ),
+                }
             }
             if std::env::var_os(&config.upstream.api_key_env).is_none() {
                 println!(
