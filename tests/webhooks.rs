@@ -728,6 +728,12 @@ async fn two_replicas_sharing_the_postgres_outbox_deliver_each_alert_once() {
         })
         .collect();
     assert_eq!(fractions.len(), 4, "{fractions:?}");
+    // A retried alert, whichever replica retried it, kept its key and its body.
+    for g in &got {
+        assert!(distinct.contains(&g.key()), "{got:#?}");
+        let first = got.iter().find(|o| o.key() == g.key()).expect("itself");
+        assert_eq!(first.body, g.body);
+    }
     assert_eq!(hook.max_busy(), 1, "one attempt at a time for the fleet");
     assert_eq!(
         scalar("SELECT count(*) FROM budget_alerts").await,
