@@ -278,7 +278,8 @@ impl Call {
     }
 
     /// Corrects the rate limiter and the budgets with what the call really used and cost, and
-    /// sends the budget alerts that crossed a threshold.
+    /// announces the budget thresholds crossed (their webhook deliveries are queued, never
+    /// awaited).
     fn settle_admission(&mut self, bill: &Bill) {
         if let Some(rate) = self.rate.take() {
             rate.settle(bill.usage.input + bill.usage.output, Instant::now());
@@ -298,11 +299,9 @@ impl Call {
         };
         let now_ms = jiff::Timestamp::now().as_millisecond();
         for alert in reservation.settle(cost, now_ms) {
-            announce(
-                &self.state.client,
-                self.snap.alert_webhook.as_deref(),
-                &alert,
-            );
+            self.state
+                .alerts
+                .announce(self.snap.alert_webhook.as_ref(), &alert, now_ms);
         }
     }
 
@@ -535,32 +534,4 @@ fn ms(d: Duration) -> f64 {
 /// A call id as a header value (it is ASCII letters and digits).
 fn header_value(call_id: &str) -> HeaderValue {
     HeaderValue::from_str(call_id).unwrap_or_else(|_| HeaderValue::from_static("mg_unknown"))
-}
-
-/// Announces a crossed budget threshold: a warning in the log and, when configured, a POST
-/// of the alert to the webhook (in the background; a failure is logged).
-pub fn announce(client: &reqwest::Client, webhook: Option<&str>, alert: &crate::budget::Alert) {
-    tracing::warn!(
-        budget = %alert.budget,
-        scope = %alert.scope,
-        fraction = alert.fraction,
-        spend_usd = %alert.spend_usd,
-        limit_usd = %alert.limit_usd,
-        forecast_usd = %alert.forecast_usd,
-        "budget threshold crossed"
-    );
-    if let Some(url) = webhook
-        && let Ok(handle) = tokio::runtime::Handle::try_current()
-    {
-        let request = client.post(url).json(alert);
-        handle.spawn(async move {
-            if let Err(err) = request
-                .send()
-                .await
-                .and_then(reqwest::Response::error_for_status)
-            {
-                tracing::error!(error = %err.without_url(), "budget alert webhook failed");
-            }
-        });
-    }
 }

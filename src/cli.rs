@@ -418,6 +418,13 @@ async fn run(
         .map_or_else(|| config.ledger.path.clone(), |_| "postgresql".to_owned());
     let (ledger, writer) = start_writer(store, &state, config.ledger.queue_capacity)?;
     state.ledger = Some(ledger.clone());
+    state.outbox = match &pg {
+        Some(pg) => pg.clone(),
+        None => Arc::new(
+            sqlite::SqliteOutbox::open(Path::new(&config.ledger.path))
+                .context("cannot open the webhook outbox of the ledger")?,
+        ),
+    };
     let replica = replica_id();
     if let Some(pg) = &pg {
         state.fleet = Some(pg.clone());
@@ -633,8 +640,11 @@ async fn fleet_refresh(state: AppState, pg: Arc<PgReader>, replica: String, ever
                     tracing::info!("fleet budget figures refreshed again");
                     healthy = true;
                 }
-                for alert in alerts {
-                    crate::call::announce(&state.client, snap.alert_webhook.as_deref(), &alert);
+                for (alert, alert_id) in &alerts {
+                    crate::webhook::log_crossed(alert, alert_id.as_deref());
+                }
+                if alerts.iter().any(|(_, id)| id.is_some()) {
+                    state.alerts.wake();
                 }
             }
             Err(err) if healthy => {
@@ -646,14 +656,16 @@ async fn fleet_refresh(state: AppState, pg: Arc<PgReader>, replica: String, ever
     }
 }
 
-/// One refresh: seeds budget months not seen yet, syncs, claims the crossed thresholds.
+/// One refresh: seeds budget months not seen yet, syncs, claims the crossed thresholds (each
+/// claimed one queued in the fleet's webhook outbox in the same transaction). Returns the
+/// alerts this replica claimed, with the id of their webhook delivery.
 async fn fleet_round(
     snap: &Arc<crate::state::Snapshot>,
     pg: &Arc<PgReader>,
     replica: &str,
     stale: Duration,
     seeded: &mut std::collections::HashSet<(String, String)>,
-) -> anyhow::Result<Vec<crate::budget::Alert>> {
+) -> anyhow::Result<Vec<(crate::budget::Alert, Option<String>)>> {
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let marks = snap.budgets.fleet_marks(now_ms);
     // A budget month no replica has written yet (new month, a budget added by a reload)
@@ -703,19 +715,32 @@ async fn fleet_round(
         .collect();
     let crossed = snap.budgets.apply_fleet(&marks, &figures, now_ms);
     if crossed.is_empty() {
-        return Ok(crossed);
+        return Ok(Vec::new());
     }
-    let claims = crossed
+    let claims: Vec<_> = crossed
         .iter()
-        .map(|a| (a.budget.clone(), a.month.clone(), a.fraction.to_string()))
+        .map(|a| crate::ledger::postgres::AlertClaim {
+            budget: a.budget.clone(),
+            month: a.month.clone(),
+            threshold: a.fraction.to_string(),
+            delivery: snap
+                .alert_webhook
+                .as_ref()
+                .map(|_| crate::webhook::entry(a, now_ms)),
+        })
+        .collect();
+    let ids: Vec<_> = claims
+        .iter()
+        .map(|c| c.delivery.as_ref().map(|e| e.id.clone()))
         .collect();
     let won = {
         let pg = pg.clone();
         let replica = replica.to_owned();
-        tokio::task::spawn_blocking(move || pg.claim_alerts(&replica, claims)).await??
+        tokio::task::spawn_blocking(move || pg.claim_and_queue_alerts(&replica, claims)).await??
     };
     Ok(crossed
         .into_iter()
+        .zip(ids)
         .zip(won)
         .filter_map(|(a, won)| won.then_some(a))
         .collect())
@@ -902,6 +927,24 @@ fn check(path: &Path) -> ExitCode {
                     println!(
                         "  note: budgets are per process (sqlite ledger): several replicas need [ledger] url = \"postgres://...\" to hold them together"
                     );
+                }
+                match config
+                    .alerts
+                    .webhook_url
+                    .as_ref()
+                    .and_then(|url| crate::webhook::Webhook::parse(url.expose()))
+                {
+                    // The host only: the URL may carry a token.
+                    Some(hook) => println!(
+                        "  alerts: webhook to {} (an attempt may take {}; retried until a 2xx, for 24 h)",
+                        hook.host(),
+                        humantime_serde::re::humantime::format_duration(
+                            config.alerts.webhook_timeout
+                        )
+                    ),
+                    None => println!(
+                        "  note: no [alerts] webhook_url: budget alerts only reach the log"
+                    ),
                 }
             }
             if std::env::var_os(&config.upstream.api_key_env).is_none() {

@@ -164,11 +164,28 @@ impl Default for LimitsConfig {
 }
 
 /// `[alerts]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
-    /// URL that receives one JSON POST per budget alert.
-    pub webhook_url: Option<String>,
+    /// URL that receives one JSON POST per budget alert, retried until it answers 2xx (for up
+    /// to a day). It may carry a token: logs name only its host.
+    pub webhook_url: Option<crate::secret::Secret<String>>,
+    /// How long one delivery attempt may take, connecting included; past it the attempt
+    /// counts as failed (`timeout`) and is retried.
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+}
+
+/// Default of `[alerts] webhook_timeout`.
+pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            webhook_timeout: DEFAULT_WEBHOOK_TIMEOUT,
+        }
+    }
 }
 
 /// `[ledger]`
@@ -869,12 +886,25 @@ impl Config {
                 "must be between 1ms and 10s: every call may wait this long for Redis",
             );
         }
+        self.validate_alerts(v);
+    }
+
+    fn validate_alerts(&self, v: &mut Validator) {
         if let Some(url) = &self.alerts.webhook_url
-            && !reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+            && crate::webhook::Webhook::parse(url.expose()).is_none()
         {
+            // Not quoted: the URL may carry a token.
             v.add(
                 "alerts.webhook_url",
-                format!("`{url}` is not an http(s) URL"),
+                "is not an http(s) URL with a host (e.g. \"https://hooks.example.com/mantlegate\")",
+            );
+        }
+        if self.alerts.webhook_timeout.is_zero()
+            || self.alerts.webhook_timeout > Duration::from_mins(1)
+        {
+            v.add(
+                "alerts.webhook_timeout",
+                "must be between 1ms and 1m: one delivery attempt holds the endpoint this long",
             );
         }
     }
@@ -1487,6 +1517,36 @@ mod tests {
         let bad = format!("{MINIMAL}\n[limits]\nstore = \"http://redis.internal\"\n");
         let paths: Vec<String> = problems(&bad).into_iter().map(|p| p.path).collect();
         assert_eq!(paths, ["limits.store"]);
+    }
+
+    #[test]
+    fn the_webhook_is_an_http_url_never_echoed_with_a_timeout_of_ten_seconds() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert!(c.alerts.webhook_url.is_none());
+        assert_eq!(c.alerts.webhook_timeout, Duration::from_secs(10));
+        let ok = format!(
+            "{MINIMAL}\n[alerts]\nwebhook_url = \"https://hooks.example.com/t/SECRET\"\nwebhook_timeout = \"250ms\"\n"
+        );
+        let c = Config::from_toml(&ok).expect("valid");
+        assert_eq!(c.alerts.webhook_timeout, Duration::from_millis(250));
+        assert!(
+            !format!("{c:?}").contains("SECRET"),
+            "the URL never in Debug"
+        );
+        for (lines, path) in [
+            ("webhook_url = \"ftp://h/SECRET\"", "alerts.webhook_url"),
+            ("webhook_url = \"SECRET\"", "alerts.webhook_url"),
+            ("webhook_timeout = \"0s\"", "alerts.webhook_timeout"),
+            ("webhook_timeout = \"2m\"", "alerts.webhook_timeout"),
+        ] {
+            let found = problems(&format!("{MINIMAL}\n[alerts]\n{lines}\n"));
+            assert_eq!(
+                found.iter().map(|p| p.path.as_str()).collect::<Vec<_>>(),
+                [path],
+                "{lines}"
+            );
+            assert!(!found[0].to_string().contains("SECRET"), "{}", found[0]);
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The cost ledger: one record per call, written in batches by one background writer, off the
 //! request path, behind a small storage trait.
 
+pub mod outbox;
 pub mod postgres;
 pub mod sqlite;
 pub mod transfer;

@@ -28,6 +28,7 @@ pub mod server;
 pub mod sigv4;
 pub mod state;
 pub mod upstream;
+pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -198,6 +199,8 @@ pub async fn serve(
     // requests whose length is ambiguous (`framing`).
     let snapshot = state.snapshot.clone();
     let metrics = state.metrics.clone();
+    // Budget alert webhooks, delivered from the outbox beside the server and stopped with it.
+    let webhooks = webhook::Running::start(state.clone());
     server::run(
         listener,
         App::new(state),
@@ -207,6 +210,7 @@ pub async fn serve(
         drain_timeout,
     )
     .await;
+    webhooks.stop().await;
     Ok(())
 }
 

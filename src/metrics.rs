@@ -88,6 +88,9 @@ pub struct Metrics {
     budget_spend: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     reloads: Counter,
     reload_failures: Counter,
+    webhook_failures: Family<ReasonLabels, Counter>,
+    webhook_deliveries: Counter,
+    webhook_given_up: Counter,
     /// Shared rate-limit store: up, fallback calls, settles dropped, outages. Families
     /// without labels, so that nothing shows without a store.
     rate_store: [Family<NoLabels, Gauge>; 4],
@@ -289,6 +292,24 @@ impl Metrics {
             "Month-to-date spend of each budget",
             budget_spend.clone(),
         );
+        let webhook_failures = Family::default();
+        registry.register(
+            "webhook_failures",
+            "Failed budget alert webhook attempts (each is retried), by reason: timeout, connect, status (an answer other than 2xx, redirects included), transport",
+            webhook_failures.clone(),
+        );
+        let webhook_deliveries = Counter::default();
+        registry.register(
+            "webhook_deliveries",
+            "Budget alerts their webhook took (answered 2xx)",
+            webhook_deliveries.clone(),
+        );
+        let webhook_given_up = Counter::default();
+        registry.register(
+            "webhook_alerts_given_up",
+            "Budget alerts given up, not delivered within 24 h",
+            webhook_given_up.clone(),
+        );
         Self {
             registry,
             requests,
@@ -311,6 +332,9 @@ impl Metrics {
             budget_spend,
             reloads,
             reload_failures,
+            webhook_failures,
+            webhook_deliveries,
+            webhook_given_up,
             rate_store,
         }
     }
@@ -360,6 +384,23 @@ impl Metrics {
         } else {
             self.reload_failures.inc();
         }
+    }
+
+    /// Counts a failed budget alert webhook attempt, and why (a fixed word).
+    pub fn webhook_failed(&self, reason: &'static str) {
+        self.webhook_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a budget alert its webhook took.
+    pub fn webhook_delivered(&self) {
+        self.webhook_deliveries.inc();
+    }
+
+    /// Counts a budget alert given up.
+    pub fn webhook_given_up(&self) {
+        self.webhook_given_up.inc();
     }
 
     /// Records a finished call.

@@ -157,8 +157,10 @@ pub struct Snapshot {
     /// SHA-256 of the token in `[metrics] token_env`'s variable, which may read `/metrics`
     /// on the main listener (None: unset, or the variable is empty or missing).
     pub metrics_token_sha256: Option<[u8; 32]>,
-    /// Where budget alerts are sent (one JSON `POST` each).
-    pub alert_webhook: Option<String>,
+    /// Where budget alerts are sent (one JSON `POST` each, through the outbox).
+    pub alert_webhook: Option<crate::webhook::Webhook>,
+    /// How long one webhook attempt may take.
+    pub alert_timeout: Duration,
 }
 
 fn rate_rules_of(
@@ -342,7 +344,15 @@ impl Snapshot {
                 .and_then(|var| std::env::var(var).ok())
                 .filter(|token| !token.is_empty())
                 .map(|token| Sha256::digest(token.as_bytes()).into()),
-            alert_webhook: config.alerts.webhook_url.clone(),
+            alert_webhook: match &config.alerts.webhook_url {
+                Some(url) => {
+                    Some(crate::webhook::Webhook::parse(url.expose()).ok_or_else(|| {
+                        anyhow::anyhow!("alerts.webhook_url is not an http(s) URL")
+                    })?)
+                }
+                None => None,
+            },
+            alert_timeout: config.alerts.webhook_timeout,
             no_tags: config
                 .metrics
                 .tag_labels
@@ -397,7 +407,7 @@ pub struct AppState {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Pooled client to the upstream.
     pub upstream: crate::upstream::UpstreamClient,
-    /// Client for everything else (alert webhooks).
+    /// Client for everything else (alert webhooks). It follows no redirect.
     pub client: reqwest::Client,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
@@ -418,6 +428,10 @@ pub struct AppState {
     /// The `PostgreSQL` ledger replicas share, for what only a fleet needs: responses created
     /// through another replica, background responses pending there (None: alone).
     pub fleet: Option<Arc<crate::ledger::postgres::PgReader>>,
+    /// Budget alerts raised and not yet in the outbox (queued without waiting).
+    pub alerts: crate::webhook::Alerts,
+    /// Where alerts wait for their webhook: the ledger's outbox (in memory without a ledger).
+    pub outbox: Arc<dyn crate::ledger::outbox::Outbox>,
 }
 
 impl AppState {
@@ -446,6 +460,8 @@ impl AppState {
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             signer: None,
             fleet: None,
+            alerts: crate::webhook::Alerts::default(),
+            outbox: Arc::new(crate::ledger::outbox::MemoryOutbox::default()),
         })
     }
 

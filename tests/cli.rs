@@ -27,6 +27,12 @@ fn check_summarises_a_valid_config() {
     // One node's embedded ledger: check says what that means for a fleet.
     assert!(stdout.contains("budgets are per process"), "{stdout}");
     assert!(stdout.contains("rate limits are per replica"), "{stdout}");
+    // The webhook by its host only (its URL may carry a token).
+    assert!(
+        stdout.contains("alerts: webhook to hooks.example.com (an attempt may take 10s"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hooks.example.com/"), "{stdout}");
 }
 
 #[test]

@@ -921,6 +921,92 @@ fn replicas_see_each_others_reservations_and_claim_each_alert_once() {
 }
 
 #[test]
+fn a_claimed_alert_is_queued_once_and_replicas_claiming_the_outbox_at_once_take_turns() {
+    use mantlegate::ledger::outbox::{Claim, Entry, Outbox};
+    use mantlegate::ledger::postgres::AlertClaim;
+    let Some(db) = TestDb::create("webhook outbox") else {
+        return;
+    };
+    drop(PostgresStore::connect(&db.url).expect("migrate"));
+    let a = Arc::new(PgReader::connect(&db.url).expect("replica a"));
+    let b = Arc::new(PgReader::connect(&db.url).expect("replica b"));
+    // Both replicas claim the same threshold with their own delivery: one row, the winner's.
+    let claim = |id: &str| {
+        vec![AlertClaim {
+            budget: "b".to_owned(),
+            month: "2026-11".to_owned(),
+            threshold: "0.5".to_owned(),
+            delivery: Some(Entry {
+                id: id.to_owned(),
+                created_ms: 1_000,
+                body: format!(r#"{{"id":"{id}"}}"#),
+            }),
+        }]
+    };
+    assert_eq!(
+        a.claim_and_queue_alerts("a", claim("mga_a"))
+            .expect("claim"),
+        [true]
+    );
+    assert_eq!(
+        b.claim_and_queue_alerts("b", claim("mga_b"))
+            .expect("claim"),
+        [false]
+    );
+    assert_eq!(scalar(&db.url, "SELECT count(*) FROM webhook_outbox"), 1);
+    let more: Vec<Entry> = (0..5)
+        .map(|i| Entry {
+            id: format!("mga_{i}"),
+            created_ms: 2_000 + i,
+            body: "{}".to_owned(),
+        })
+        .collect();
+    a.add(&more).expect("add");
+    // Rounds of both replicas claiming at the same instant: one gets the row, the other finds
+    // the endpoint busy; each row is claimed once, oldest first.
+    let mut order = Vec::new();
+    for round in 0..6 {
+        let now = 10_000 + round * 100;
+        let barrier = Arc::new(Barrier::new(2));
+        let claims: Vec<Claim> = [("a", a.clone()), ("b", b.clone())]
+            .into_iter()
+            .map(|(owner, r)| {
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    r.claim(owner, now, now + 50).expect("claim")
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("join"))
+            .collect();
+        let rows: Vec<&Entry> = claims
+            .iter()
+            .filter_map(|c| match c {
+                Claim::Row { entry, attempt: 1 } => Some(entry),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rows.len(), 1, "round {round}: {claims:?}");
+        assert!(
+            claims.contains(&Claim::Busy { until_ms: now + 50 }),
+            "round {round}: {claims:?}"
+        );
+        order.push(rows[0].id.clone());
+        a.delivered(&rows[0].id).expect("delivered");
+    }
+    assert_eq!(
+        order,
+        ["mga_a", "mga_0", "mga_1", "mga_2", "mga_3", "mga_4"]
+    );
+    assert_eq!(
+        a.claim("a", 20_000, 20_050).expect("claim"),
+        Claim::Idle { next_ms: None }
+    );
+}
+
+#[test]
 fn a_shutdown_with_postgres_down_spills_the_records_to_a_file_to_import() {
     let Some(db) = TestDb::create("spill at shutdown") else {
         return;

@@ -26,6 +26,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         3,
         include_str!("../../migrations/postgres/0003_call_id.sql"),
     ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_webhook_outbox.sql"),
+    ),
 ];
 
 /// Newest schema version this build knows: the last migration's.
@@ -1272,20 +1276,51 @@ impl PgReader {
         replica: &str,
         alerts: Vec<(String, String, String)>,
     ) -> anyhow::Result<Vec<bool>> {
+        let alerts = alerts
+            .into_iter()
+            .map(|(budget, month, threshold)| AlertClaim {
+                budget,
+                month,
+                threshold,
+                delivery: None,
+            })
+            .collect();
+        self.claim_and_queue_alerts(replica, alerts)
+    }
+
+    /// [`claim_alerts`](Self::claim_alerts) that also puts each claimed alert's `delivery`
+    /// into the webhook outbox, in the same transaction: an alert the fleet claims is queued
+    /// for delivery, or not claimed at all.
+    ///
+    /// # Errors
+    /// Storage errors (nothing is claimed then).
+    pub fn claim_and_queue_alerts(
+        &self,
+        replica: &str,
+        alerts: Vec<AlertClaim>,
+    ) -> anyhow::Result<Vec<bool>> {
         let replica = replica.to_owned();
         let now = now_ms();
-        self.query(move |c| async move {
+        self.query(move |mut c| async move {
+            let tx = c.transaction().await?;
             let mut claimed = Vec::with_capacity(alerts.len());
-            for (budget, month, threshold) in &alerts {
-                let n = c
+            for a in &alerts {
+                let n = tx
                     .execute(
                         "INSERT INTO budget_alerts (budget, month, threshold, replica, fired_ms)
                          VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                        &[budget, month, threshold, &replica, &now],
+                        &[&a.budget, &a.month, &a.threshold, &replica, &now],
                     )
                     .await?;
+                if n == 1
+                    && let Some(e) = &a.delivery
+                {
+                    tx.execute(OUTBOX_ADD_SQL, &[&e.id, &e.created_ms, &text(&e.body)])
+                        .await?;
+                }
                 claimed.push(n == 1);
             }
+            tx.commit().await?;
             Ok(claimed)
         })
     }
@@ -1387,6 +1422,148 @@ impl PgReader {
                 dropped.push(name);
             }
             Ok(dropped)
+        })
+    }
+}
+
+/// A budget threshold to claim for the fleet ([`PgReader::claim_and_queue_alerts`]).
+#[derive(Debug, Clone)]
+pub struct AlertClaim {
+    /// Budget name.
+    pub budget: String,
+    /// `YYYY-MM` in the budget's time zone.
+    pub month: String,
+    /// The fraction crossed, as text.
+    pub threshold: String,
+    /// What to queue for the webhook when the claim is this replica's (None: no webhook).
+    pub delivery: Option<super::outbox::Entry>,
+}
+
+const OUTBOX_ADD_SQL: &str = "INSERT INTO webhook_outbox (id, created_ms, body, next_attempt_ms)
+    VALUES ($1, $2, $3, $2) ON CONFLICT (id) DO NOTHING";
+
+/// Advisory lock taken by every outbox claim, so that the check for a running lease and the
+/// claim are one step for the fleet.
+const OUTBOX_LOCK: i64 = 0x6d67_6c65_6467_0003;
+
+/// The fleet's webhook outbox. A claim takes [`OUTBOX_LOCK`], so of replicas claiming at
+/// once one looks at a time: no claim succeeds while a lease runs, so the endpoint has one
+/// attempt in flight for the whole fleet, and a row is never attempted by two replicas at once
+/// (`FOR UPDATE SKIP LOCKED` as well, should the lock ever be dropped).
+impl super::outbox::Outbox for PgReader {
+    fn add(&self, entries: &[super::outbox::Entry]) -> anyhow::Result<()> {
+        let entries = entries.to_vec();
+        self.query(move |mut c| async move {
+            let tx = c.transaction().await?;
+            for e in &entries {
+                tx.execute(OUTBOX_ADD_SQL, &[&e.id, &e.created_ms, &text(&e.body)])
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> anyhow::Result<super::outbox::Claim> {
+        use super::outbox::{Claim, Entry};
+        let owner = owner.to_owned();
+        self.query(move |mut c| async move {
+            let tx = c.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&OUTBOX_LOCK])
+                .await?;
+            let busy: Option<i64> = tx
+                .query_one(
+                    "SELECT max(lease_until_ms) FROM webhook_outbox WHERE lease_until_ms > $1",
+                    &[&now_ms],
+                )
+                .await?
+                .try_get(0)?;
+            if let Some(until_ms) = busy {
+                tx.commit().await?;
+                return Ok(Claim::Busy { until_ms });
+            }
+            let row = tx
+                .query_opt(
+                    "UPDATE webhook_outbox SET attempts = attempts + 1, lease_owner = $2,
+                        lease_until_ms = $3
+                     WHERE id = (SELECT id FROM webhook_outbox WHERE next_attempt_ms <= $1
+                        ORDER BY next_attempt_ms, created_ms LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     RETURNING id, created_ms, body, attempts",
+                    &[&now_ms, &owner, &lease_until_ms],
+                )
+                .await?;
+            let claim = match row {
+                Some(r) => Claim::Row {
+                    entry: Entry {
+                        id: r.try_get(0)?,
+                        created_ms: r.try_get(1)?,
+                        body: r.try_get(2)?,
+                    },
+                    attempt: u32::try_from(r.try_get::<_, i32>(3)?).unwrap_or(u32::MAX),
+                },
+                None => Claim::Idle {
+                    next_ms: tx
+                        .query_one("SELECT min(next_attempt_ms) FROM webhook_outbox", &[])
+                        .await?
+                        .try_get(0)?,
+                },
+            };
+            tx.commit().await?;
+            Ok(claim)
+        })
+    }
+
+    fn delivered(&self, id: &str) -> anyhow::Result<()> {
+        let id = id.to_owned();
+        self.query(move |c| async move {
+            c.execute("DELETE FROM webhook_outbox WHERE id = $1", &[&id])
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn failed(&self, id: &str, owner: &str, next_ms: i64) -> anyhow::Result<()> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
+        self.query(move |c| async move {
+            c.execute(
+                "UPDATE webhook_outbox SET next_attempt_ms = $3, lease_owner = NULL,
+                    lease_until_ms = 0
+                 WHERE id = $1 AND lease_owner = $2",
+                &[&id, &owner, &next_ms],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn expire(
+        &self,
+        created_before_ms: i64,
+        now_ms: i64,
+    ) -> anyhow::Result<Vec<super::outbox::Entry>> {
+        self.query(move |c| async move {
+            let rows = c
+                .query(
+                    "DELETE FROM webhook_outbox WHERE created_ms < $1 AND lease_until_ms <= $2
+                     RETURNING id, created_ms, body",
+                    &[&created_before_ms, &now_ms],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    Ok::<_, tokio_postgres::Error>(super::outbox::Entry {
+                        id: r.try_get(0)?,
+                        created_ms: r.try_get(1)?,
+                        body: r.try_get(2)?,
+                    })
+                })
+                .collect::<Result<_, _>>()?)
         })
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use super::{Background, LedgerRead, OTHER_MODEL, REJECTED_MODEL, Record, Store};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = r"
 CREATE TABLE IF NOT EXISTS calls (
@@ -100,6 +100,24 @@ const SCHEMA_V3_COLUMN: &str = "ALTER TABLE calls ADD COLUMN call_id TEXT";
 const SCHEMA_V3_INDEX: &str = r"
 CREATE UNIQUE INDEX IF NOT EXISTS calls_call_id ON calls (call_id);
 PRAGMA user_version = 3;
+";
+
+/// Version 4: budget alerts waiting for their webhook ([`SqliteOutbox`]), so that a restart
+/// resumes them.
+const SCHEMA_V4: &str = r"
+BEGIN;
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    lease_owner TEXT,
+    lease_until_ms INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS webhook_outbox_next ON webhook_outbox (next_attempt_ms);
+PRAGMA user_version = 4;
+COMMIT;
 ";
 
 const UPSERT_LAST_USED: &str = "INSERT INTO key_last_used (key_fp, ts_ms) VALUES (?1, ?2)
@@ -350,6 +368,9 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
     }
     if version < 3 {
         migrate_v3(conn)?;
+    }
+    if version < 4 {
+        conn.execute_batch(SCHEMA_V4)?;
     }
     Ok(())
 }
@@ -808,6 +829,162 @@ impl LedgerRead for Reader {
 
     fn count(&self) -> anyhow::Result<i64> {
         self.with(|c| Ok(c.query_row("SELECT COUNT(*) FROM calls", [], |r| r.get(0))?))
+    }
+}
+
+/// The SQLite [`Outbox`](super::outbox::Outbox): a connection of its own to the ledger file
+/// (alerts are rare; the writer thread keeps its own), behind a mutex.
+pub struct SqliteOutbox {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteOutbox {
+    /// Opens the outbox of the ledger at `path` (creating and migrating it as [`open`] does).
+    ///
+    /// # Errors
+    /// See [`open`].
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            conn: Mutex::new(open(path)?),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("ledger outbox poisoned"))?;
+        f(&mut conn)
+    }
+}
+
+impl super::outbox::Outbox for SqliteOutbox {
+    fn add(&self, entries: &[super::outbox::Entry]) -> anyhow::Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO webhook_outbox (id, created_ms, body, next_attempt_ms)
+                     VALUES (?1, ?2, ?3, ?2) ON CONFLICT (id) DO NOTHING",
+                )?;
+                for e in entries {
+                    insert.execute(params![e.id, e.created_ms, e.body])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> anyhow::Result<super::outbox::Claim> {
+        use super::outbox::{Claim, Entry};
+        self.with(|c| {
+            // IMMEDIATE: the write lock from the start, so the check and the claim are one step.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let busy: Option<i64> = tx.query_row(
+                "SELECT MAX(lease_until_ms) FROM webhook_outbox WHERE lease_until_ms > ?1",
+                [now_ms],
+                |r| r.get(0),
+            )?;
+            if let Some(until_ms) = busy {
+                return Ok(Claim::Busy { until_ms });
+            }
+            let due = tx
+                .query_row(
+                    "SELECT id, created_ms, body, attempts FROM webhook_outbox
+                     WHERE next_attempt_ms <= ?1 ORDER BY next_attempt_ms, created_ms LIMIT 1",
+                    [now_ms],
+                    |r| {
+                        Ok((
+                            Entry {
+                                id: r.get(0)?,
+                                created_ms: r.get(1)?,
+                                body: r.get(2)?,
+                            },
+                            r.get::<_, u32>(3)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let claim = match due {
+                Some((entry, attempts)) => {
+                    tx.execute(
+                        "UPDATE webhook_outbox SET attempts = attempts + 1, lease_owner = ?2,
+                         lease_until_ms = ?3 WHERE id = ?1",
+                        params![entry.id, owner, lease_until_ms],
+                    )?;
+                    Claim::Row {
+                        entry,
+                        attempt: attempts.saturating_add(1),
+                    }
+                }
+                None => Claim::Idle {
+                    next_ms: tx.query_row(
+                        "SELECT MIN(next_attempt_ms) FROM webhook_outbox",
+                        [],
+                        |r| r.get(0),
+                    )?,
+                },
+            };
+            tx.commit()?;
+            Ok(claim)
+        })
+    }
+
+    fn delivered(&self, id: &str) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM webhook_outbox WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
+    fn failed(&self, id: &str, owner: &str, next_ms: i64) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE webhook_outbox SET next_attempt_ms = ?3, lease_owner = NULL,
+                 lease_until_ms = 0 WHERE id = ?1 AND lease_owner = ?2",
+                params![id, owner, next_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn expire(
+        &self,
+        created_before_ms: i64,
+        now_ms: i64,
+    ) -> anyhow::Result<Vec<super::outbox::Entry>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "DELETE FROM webhook_outbox WHERE created_ms < ?1 AND lease_until_ms <= ?2
+                 RETURNING id, created_ms, body",
+            )?;
+            let rows = stmt.query_map([created_before_ms, now_ms], |r| {
+                Ok(super::outbox::Entry {
+                    id: r.get(0)?,
+                    created_ms: r.get(1)?,
+                    body: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn release_stale(&self) -> anyhow::Result<()> {
+        // One process owns a SQLite ledger: a lease found at start is a previous process's.
+        self.with(|c| {
+            c.execute(
+                "UPDATE webhook_outbox SET lease_owner = NULL, lease_until_ms = 0
+                 WHERE lease_owner IS NOT NULL",
+                [],
+            )?;
+            Ok(())
+        })
     }
 }
 
@@ -1305,5 +1482,20 @@ mod tests {
                 row("2026-11-01", new_tags, "other", 1),
             ]
         );
+    }
+
+    #[test]
+    fn the_outbox_keeps_the_rules_and_survives_a_reopen() {
+        use crate::ledger::outbox::{Claim, Outbox as _};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.db");
+        crate::ledger::outbox::check_store(&SqliteOutbox::open(&path).expect("open"));
+        // What check_store left ("c", claimed once since the release) is still there.
+        let again = SqliteOutbox::open(&path).expect("reopen");
+        again.release_stale().expect("release");
+        assert!(matches!(
+            again.claim("later", 5000, 6000),
+            Ok(Claim::Row { entry, attempt: 3 }) if entry.id == "c"
+        ));
     }
 }

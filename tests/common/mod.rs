@@ -591,6 +591,7 @@ async fn start_with_state(mut state: AppState, dir: tempfile::TempDir) -> (Proxy
     let (ledger, _writer) = Ledger::start(Box::new(store), 10_000).expect("writer");
     let ledger_stats = ledger.stats.clone();
     state.ledger = Some(ledger);
+    state.outbox = Arc::new(sqlite::SqliteOutbox::open(&db).expect("outbox"));
     state
         .seed_pending(&reader)
         .expect("pending background responses");
