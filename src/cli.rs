@@ -928,15 +928,7 @@ fn keys_list(path: &Path) -> anyhow::Result<()> {
             .expires_at
             .as_deref()
             .and_then(|t| t.parse::<jiff::Timestamp>().ok());
-        let state = if k.disabled {
-            "disabled"
-        } else if expires.is_some_and(|e| e <= now) {
-            "expired"
-        } else if k.passthrough {
-            "passthru"
-        } else {
-            "active"
-        };
+        let state = crate::keys::state_of(k.disabled, expires, k.passthrough, now);
         let last = last_used
             .get(&k.sha256.get(..12).unwrap_or("").to_ascii_lowercase())
             .and_then(|ms| jiff::Timestamp::from_millisecond(*ms).ok())

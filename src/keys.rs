@@ -1,7 +1,13 @@
-//! Caller keys: minting them and the `[[keys]]` block that stores only their SHA-256.
+//! Caller keys: minting them, the `[[keys]]` block that stores only their SHA-256, and the
+//! overview of the configured keys.
+
+use std::collections::HashMap;
 
 use base64::Engine as _;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+
+use crate::state::Snapshot;
 
 /// A freshly minted key: `mg-` and 32 random bytes, URL-safe base64 (43 characters).
 #[must_use]
@@ -35,6 +41,71 @@ pub fn config_block(name: &str, key: &str, projects: &[String]) -> String {
         quote(name),
         sha256_hex(key)
     )
+}
+
+/// A key entry's state: `disabled`, `expired` (at or past `expires_at`), `passthru` (it is
+/// forwarded upstream as the caller's own Bedrock key) or `active`.
+#[must_use]
+pub fn state_of(
+    disabled: bool,
+    expires_at: Option<jiff::Timestamp>,
+    passthrough: bool,
+    now: jiff::Timestamp,
+) -> &'static str {
+    if disabled {
+        "disabled"
+    } else if expires_at.is_some_and(|e| e <= now) {
+        "expired"
+    } else if passthrough {
+        "passthru"
+    } else {
+        "active"
+    }
+}
+
+/// The body of `GET /admin/v1/keys`: each key entry of the running config, sorted by name
+/// then fingerprint, with its projects (by name, the first its default), expiry (RFC 3339 or
+/// `null`), `disabled`, `passthrough`, state ([`state_of`]) and last use (RFC 3339, `null`
+/// when the ledger has none). `last_used` maps a fingerprint (12 lowercase hex digits) to the
+/// Unix milliseconds of its last call. Neither the SHA-256 nor any secret is in it.
+#[must_use]
+pub fn overview<S: std::hash::BuildHasher>(
+    snapshot: &Snapshot,
+    last_used: &HashMap<String, i64, S>,
+    now: jiff::Timestamp,
+) -> Value {
+    let mut keys: Vec<_> = snapshot.keys_iter().collect();
+    keys.sort_by(|a, b| {
+        a.name
+            .cmp(&b.name)
+            .then_with(|| a.fingerprint.cmp(&b.fingerprint))
+    });
+    let data: Vec<Value> = keys
+        .into_iter()
+        .map(|k| {
+            let projects: Vec<&str> = k
+                .projects
+                .iter()
+                .map(|&p| &*snapshot.projects[p].name)
+                .collect();
+            let last = last_used
+                .get(&*k.fingerprint)
+                .and_then(|ms| jiff::Timestamp::from_millisecond(*ms).ok())
+                .map(|t| t.to_string());
+            json!({
+                "object": "mantlegate.key",
+                "name": &*k.name,
+                "fingerprint": &*k.fingerprint,
+                "projects": projects,
+                "expires_at": k.expires_at.map(|t| t.to_string()),
+                "disabled": k.disabled,
+                "passthrough": k.passthrough,
+                "state": state_of(k.disabled, k.expires_at, k.passthrough, now),
+                "last_used": last,
+            })
+        })
+        .collect();
+    json!({ "object": "list", "data": data })
 }
 
 #[cfg(test)]

@@ -535,3 +535,77 @@ fn ledger_import_refuses_a_bad_line_by_number_and_writes_nothing() {
         assert_eq!(ledger_count(dir.path()), 2);
     }
 }
+
+#[tokio::test]
+async fn the_admin_api_renders_a_table_as_the_cli_does() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    for (key, body) in [
+        (CHAT_KEY, CHAT_BODY),
+        (SEARCH_KEY, CHAT_BODY),
+        (SEARCH_KEY, r#"{"model":"acme.unpriced-1","messages":[]}"#),
+    ] {
+        let r = proxy.chat_body(key, body).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    proxy.wait_for_records(3).await;
+    // The CLI reads the proxy's ledger file through a config naming it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let ledger = format!("[ledger]\npath = {:?}\n", proxy.db.display().to_string());
+    std::fs::write(&path, config(&up.url, "reject", &ledger)).expect("write");
+    for group_by in ["project", "project,model", "tag:Team,key"] {
+        let r = client()
+            .get(format!(
+                "{}/admin/v1/costs?group_by={group_by}&format=table",
+                proxy.url
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/plain; charset=utf-8",
+            "{group_by}"
+        );
+        let api = r.text().await.expect("body");
+        let out = std::process::Command::new(BIN)
+            .args([
+                "report",
+                "--format",
+                "table",
+                "--group-by",
+                group_by,
+                "--config",
+            ])
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cli = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(api, cli, "group by {group_by}");
+        assert!(api.contains("TOTAL"), "{api}");
+        assert!(api.contains("note: 1 request had no price"), "{api}");
+    }
+    // An unknown format is still refused, naming the ones there are.
+    let r = client()
+        .get(format!("{}/admin/v1/costs?format=xml", proxy.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    let e = error_of(r).await;
+    assert_eq!(e["code"], "invalid_format");
+    assert!(
+        e["message"].as_str().expect("message").contains("table"),
+        "{e}"
+    );
+}

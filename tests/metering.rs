@@ -335,6 +335,108 @@ async fn the_cost_report_sums_the_records_exactly() {
     assert_eq!(r.status(), 401);
 }
 
+/// GET an admin endpoint with the admin token; the body as text.
+async fn admin_get(proxy: &Proxy, path_and_query: &str) -> String {
+    let r = client()
+        .get(format!("{}{path_and_query}", proxy.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200, "{path_and_query}");
+    r.text().await.expect("body")
+}
+
+#[tokio::test]
+async fn admin_keys_lists_every_key_with_its_last_use_and_never_its_hash() {
+    let up = FakeUpstream::start().await;
+    let extra = format!(
+        r#"
+[[keys]]
+name = "old-laptop"
+sha256 = "{}"
+projects = ["Search"]
+expires_at = "2020-01-01T00:00:00Z"
+[[keys]]
+name = "intern"
+sha256 = "{}"
+disabled = true
+"#,
+        sha("mg-test-old"),
+        sha("mg-test-intern")
+    );
+    let proxy = spawn_proxy(&config(&up.url, "reject", &extra)).await;
+    let r = post(&proxy, CHAT_KEY, "/v1/chat/completions", CHAT_BODY).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.expect("body");
+    proxy.wait_for_records(1).await;
+    let call_ms = proxy.records()[0]["ts_ms"].as_i64().expect("ts");
+
+    let text = admin_get(&proxy, "/admin/v1/keys").await;
+    for secret in [
+        CHAT_KEY,
+        SEARCH_KEY,
+        BARE_KEY,
+        "mg-test-old",
+        "mg-test-intern",
+    ] {
+        assert!(!text.contains(secret), "a secret in {text}");
+        assert!(!text.contains(&sha(secret)), "a SHA-256 in {text}");
+    }
+    let body: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let keys = body["data"].as_array().expect("data");
+    let names: Vec<&str> = keys
+        .iter()
+        .map(|k| k["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "bare",
+            "chatbot-backend",
+            "intern",
+            "old-laptop",
+            "search-team"
+        ],
+        "every entry, by name"
+    );
+    let key = |name: &str| keys.iter().find(|k| k["name"] == name).expect(name);
+    let chat = key("chatbot-backend");
+    assert_eq!(chat["projects"], serde_json::json!(["Chatbot"]));
+    assert_eq!(chat["state"], "active");
+    assert_eq!(chat["disabled"], false);
+    assert!(chat["expires_at"].is_null());
+    assert_eq!(chat["fingerprint"], &sha(CHAT_KEY)[..12]);
+    let last: jiff::Timestamp = chat["last_used"]
+        .as_str()
+        .expect("last use from the ledger")
+        .parse()
+        .expect("RFC 3339");
+    assert_eq!(last.as_millisecond(), call_ms);
+    let search = key("search-team");
+    assert_eq!(search["projects"], serde_json::json!(["Search", "Chatbot"]));
+    assert!(search["last_used"].is_null(), "never used: {search}");
+    let old = key("old-laptop");
+    assert_eq!(old["state"], "expired");
+    assert_eq!(old["expires_at"], "2020-01-01T00:00:00Z");
+    let intern = key("intern");
+    assert_eq!(
+        (&intern["state"], &intern["disabled"]),
+        (&"disabled".into(), &true.into())
+    );
+    assert_eq!(intern["projects"], serde_json::json!([]));
+
+    // The admin token is required.
+    let r = client()
+        .get(format!("{}/admin/v1/keys", proxy.url))
+        .bearer_auth(CHAT_KEY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+    assert_eq!(error_of(r).await["code"], "invalid_admin_token");
+}
+
 #[tokio::test]
 async fn metrics_count_requests_tokens_and_cost() {
     let up = FakeUpstream::start().await;
