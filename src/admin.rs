@@ -220,7 +220,8 @@ pub async fn costs(
 }
 
 /// `GET /admin/v1/projects`: each project with its id, tags, the keys and routes that use it,
-/// and its month-to-date spend (UTC month, from the ledger; zero when there is none).
+/// and its month-to-date spend (UTC month, from the ledger; zero when there is none) with
+/// its unpriced calls apart.
 pub async fn projects(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&state, &headers) {
         return *r;
@@ -239,10 +240,11 @@ pub async fn projects(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
         match rows {
             Ok(Ok(rows)) => {
                 for r in rows {
-                    *spend
-                        .entry(r.project_id)
-                        .or_insert(rust_decimal::Decimal::ZERO) +=
-                        rust_decimal::Decimal::new(r.cost_pico, 12);
+                    let entry: &mut crate::projects::MonthSpend =
+                        spend.entry(r.project_id).or_default();
+                    entry.cost_usd += rust_decimal::Decimal::new(r.cost_pico, 12);
+                    entry.unpriced_requests =
+                        entry.unpriced_requests.saturating_add(r.unpriced_requests);
                 }
             }
             Ok(Err(err)) => {

@@ -315,13 +315,8 @@ async fn the_cost_report_sums_the_records_exactly() {
         .as_array()
         .expect("rows")
         .iter()
-        .map(|r| {
-            r["cost_usd"]
-                .as_str()
-                .expect("cost")
-                .parse::<rust_decimal::Decimal>()
-                .expect("decimal")
-        })
+        .filter_map(|r| r["cost_usd"].as_str())
+        .map(|c| c.parse::<rust_decimal::Decimal>().expect("decimal"))
         .sum();
     assert_eq!(rows_sum, total);
     assert_eq!(report["total"]["requests"], 4);
@@ -345,6 +340,120 @@ async fn admin_get(proxy: &Proxy, path_and_query: &str) -> String {
         .expect("send");
     assert_eq!(r.status(), 200, "{path_and_query}");
     r.text().await.expect("body")
+}
+
+#[tokio::test]
+async fn unpriced_calls_are_an_unknown_cost_in_reports_never_zero() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    const UNPRICED: &str = r#"{"model":"acme.unpriced-1","messages":[]}"#;
+    // Chatbot: one priced call and two unpriced ones. Search: only an unpriced one.
+    for (key, body) in [
+        (CHAT_KEY, CHAT_BODY),
+        (CHAT_KEY, UNPRICED),
+        (CHAT_KEY, UNPRICED),
+        (SEARCH_KEY, UNPRICED),
+    ] {
+        let r = post(&proxy, key, "/v1/chat/completions", body).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    proxy.wait_for_records(4).await;
+    let priced_pico: i64 = proxy
+        .records()
+        .iter()
+        .filter_map(|r| r["cost_pico"].as_i64())
+        .sum();
+    assert!(priced_pico > 0);
+    let priced = rust_decimal::Decimal::from_i128_with_scale(i128::from(priced_pico), 12)
+        .normalize()
+        .to_string();
+
+    let json: serde_json::Value = serde_json::from_str(
+        &admin_get(&proxy, "/admin/v1/costs?group_by=project&format=json").await,
+    )
+    .expect("json");
+    let row = |name: &str| {
+        json["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["project"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} row in {json}"))
+    };
+    let search = row("Search");
+    assert!(
+        search["cost_usd"].is_null(),
+        "all unpriced: unknown, not $0: {search}"
+    );
+    assert_eq!(search["unpriced_requests"], 1);
+    let chatbot = row("Chatbot");
+    assert_eq!(
+        chatbot["cost_usd"],
+        priced.as_str(),
+        "the priced part: {chatbot}"
+    );
+    assert_eq!(chatbot["unpriced_requests"], 2);
+    assert_eq!(json["total"]["cost_usd"], priced.as_str());
+    assert_eq!(json["total"]["unpriced_requests"], 3);
+
+    let csv = admin_get(&proxy, "/admin/v1/costs?group_by=project&format=csv").await;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "project,requests,input_tokens,cached_input_tokens,output_tokens,reasoning_tokens,cost_usd,unpriced_requests"
+    );
+    let search_line = lines
+        .iter()
+        .find(|l| l.starts_with("Search,"))
+        .expect("Search");
+    assert!(
+        search_line.ends_with(",,1"),
+        "empty cost, 1 unpriced: {search_line}"
+    );
+    let chat_line = lines
+        .iter()
+        .find(|l| l.starts_with("Chatbot,"))
+        .expect("Chatbot");
+    assert!(chat_line.ends_with(&format!(",{priced},2")), "{chat_line}");
+
+    let focus = admin_get(&proxy, "/admin/v1/costs?group_by=project&format=focus").await;
+    let lines: Vec<Vec<&str>> = focus.lines().map(|l| l.split(',').collect()).collect();
+    let col = |name: &str| lines[0].iter().position(|h| *h == name).expect(name);
+    let search_line = lines
+        .iter()
+        .find(|l| l[col("ResourceName")] == "Search")
+        .expect("Search");
+    for column in ["BilledCost", "EffectiveCost", "ListCost", "ContractedCost"] {
+        assert_eq!(search_line[col(column)], "", "{column}: never a silent $0");
+    }
+    assert_eq!(search_line[col("x_UnpricedRequests")], "1");
+    let chat_line = lines
+        .iter()
+        .find(|l| l[col("ResourceName")] == "Chatbot")
+        .expect("Chatbot");
+    assert_eq!(chat_line[col("BilledCost")], priced);
+    assert_eq!(chat_line[col("x_UnpricedRequests")], "2");
+
+    let table = admin_get(&proxy, "/admin/v1/costs?group_by=project&format=table").await;
+    let search_line = table
+        .lines()
+        .find(|l| l.starts_with("Search"))
+        .expect("Search");
+    assert!(search_line.contains(" unknown "), "{table}");
+    assert!(table.contains("note: 3 requests had no price"), "{table}");
+
+    let projects: serde_json::Value =
+        serde_json::from_str(&admin_get(&proxy, "/admin/v1/projects").await).expect("json");
+    let search = projects["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|p| p["name"] == "Search")
+        .expect("Search");
+    assert!(search["month_to_date_usd"].is_null(), "{search}");
+    assert_eq!(search["month_to_date_unpriced_requests"], 1);
 }
 
 #[tokio::test]
