@@ -342,11 +342,13 @@ async fn admin_get(proxy: &Proxy, path_and_query: &str) -> String {
     r.text().await.expect("body")
 }
 
+/// A chat call of a model no price row matches.
+const UNPRICED: &str = r#"{"model":"acme.unpriced-1","messages":[]}"#;
+
 #[tokio::test]
 async fn unpriced_calls_are_an_unknown_cost_in_reports_never_zero() {
     let up = FakeUpstream::start().await;
     let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
-    const UNPRICED: &str = r#"{"model":"acme.unpriced-1","messages":[]}"#;
     // Chatbot: one priced call and two unpriced ones. Search: only an unpriced one.
     for (key, body) in [
         (CHAT_KEY, CHAT_BODY),
@@ -418,7 +420,13 @@ async fn unpriced_calls_are_an_unknown_cost_in_reports_never_zero() {
         .expect("Chatbot");
     assert!(chat_line.ends_with(&format!(",{priced},2")), "{chat_line}");
 
-    let focus = admin_get(&proxy, "/admin/v1/costs?group_by=project&format=focus").await;
+    assert_unknown_in_focus_table_and_projects(&proxy, &priced).await;
+}
+
+/// The rest of [`unpriced_calls_are_an_unknown_cost_in_reports_never_zero`]: Search has only
+/// an unpriced call, Chatbot a priced one costing `priced` and two unpriced ones.
+async fn assert_unknown_in_focus_table_and_projects(proxy: &Proxy, priced: &str) {
+    let focus = admin_get(proxy, "/admin/v1/costs?group_by=project&format=focus").await;
     let lines: Vec<Vec<&str>> = focus.lines().map(|l| l.split(',').collect()).collect();
     let col = |name: &str| lines[0].iter().position(|h| *h == name).expect(name);
     let search_line = lines
@@ -436,7 +444,7 @@ async fn unpriced_calls_are_an_unknown_cost_in_reports_never_zero() {
     assert_eq!(chat_line[col("BilledCost")], priced);
     assert_eq!(chat_line[col("x_UnpricedRequests")], "2");
 
-    let table = admin_get(&proxy, "/admin/v1/costs?group_by=project&format=table").await;
+    let table = admin_get(proxy, "/admin/v1/costs?group_by=project&format=table").await;
     let search_line = table
         .lines()
         .find(|l| l.starts_with("Search"))
@@ -445,7 +453,7 @@ async fn unpriced_calls_are_an_unknown_cost_in_reports_never_zero() {
     assert!(table.contains("note: 3 requests had no price"), "{table}");
 
     let projects: serde_json::Value =
-        serde_json::from_str(&admin_get(&proxy, "/admin/v1/projects").await).expect("json");
+        serde_json::from_str(&admin_get(proxy, "/admin/v1/projects").await).expect("json");
     let search = projects["data"]
         .as_array()
         .expect("data")
