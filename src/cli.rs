@@ -54,12 +54,18 @@ enum Command {
         /// table, csv, json or focus (FinOps FOCUS CSV).
         #[arg(long, default_value = "table")]
         format: String,
+        /// SQLite ledger file to read instead of the config's `[ledger]`.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
     },
     /// Budgets: limit, month-to-date spend, percentage and month-end forecast, from the ledger.
     Budgets {
         /// Configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// SQLite ledger file to read instead of the config's `[ledger]`.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
     },
     /// Apply the ledger's schema migrations (`serve` applies them too).
     Migrate {
@@ -182,7 +188,7 @@ pub fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(serve(&config, listen)))
         }
         Command::Check { config } => return check(&config),
-        Command::Budgets { config } => budgets(&config),
+        Command::Budgets { config, ledger } => budgets(&config, ledger.as_deref()),
         Command::Migrate { config } => migrate(&config),
         Command::Ledger {
             command: LedgerCommand::Export { config, from, to },
@@ -196,7 +202,15 @@ pub fn main() -> ExitCode {
             to,
             group_by,
             format,
-        } => report(&config, from.as_deref(), to.as_deref(), &group_by, &format),
+            ledger,
+        } => report(
+            &config,
+            ledger.as_deref(),
+            from.as_deref(),
+            to.as_deref(),
+            &group_by,
+            &format,
+        ),
         Command::Keys {
             command: KeysCommand::New { name, projects },
         } => {
@@ -455,8 +469,18 @@ async fn run(
     Ok(())
 }
 
-fn budgets(path: &Path) -> anyhow::Result<()> {
-    let config = load(path)?;
+/// The config at `path`, reading the SQLite ledger `ledger` when given.
+fn load_reading(path: &Path, ledger: Option<&Path>) -> anyhow::Result<Config> {
+    let mut config = load(path)?;
+    if let Some(file) = ledger {
+        config.ledger.url = None;
+        config.ledger.path = file.display().to_string();
+    }
+    Ok(config)
+}
+
+fn budgets(path: &Path, ledger: Option<&Path>) -> anyhow::Result<()> {
+    let config = load_reading(path, ledger)?;
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let budgets = crate::budget::Budgets::from_config(&config, now_ms)?;
     let reader = open_reader(&config)?;
@@ -486,12 +510,13 @@ fn budgets(path: &Path) -> anyhow::Result<()> {
 
 fn report(
     path: &Path,
+    ledger: Option<&Path>,
     from: Option<&str>,
     to: Option<&str>,
     group_by: &str,
     format: &str,
 ) -> anyhow::Result<()> {
-    let config = load(path)?;
+    let config = load_reading(path, ledger)?;
     let format: crate::report::Format = format.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     crate::report::check_dim_count(group_by)?;
     let dims = crate::report::parse_dims(group_by).map_err(|e| anyhow::anyhow!(e))?;
@@ -500,9 +525,51 @@ fn report(
         .date();
     let period = crate::report::period(from, to, today).map_err(|e| anyhow::anyhow!(e))?;
     let rows = open_reader(&config)?.daily(&period)?;
+    warn_unknown_tags(&config, &rows, &dims);
     let report = crate::report::aggregate_within(&rows, &dims, period, crate::report::MAX_GROUPS)?;
     print!("{}", crate::report::render(&report, format));
     Ok(())
+}
+
+/// Warns on stderr of each `tag:NAME` dim that neither a configured project nor any call of
+/// the period carries: every row would be under `(none)`, most likely for a typo (tag keys
+/// are case-sensitive). Names the tags there are, and the nearest one.
+fn warn_unknown_tags(
+    config: &Config,
+    rows: &[crate::report::DailyRow],
+    dims: &[crate::report::Dim],
+) {
+    let mut known = crate::report::tag_keys(rows);
+    for p in &config.projects {
+        known.extend(p.tags.keys().cloned());
+    }
+    for dim in dims {
+        let crate::report::Dim::Tag(tag) = dim else {
+            continue;
+        };
+        if known.contains(tag) {
+            continue;
+        }
+        let there = if known.is_empty() {
+            "no project has any tag".to_owned()
+        } else {
+            format!(
+                "the tags there are: {}",
+                known
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let hint = crate::config::closest(tag, known.iter().map(String::as_str))
+            .map_or_else(String::new, |c| {
+                format!("; did you mean --group-by tag:{c}?")
+            });
+        eprintln!(
+            "warning: no project and no call of this period has the tag `{tag}` (tag keys are case-sensitive), so every row is under (none) for tag:{tag}; {there}{hint}"
+        );
+    }
 }
 
 /// The writer's store and a reader of the configured ledger (and the `PostgreSQL` reader for
@@ -538,10 +605,30 @@ fn open_reader(config: &Config) -> anyhow::Result<Arc<dyn LedgerRead>> {
         return Ok(Arc::new(PgReader::connect(url.expose())?));
     }
     let path = Path::new(&config.ledger.path);
+    if !path.exists() {
+        anyhow::bail!(
+            "{}, or pass --ledger FILE to read another",
+            no_ledger_yet(path)
+        );
+    }
     Ok(Arc::new(Reader::new(
         sqlite::open_read_only(path)
             .with_context(|| format!("cannot read the ledger {}", path.display()))?,
     )))
+}
+
+/// What to do when the SQLite ledger a command reads is not there: it is made by the first
+/// `serve` (or `demo`) and a relative path is read from the working directory.
+fn no_ledger_yet(path: &Path) -> String {
+    let relative = if path.is_relative() {
+        " (relative to the working directory)"
+    } else {
+        ""
+    };
+    format!(
+        "no ledger at {}{relative} yet: start `mantlegate serve` (or `mantlegate demo`) to create it",
+        path.display()
+    )
 }
 
 /// Where records the ledger could not take at shutdown go: beside the SQLite file (the
@@ -759,6 +846,9 @@ fn ledger_export(path: &Path, from: Option<&str>, to: Option<&str>) -> anyhow::R
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let n = match &config.ledger.url {
         Some(url) => transfer::export(&PgReader::connect(url.expose())?, from_ms, to_ms, &mut out)?,
+        None if !Path::new(&config.ledger.path).exists() => {
+            anyhow::bail!("{}", no_ledger_yet(Path::new(&config.ledger.path)))
+        }
         None => transfer::export(
             &sqlite::open_read_only(Path::new(&config.ledger.path))?,
             from_ms,
@@ -890,7 +980,15 @@ fn check(path: &Path) -> ExitCode {
                     );
                 }
             }
-            if std::env::var_os(&config.upstream.api_key_env).is_none() {
+            if is_demo_config(&config) {
+                println!(
+                    "  note: this is the demo's config: `mantlegate demo` runs it against its embedded simulated bedrock-mantle, which needs no Bedrock API key; `serve` would reach nothing at {} (set upstream.base_url and {} to serve it)",
+                    config.upstream.base_url, config.upstream.api_key_env
+                );
+            } else if config.upstream.auth == crate::config::UpstreamAuth::ApiKey
+                && config.upstream.api_key_file.is_none()
+                && std::env::var_os(&config.upstream.api_key_env).is_none()
+            {
                 println!(
                     "  note: {} is not set in this environment; serve needs it",
                     config.upstream.api_key_env
@@ -910,6 +1008,13 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `config` is the demo's: its upstream is the placeholder that `mantlegate demo`
+/// replaces with its embedded simulator (so no Bedrock key is needed to run it).
+fn is_demo_config(config: &Config) -> bool {
+    Config::from_toml(DEMO_CONFIG)
+        .is_ok_and(|demo| demo.upstream.base_url == config.upstream.base_url)
 }
 
 fn keys_list(path: &Path) -> anyhow::Result<()> {

@@ -1218,6 +1218,52 @@ fn check_ref(v: &mut Validator, path: &str, name: &str, names: &HashSet<&str>) {
     }
 }
 
+/// The candidate nearest to `wanted` when it is near enough to be what was meant (a typo):
+/// the same but for case, or at most a third of its characters (at least one) added, removed
+/// or changed. Ties go to the first candidate.
+#[must_use]
+pub fn closest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let wanted_lower = wanted.to_lowercase();
+    let bound = (wanted.chars().count() / 3).max(1);
+    let mut best: Option<(usize, &str)> = None;
+    for candidate in candidates {
+        if candidate == wanted {
+            continue;
+        }
+        let d = edit_distance(&wanted_lower, &candidate.to_lowercase());
+        if d <= bound && best.is_none_or(|(b, _)| d < b) {
+            best = Some((d, candidate));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+/// `; did you mean `X`?` for [`closest`], or nothing.
+#[must_use]
+pub fn did_you_mean<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    closest(wanted, candidates).map_or_else(String::new, |c| format!("; did you mean `{c}`?"))
+}
+
+/// Levenshtein distance in characters (insertions, deletions and substitutions cost 1).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                diagonal
+            } else {
+                1 + diagonal.min(above).min(row[j])
+            };
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 fn check_prefix(v: &mut Validator, path: &str, prefix: &str) {
     if !prefix.starts_with('/') || (prefix.len() > 1 && prefix.ends_with('/')) {
         v.add(

@@ -572,6 +572,21 @@ pub fn aggregate_within(
     })
 }
 
+/// The tag keys the calls of `rows` carried (their projects' tags at call time).
+#[must_use]
+pub fn tag_keys(rows: &[DailyRow]) -> std::collections::BTreeSet<String> {
+    let mut cache = TagCache::new();
+    let mut keys = std::collections::BTreeSet::new();
+    for row in rows {
+        for key in tags_of(&mut cache, &row.tags).keys() {
+            if !keys.contains(key) {
+                keys.insert(key.clone());
+            }
+        }
+    }
+    keys
+}
+
 /// The non-empty values of the tag dims of a group, by tag key.
 fn tag_dim_values(dims: &[Dim], keys: &[String]) -> BTreeMap<String, String> {
     dims.iter()

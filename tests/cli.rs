@@ -609,3 +609,118 @@ async fn the_admin_api_renders_a_table_as_the_cli_does() {
         "{e}"
     );
 }
+
+/// Runs the binary with `args` (the upstream key variable removed); `(success, stdout, stderr)`.
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("BEDROCK_API_KEY")
+        .output()
+        .expect("run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_report_by_a_tag_no_project_has_warns_naming_the_tags_there_are() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let r = proxy.chat(CHAT_KEY).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.expect("body");
+    proxy.wait_for_records(1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let ledger = format!("[ledger]\npath = {:?}\n", proxy.db.display().to_string());
+    std::fs::write(&path, config(&up.url, "reject", &ledger)).expect("write");
+    let config = path.to_str().expect("utf-8 path");
+
+    let (ok, stdout, stderr) = run(&["report", "--config", config, "--group-by", "tag:Teams"]);
+    assert!(ok, "still a report: {stderr}");
+    assert!(stdout.contains("(none)"), "{stdout}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.starts_with("warning:"))
+        .unwrap_or_else(|| panic!("no warning in: {stderr}"));
+    for needle in [
+        "`Teams`",
+        "the tags there are: Team",
+        "did you mean --group-by tag:Team?",
+    ] {
+        assert!(warning.contains(needle), "{needle:?} missing in: {warning}");
+    }
+    assert!(
+        !stdout.contains("warning"),
+        "the report itself stays clean: {stdout}"
+    );
+
+    // A tag that exists: no warning.
+    let (ok, stdout, stderr) = run(&["report", "--config", config, "--group-by", "tag:Team"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("CX"), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
+fn budgets_and_report_before_the_ledger_exists_say_so_in_a_sentence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let db = dir.path().join("not-yet.db");
+    let extra = format!(
+        "[ledger]\npath = {:?}\n[[budgets]]\nname = \"b\"\nproject = \"Chatbot\"\nmonthly_usd = \"5\"\n",
+        db.display().to_string()
+    );
+    std::fs::write(&path, config("http://127.0.0.1:9", "reject", &extra)).expect("write");
+    let config = path.to_str().expect("utf-8 path");
+    for args in [
+        vec!["budgets", "--config", config],
+        vec!["report", "--config", config],
+        vec!["report", "--config", config, "--format", "json"],
+    ] {
+        let (ok, _, stderr) = run(&args);
+        assert!(!ok, "{args:?}");
+        assert!(
+            stderr.contains(&format!("no ledger at {} yet", db.display()))
+                && stderr.contains("start `mantlegate serve`")
+                && stderr.contains("--ledger"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("code 14"), "{stderr}");
+        assert!(
+            !stderr.to_lowercase().contains("unable to open"),
+            "{stderr}"
+        );
+    }
+    assert!(!db.exists(), "reading never creates the ledger");
+    // --ledger names another file: missing, it is named; present, it is read.
+    let other = dir.path().join("other.db");
+    let (ok, _, stderr) = run(&[
+        "report",
+        "--config",
+        config,
+        "--ledger",
+        other.to_str().expect("path"),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("no ledger at {} yet", other.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_on_the_demo_config_does_not_ask_for_a_bedrock_key() {
+    let (ok, stdout, stderr) = run(&["check", "--config", "config/demo.toml"]);
+    assert!(ok, "{stdout}{stderr}");
+    let all = format!("{stdout}{stderr}");
+    assert!(!all.contains("BEDROCK_API_KEY is not set"), "{all}");
+    assert!(all.contains("the demo's config"), "{all}");
+    assert!(all.contains("needs no Bedrock API key"), "{all}");
+    // Any other config without the key still gets the note.
+    let (ok, stdout, _) = run(&["check", "--config", "config/mantlegate.example.toml"]);
+    assert!(ok);
+    assert!(stdout.contains("BEDROCK_API_KEY is not set"), "{stdout}");
+}
