@@ -167,14 +167,21 @@ enum KeysCommand {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Print a fresh random key and the `[[keys]]` block (with its SHA-256) for the config.
+    /// Mint a fresh random key: print it once, with the `[[keys]]` block (its SHA-256) for
+    /// the config, or (--write) add that block to the config file.
     New {
+        /// Configuration file (TOML): each --project must be one of its `[[projects]]`.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Name of the key in logs and reports.
         #[arg(long, default_value = "new-key")]
         name: String,
         /// Project the key may use (repeat; the first is its default).
         #[arg(long = "project")]
         projects: Vec<String>,
+        /// Add the `[[keys]]` entry to the --config file, comments and layout kept.
+        #[arg(long, requires = "config")]
+        write: bool,
     },
 }
 
@@ -212,11 +219,14 @@ pub fn main() -> ExitCode {
             &format,
         ),
         Command::Keys {
-            command: KeysCommand::New { name, projects },
-        } => {
-            keys_new(&name, &projects);
-            Ok(())
-        }
+            command:
+                KeysCommand::New {
+                    config,
+                    name,
+                    projects,
+                    write,
+                },
+        } => keys_new(config.as_deref(), &name, &projects, write),
         Command::Keys {
             command: KeysCommand::List { config },
         } => keys_list(&config),
@@ -1051,13 +1061,116 @@ fn keys_list(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn keys_new(name: &str, projects: &[String]) {
+/// `mantlegate keys new`: with a config, every project must be one it defines (checked
+/// before a key is minted); with `write`, the `[[keys]]` entry goes into the config file and
+/// the key is printed once, never written anywhere.
+fn keys_new(
+    config_path: Option<&Path>,
+    name: &str,
+    projects: &[String],
+    write: bool,
+) -> anyhow::Result<()> {
+    if name.trim().is_empty() {
+        anyhow::bail!("--name must not be empty: it names the key in logs and reports");
+    }
+    let Some(path) = config_path else {
+        if !projects.is_empty() {
+            eprintln!(
+                "note: the projects are not checked against a config: pass --config FILE to check them (and --write to add the entry to it)"
+            );
+        }
+        print_new_key(name, &crate::keys::mint(), projects);
+        return Ok(());
+    };
+    let config = Config::load_for_projects(path).map_err(|e| match e {
+        ConfigError::Invalid(problems) => anyhow::anyhow!(
+            "{}: {} problem(s), no key was minted (`mantlegate check` lists them):\n{}",
+            path.display(),
+            problems.len(),
+            problems
+                .iter()
+                .map(|p| format!("  - {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+        other => anyhow::anyhow!("{other}"),
+    })?;
+    check_key_projects(&config, path, projects)?;
     let key = crate::keys::mint();
+    if !write {
+        print_new_key(name, &key, projects);
+        return Ok(());
+    }
+    let bytes = crate::config::read_file(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("cannot read {}: not UTF-8 text", path.display()))?;
+    let updated = crate::keys::add_to_config(&text, name, &key, projects)
+        .with_context(|| format!("cannot edit {}", path.display()))?;
+    // What is written must load as the file did: checked before the file is touched.
+    if let Err(err) = Config::from_toml_for_projects(&updated, path.parent()) {
+        anyhow::bail!(
+            "the edited {} would not load ({err}); nothing was written",
+            path.display()
+        );
+    }
+    crate::projects::write_in_place(path, &updated)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let rotation = config.keys.iter().any(|k| k.name == name);
+    println!("# The key (shown once: hand it to the app, keep it in a secret store):");
+    println!("{key}");
+    println!();
+    println!(
+        "# Added to {} (only the SHA-256 is stored; a running proxy takes it at its next reload):",
+        path.display()
+    );
+    print!("{}", crate::keys::config_block(name, &key, projects));
+    if rotation {
+        println!(
+            "# `{name}` now has two entries: a rotation. Remove the old one once the app uses the new key (its last use in `mantlegate keys list` stops moving)."
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a project `config` does not define, suggesting the nearest name.
+fn check_key_projects(config: &Config, path: &Path, projects: &[String]) -> anyhow::Result<()> {
+    let names: Vec<&str> = config.projects.iter().map(|p| p.name.as_str()).collect();
+    for wanted in projects {
+        if names.contains(&wanted.as_str()) {
+            continue;
+        }
+        // An id where a name belongs: name the project it is.
+        let hint = match config
+            .projects
+            .iter()
+            .find(|p| p.id.as_deref() == Some(wanted))
+        {
+            Some(p) => format!(
+                "; `{wanted}` is the id of `{}`: keys name projects by name",
+                p.name
+            ),
+            None => crate::config::did_you_mean(wanted, names.iter().copied()),
+        };
+        let defined = if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        };
+        anyhow::bail!(
+            "project `{wanted}` is not defined in {}{hint} (its [[projects]]: {defined}); no key was minted",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn print_new_key(name: &str, key: &str, projects: &[String]) {
     println!("# The key (shown once: hand it to the app, keep it in a secret store):");
     println!("{key}");
     println!();
     println!("# Paste into the config (only the SHA-256 is stored):");
-    print!("{}", crate::keys::config_block(name, &key, projects));
+    print!("{}", crate::keys::config_block(name, key, projects));
 }
 
 /// The demo's configuration; its upstream is replaced by the simulator's address.

@@ -660,9 +660,20 @@ impl Config {
     /// Returns every other problem found; see [`ConfigError`].
     pub fn load_for_projects(path: &Path) -> Result<Self, ConfigError> {
         let text = read_text(path)?;
-        let mut config: Self = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
-        config.source_dir = path.parent().map(Path::to_path_buf);
+        Self::from_toml_for_projects(&text, path.parent()).map_err(|e| match e {
+            ConfigError::Parse(msg) => ConfigError::Parse(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// [`Config::load_for_projects`] on text, with relative paths resolved in `dir`.
+    ///
+    /// # Errors
+    /// Returns every problem found but missing project ids; see [`ConfigError`].
+    pub fn from_toml_for_projects(text: &str, dir: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config: Self =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.source_dir = dir.map(Path::to_path_buf);
         // The only problem reported at `projects[i].id` of an entry without an id is that it
         // has none.
         let no_id: HashSet<String> = config

@@ -1009,7 +1009,7 @@ fn replace_keeping_decor(v: &mut toml_edit::Value, id: &str) {
 /// Replaces the file's content through a temporary file in the same directory and a rename, so
 /// a crash leaves the old file or the new one, never half of one. Symlinks are followed and
 /// the file's permissions kept.
-fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {
     let target = std::fs::canonicalize(path)?;
     let dir = target.parent().unwrap_or_else(|| Path::new("."));
     let file_name = target

@@ -724,3 +724,141 @@ fn check_on_the_demo_config_does_not_ask_for_a_bedrock_key() {
     assert!(ok);
     assert!(stdout.contains("BEDROCK_API_KEY is not set"), "{stdout}");
 }
+
+/// A config with a `payments` project, comments and a route after its one key; its ledger
+/// in `dir`.
+fn payments_config(upstream: &str, dir: &std::path::Path) -> String {
+    format!(
+        r#"# Payments team's mantlegate
+[upstream]
+base_url = "{upstream}"   # bedrock-mantle
+
+[ledger]
+path = {:?}
+
+[[projects]]
+name = "payments"
+id = "proj_pay"
+
+# the checkout service
+[[keys]]
+name = "checkout"
+sha256 = "{}"
+projects = ["payments"]
+
+# apps calling /pay/v1 bill payments
+[[routes]]
+prefix = "/pay"
+project = "payments"
+"#,
+        dir.join("ledger.db").display().to_string(),
+        sha(CHAT_KEY)
+    )
+}
+
+#[test]
+fn keys_new_refuses_a_project_the_config_does_not_define_and_suggests_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let text = payments_config("http://127.0.0.1:9", dir.path());
+    std::fs::write(&path, &text).expect("write");
+    let config = path.to_str().expect("utf-8 path");
+    for write in [false, true] {
+        let mut args = vec![
+            "keys",
+            "new",
+            "--config",
+            config,
+            "--name",
+            "svc",
+            "--project",
+            "paymnts",
+        ];
+        if write {
+            args.push("--write");
+        }
+        let (ok, stdout, stderr) = run(&args);
+        assert!(!ok, "{args:?}");
+        assert!(
+            stderr.contains("project `paymnts` is not defined")
+                && stderr.contains("did you mean `payments`?"),
+            "{stderr}"
+        );
+        assert!(!stdout.contains("mg-"), "no key is minted: {stdout}");
+    }
+    // An id where a name belongs is named for what it is.
+    let (ok, _, stderr) = run(&["keys", "new", "--config", config, "--project", "proj_pay"]);
+    assert!(!ok);
+    assert!(stderr.contains("the id of `payments`"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("read"),
+        text,
+        "untouched"
+    );
+    // --write needs the file to write to.
+    let (ok, _, stderr) = run(&["keys", "new", "--write", "--project", "payments"]);
+    assert!(!ok);
+    assert!(stderr.contains("--config"), "{stderr}");
+    // Known projects: the key and its block, the file untouched without --write.
+    let (ok, stdout, stderr) = run(&["keys", "new", "--config", config, "--project", "payments"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("projects = [\"payments\"]"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), text);
+}
+
+#[tokio::test]
+async fn keys_new_write_adds_the_entry_keeping_the_file_and_the_key_works() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let text = payments_config(&up.url, dir.path());
+    std::fs::write(&path, &text).expect("write");
+    let config = path.to_str().expect("utf-8 path");
+    let (ok, stdout, stderr) = run(&[
+        "keys",
+        "new",
+        "--config",
+        config,
+        "--name",
+        "refunds \"v2\"",
+        "--project",
+        "payments",
+        "--write",
+    ]);
+    assert!(ok, "{stderr}");
+    let key = stdout
+        .lines()
+        .find(|l| l.starts_with("mg-"))
+        .expect("the key, printed")
+        .to_owned();
+    assert_eq!(stdout.matches(&key).count(), 1, "printed once: {stdout}");
+    let written = std::fs::read_to_string(&path).expect("read");
+    assert!(!written.contains(&key), "the key itself is never written");
+    let block = format!(
+        "\n[[keys]]\nname = 'refunds \"v2\"'\nsha256 = \"{}\"\nprojects = [\"payments\"]\n",
+        sha(&key)
+    );
+    // Right after the last [[keys]] entry; every other byte as it was.
+    let expected = text.replace(
+        "projects = [\"payments\"]\n\n# apps calling",
+        &format!("projects = [\"payments\"]\n{block}\n# apps calling"),
+    );
+    assert_eq!(written, expected);
+    let (ok, stdout, stderr) = run(&["check", "--config", config]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("2 key(s)"), "{stdout}");
+
+    // Served, the new key is attributed to its project.
+    let (child, lines, url) = serve(dir.path(), &written, "info").await;
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-mantlegate-project"], "proj_pay");
+    stop(child, lines).await;
+}
