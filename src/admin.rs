@@ -140,7 +140,8 @@ pub struct CostsQuery {
     format: Option<String>,
 }
 
-/// `GET /admin/v1/costs?from=&to=&group_by=&format=json|csv|focus`
+/// `GET /admin/v1/costs?from=&to=&group_by=&format=json|csv|focus|table`: the report of
+/// `mantlegate report`, rendered as the CLI renders it (default `json`).
 pub async fn costs(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -149,18 +150,14 @@ pub async fn costs(
     if let Err(r) = authorize(&state, &headers) {
         return *r;
     }
-    let format = match q.format.as_deref().unwrap_or("json") {
-        "table" => {
-            return admin_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_format",
-                "format must be json, csv or focus",
-            );
-        }
-        f => match f.parse::<report::Format>() {
-            Ok(f) => f,
-            Err(e) => return admin_error(StatusCode::BAD_REQUEST, "invalid_format", &e),
-        },
+    let format = match q
+        .format
+        .as_deref()
+        .unwrap_or("json")
+        .parse::<report::Format>()
+    {
+        Ok(f) => f,
+        Err(e) => return admin_error(StatusCode::BAD_REQUEST, "invalid_format", &e),
     };
     let group_by = q.group_by.as_deref().unwrap_or("project");
     if let Err(e) = report::check_dim_count(group_by) {
@@ -198,17 +195,14 @@ pub async fn costs(
             "report_too_large",
             &too_large.to_string(),
         ),
-        Ok(Ok(Ok(body))) => {
-            let content_type = match format {
-                report::Format::Json => "application/json",
-                _ => "text/csv; charset=utf-8",
-            };
-            (
-                [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-                body,
-            )
-                .into_response()
-        }
+        Ok(Ok(Ok(body))) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(format.content_type()),
+            )],
+            body,
+        )
+            .into_response(),
         Ok(Err(err)) => {
             tracing::error!(error = %format!("{err:#}"), "cost report failed");
             admin_error(
@@ -226,7 +220,8 @@ pub async fn costs(
 }
 
 /// `GET /admin/v1/projects`: each project with its id, tags, the keys and routes that use it,
-/// and its month-to-date spend (UTC month, from the ledger; zero when there is none).
+/// and its month-to-date spend (UTC month, from the ledger; zero when there is none) with
+/// its unpriced calls apart.
 pub async fn projects(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&state, &headers) {
         return *r;
@@ -245,10 +240,11 @@ pub async fn projects(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
         match rows {
             Ok(Ok(rows)) => {
                 for r in rows {
-                    *spend
-                        .entry(r.project_id)
-                        .or_insert(rust_decimal::Decimal::ZERO) +=
-                        rust_decimal::Decimal::new(r.cost_pico, 12);
+                    let entry: &mut crate::projects::MonthSpend =
+                        spend.entry(r.project_id).or_default();
+                    entry.cost_usd += rust_decimal::Decimal::new(r.cost_pico, 12);
+                    entry.unpriced_requests =
+                        entry.unpriced_requests.saturating_add(r.unpriced_requests);
                 }
             }
             Ok(Err(err)) => {
@@ -274,6 +270,47 @@ pub async fn projects(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
             HeaderValue::from_static("application/json"),
         )],
         crate::projects::overview(&snapshot, &spend).to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /admin/v1/keys`: every `[[keys]]` entry of the running config with its name,
+/// fingerprint (the first 12 hex digits of its SHA-256, as the ledger's `key_fp` records it:
+/// it tells a rotation's two entries apart), projects, expiry, state and last use from the
+/// ledger. Never the SHA-256 itself, never a secret.
+pub async fn keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    let snapshot = state.snapshot.load_full();
+    let last_used = match state.reader.clone() {
+        None => std::collections::HashMap::new(),
+        Some(reader) => match tokio::task::spawn_blocking(move || reader.last_used()).await {
+            Ok(Ok(map)) => map,
+            Ok(Err(err)) => {
+                tracing::error!(error = %format!("{err:#}"), "key last-use query failed");
+                return admin_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "report_failed",
+                    "the keys' last use could not be read from the ledger; see the server log",
+                );
+            }
+            Err(_) => {
+                return admin_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "report_failed",
+                    "the last-use task failed",
+                );
+            }
+        },
+    };
+    let body = crate::keys::overview(&snapshot, &last_used, jiff::Timestamp::now());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.to_string(),
     )
         .into_response()
 }

@@ -114,12 +114,30 @@ pub fn resolve(
     if let Some(&first) = key.projects.first() {
         return Ok(first);
     }
-    snap.fallback_project.ok_or_else(|| {
-        ProxyError::ProjectRequired(format!(
-            "this call has no project: key `{}` has no project of its own and no route applies. Send the `OpenAI-Project` header (the SDKs' project=), call through a route, or ask your platform team to assign the key a project",
-            key.name
-        ))
-    })
+    snap.fallback_project.ok_or_else(|| no_project(snap, key))
+}
+
+/// 400 `project_required` for a key granted no project, called through no route. Naming a
+/// project in `OpenAI-Project` cannot help such a key (it may name only projects it is
+/// granted): the operator has to grant it one, or the app has to call through a route.
+fn no_project(snap: &Snapshot, key: &Key) -> ProxyError {
+    let routes = if snap.routes.is_empty() {
+        String::new()
+    } else {
+        let list = snap
+            .routes
+            .iter()
+            .map(|r| format!("`{}/v1` ({})", r.prefix, snap.projects[r.project].name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            " Meanwhile the key works through a route, which bills the route's project: {list}."
+        )
+    };
+    ProxyError::ProjectRequired(format!(
+        "key `{}` has no project, so this call cannot be billed to one (an `OpenAI-Project` header cannot help: a key may name only projects it is granted). Ask your platform team to grant the key a project: `projects = [\"<project name>\"]` in its [[keys]] entry of the mantlegate config.{routes}",
+        key.name
+    ))
 }
 
 /// Whether this key, through this route, may act on project `p` (by naming it, or by
@@ -157,7 +175,7 @@ fn forbidden(snap: &Snapshot, key: &Key, route: Option<&Route>, handle: &str) ->
 
 fn allowed_list(snap: &Snapshot, key: &Key) -> String {
     if key.projects.is_empty() {
-        return "no project of its own".to_owned();
+        return "no project of its own (the operator grants it one in its [[keys]] entry: projects = [...])".to_owned();
     }
     key.projects
         .iter()

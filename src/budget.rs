@@ -146,6 +146,40 @@ pub struct Exceeded {
     pub spend_usd: Decimal,
     /// What the refused call would have reserved, in USD.
     pub reserve_usd: Decimal,
+    /// What calls in flight held when the call was refused (this replica's and, in a
+    /// fleet, the others' as of the last refresh), in USD.
+    pub held_usd: Decimal,
+    /// What was left of the limit for the call: limit − spend − held, at least 0, in USD.
+    pub left_usd: Decimal,
+}
+
+/// Where a call's reserved output tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFrom {
+    /// The call's own output cap: the body member named.
+    Cap(&'static str),
+    /// The model's output ceiling, its price row's `max_output_tokens`.
+    Ceiling,
+    /// `[limits] default_max_output_tokens`: the call set no cap and its price row no ceiling.
+    Default,
+}
+
+/// How a call's worst-case cost, its budget reservation, was reckoned: output tokens at the
+/// output price plus the input estimated from the body at the input price. Carried by a
+/// refusal so that its message can say what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reckoning {
+    /// Output tokens reserved.
+    pub output_tokens: u64,
+    /// Where that number comes from.
+    pub output_from: OutputFrom,
+    /// Input tokens estimated from the body (about 4 bytes a token).
+    pub input_tokens: u64,
+    /// The body's size in bytes.
+    pub body_bytes: usize,
+    /// The model's prices, USD per million tokens: `(input, output)`; `None` for an unpriced
+    /// model (which reserves nothing).
+    pub prices: Option<(Decimal, Decimal)>,
 }
 
 /// An alert to send: the budget crossed `fraction` of its limit.
@@ -577,11 +611,25 @@ impl Budgets {
                 true
             };
             if !ok {
+                let spent = b.spent_pico();
+                let held =
+                    b.st.used
+                        .load(Ordering::Acquire)
+                        .saturating_sub(spent)
+                        .max(0)
+                        .saturating_add(b.st.others.load(Ordering::Acquire).max(0));
+                let left = b
+                    .limit_pico
+                    .saturating_sub(spent)
+                    .saturating_sub(held)
+                    .max(0);
                 let exceeded = Exceeded {
                     name: b.name.clone(),
                     limit_usd: usd(b.limit_pico),
-                    spend_usd: usd(b.spent_pico()),
+                    spend_usd: usd(spent),
                     reserve_usd: usd(reserve_pico),
+                    held_usd: usd(held),
+                    left_usd: usd(left),
                 };
                 reservation.release();
                 return Err(exceeded);

@@ -54,12 +54,18 @@ enum Command {
         /// table, csv, json or focus (FinOps FOCUS CSV).
         #[arg(long, default_value = "table")]
         format: String,
+        /// SQLite ledger file to read instead of the config's `[ledger]`.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
     },
     /// Budgets: limit, month-to-date spend, percentage and month-end forecast, from the ledger.
     Budgets {
         /// Configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// SQLite ledger file to read instead of the config's `[ledger]`.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
     },
     /// Apply the ledger's schema migrations (`serve` applies them too).
     Migrate {
@@ -172,14 +178,21 @@ enum KeysCommand {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Print a fresh random key and the `[[keys]]` block (with its SHA-256) for the config.
+    /// Mint a fresh random key: print it once, with the `[[keys]]` block (its SHA-256) for
+    /// the config, or (--write) add that block to the config file.
     New {
+        /// Configuration file (TOML): each --project must be one of its `[[projects]]`.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Name of the key in logs and reports.
         #[arg(long, default_value = "new-key")]
         name: String,
         /// Project the key may use (repeat; the first is its default).
         #[arg(long = "project")]
         projects: Vec<String>,
+        /// Add the `[[keys]]` entry to the --config file, comments and layout kept.
+        #[arg(long, requires = "config")]
+        write: bool,
     },
 }
 
@@ -193,7 +206,7 @@ pub fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(serve(&config, listen)))
         }
         Command::Check { config } => return check(&config),
-        Command::Budgets { config } => budgets(&config),
+        Command::Budgets { config, ledger } => budgets(&config, ledger.as_deref()),
         Command::Migrate { config } => migrate(&config),
         Command::Ledger {
             command: LedgerCommand::Export { config, from, to },
@@ -207,13 +220,24 @@ pub fn main() -> ExitCode {
             to,
             group_by,
             format,
-        } => report(&config, from.as_deref(), to.as_deref(), &group_by, &format),
+            ledger,
+        } => report(
+            &config,
+            ledger.as_deref(),
+            from.as_deref(),
+            to.as_deref(),
+            &group_by,
+            &format,
+        ),
         Command::Keys {
-            command: KeysCommand::New { name, projects },
-        } => {
-            keys_new(&name, &projects);
-            Ok(())
-        }
+            command:
+                KeysCommand::New {
+                    config,
+                    name,
+                    projects,
+                    write,
+                },
+        } => keys_new(config.as_deref(), &name, &projects, write),
         Command::Keys {
             command: KeysCommand::List { config },
         } => keys_list(&config),
@@ -476,8 +500,18 @@ async fn run(
     Ok(())
 }
 
-fn budgets(path: &Path) -> anyhow::Result<()> {
-    let config = load(path)?;
+/// The config at `path`, reading the SQLite ledger `ledger` when given.
+fn load_reading(path: &Path, ledger: Option<&Path>) -> anyhow::Result<Config> {
+    let mut config = load(path)?;
+    if let Some(file) = ledger {
+        config.ledger.url = None;
+        config.ledger.path = file.display().to_string();
+    }
+    Ok(config)
+}
+
+fn budgets(path: &Path, ledger: Option<&Path>) -> anyhow::Result<()> {
+    let config = load_reading(path, ledger)?;
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let budgets = crate::budget::Budgets::from_config(&config, now_ms)?;
     let reader = open_reader(&config)?;
@@ -507,12 +541,13 @@ fn budgets(path: &Path) -> anyhow::Result<()> {
 
 fn report(
     path: &Path,
+    ledger: Option<&Path>,
     from: Option<&str>,
     to: Option<&str>,
     group_by: &str,
     format: &str,
 ) -> anyhow::Result<()> {
-    let config = load(path)?;
+    let config = load_reading(path, ledger)?;
     let format: crate::report::Format = format.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     crate::report::check_dim_count(group_by)?;
     let dims = crate::report::parse_dims(group_by).map_err(|e| anyhow::anyhow!(e))?;
@@ -521,9 +556,51 @@ fn report(
         .date();
     let period = crate::report::period(from, to, today).map_err(|e| anyhow::anyhow!(e))?;
     let rows = open_reader(&config)?.daily(&period)?;
+    warn_unknown_tags(&config, &rows, &dims);
     let report = crate::report::aggregate_within(&rows, &dims, period, crate::report::MAX_GROUPS)?;
     print!("{}", crate::report::render(&report, format));
     Ok(())
+}
+
+/// Warns on stderr of each `tag:NAME` dim that neither a configured project nor any call of
+/// the period carries: every row would be under `(none)`, most likely for a typo (tag keys
+/// are case-sensitive). Names the tags there are, and the nearest one.
+fn warn_unknown_tags(
+    config: &Config,
+    rows: &[crate::report::DailyRow],
+    dims: &[crate::report::Dim],
+) {
+    let mut known = crate::report::tag_keys(rows);
+    for p in &config.projects {
+        known.extend(p.tags.keys().cloned());
+    }
+    for dim in dims {
+        let crate::report::Dim::Tag(tag) = dim else {
+            continue;
+        };
+        if known.contains(tag) {
+            continue;
+        }
+        let there = if known.is_empty() {
+            "no project has any tag".to_owned()
+        } else {
+            format!(
+                "the tags there are: {}",
+                known
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let hint = crate::config::closest(tag, known.iter().map(String::as_str))
+            .map_or_else(String::new, |c| {
+                format!("; did you mean --group-by tag:{c}?")
+            });
+        eprintln!(
+            "warning: no project and no call of this period has the tag `{tag}` (tag keys are case-sensitive), so every row is under (none) for tag:{tag}; {there}{hint}"
+        );
+    }
 }
 
 /// The writer's store and a reader of the configured ledger (and the `PostgreSQL` reader for
@@ -559,10 +636,30 @@ fn open_reader(config: &Config) -> anyhow::Result<Arc<dyn LedgerRead>> {
         return Ok(Arc::new(PgReader::connect(url.expose())?));
     }
     let path = Path::new(&config.ledger.path);
+    if !path.exists() {
+        anyhow::bail!(
+            "{}, or pass --ledger FILE to read another",
+            no_ledger_yet(path)
+        );
+    }
     Ok(Arc::new(Reader::new(
         sqlite::open_read_only(path)
             .with_context(|| format!("cannot read the ledger {}", path.display()))?,
     )))
+}
+
+/// What to do when the SQLite ledger a command reads is not there: it is made by the first
+/// `serve` (or `demo`) and a relative path is read from the working directory.
+fn no_ledger_yet(path: &Path) -> String {
+    let relative = if path.is_relative() {
+        " (relative to the working directory)"
+    } else {
+        ""
+    };
+    format!(
+        "no ledger at {}{relative} yet: start `mantlegate serve` (or `mantlegate demo`) to create it",
+        path.display()
+    )
 }
 
 /// Where records the ledger could not take at shutdown go: beside the SQLite file (the
@@ -798,6 +895,9 @@ fn ledger_export(path: &Path, from: Option<&str>, to: Option<&str>) -> anyhow::R
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let n = match &config.ledger.url {
         Some(url) => transfer::export(&PgReader::connect(url.expose())?, from_ms, to_ms, &mut out)?,
+        None if !Path::new(&config.ledger.path).exists() => {
+            anyhow::bail!("{}", no_ledger_yet(Path::new(&config.ledger.path)))
+        }
         None => transfer::export(
             &sqlite::open_read_only(Path::new(&config.ledger.path))?,
             from_ms,
@@ -947,7 +1047,15 @@ fn check(path: &Path) -> ExitCode {
                     ),
                 }
             }
-            if std::env::var_os(&config.upstream.api_key_env).is_none() {
+            if is_demo_config(&config) {
+                println!(
+                    "  note: this is the demo's config: `mantlegate demo` runs it against its embedded simulated bedrock-mantle, which needs no Bedrock API key; `serve` would reach nothing at {} (set upstream.base_url and {} to serve it)",
+                    config.upstream.base_url, config.upstream.api_key_env
+                );
+            } else if config.upstream.auth == crate::config::UpstreamAuth::ApiKey
+                && config.upstream.api_key_file.is_none()
+                && std::env::var_os(&config.upstream.api_key_env).is_none()
+            {
                 println!(
                     "  note: {} is not set in this environment; serve needs it",
                     config.upstream.api_key_env
@@ -969,6 +1077,13 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
+/// Whether `config` is the demo's: its upstream is the placeholder that `mantlegate demo`
+/// replaces with its embedded simulator (so no Bedrock key is needed to run it).
+fn is_demo_config(config: &Config) -> bool {
+    Config::from_toml(DEMO_CONFIG)
+        .is_ok_and(|demo| demo.upstream.base_url == config.upstream.base_url)
+}
+
 fn keys_list(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
     let last_used = match open_reader(&config) {
@@ -985,15 +1100,7 @@ fn keys_list(path: &Path) -> anyhow::Result<()> {
             .expires_at
             .as_deref()
             .and_then(|t| t.parse::<jiff::Timestamp>().ok());
-        let state = if k.disabled {
-            "disabled"
-        } else if expires.is_some_and(|e| e <= now) {
-            "expired"
-        } else if k.passthrough {
-            "passthru"
-        } else {
-            "active"
-        };
+        let state = crate::keys::state_of(k.disabled, expires, k.passthrough, now);
         let last = last_used
             .get(&k.sha256.get(..12).unwrap_or("").to_ascii_lowercase())
             .and_then(|ms| jiff::Timestamp::from_millisecond(*ms).ok())
@@ -1011,13 +1118,116 @@ fn keys_list(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn keys_new(name: &str, projects: &[String]) {
+/// `mantlegate keys new`: with a config, every project must be one it defines (checked
+/// before a key is minted); with `write`, the `[[keys]]` entry goes into the config file and
+/// the key is printed once, never written anywhere.
+fn keys_new(
+    config_path: Option<&Path>,
+    name: &str,
+    projects: &[String],
+    write: bool,
+) -> anyhow::Result<()> {
+    if name.trim().is_empty() {
+        anyhow::bail!("--name must not be empty: it names the key in logs and reports");
+    }
+    let Some(path) = config_path else {
+        if !projects.is_empty() {
+            eprintln!(
+                "note: the projects are not checked against a config: pass --config FILE to check them (and --write to add the entry to it)"
+            );
+        }
+        print_new_key(name, &crate::keys::mint(), projects);
+        return Ok(());
+    };
+    let config = Config::load_for_projects(path).map_err(|e| match e {
+        ConfigError::Invalid(problems) => anyhow::anyhow!(
+            "{}: {} problem(s), no key was minted (`mantlegate check` lists them):\n{}",
+            path.display(),
+            problems.len(),
+            problems
+                .iter()
+                .map(|p| format!("  - {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+        other => anyhow::anyhow!("{other}"),
+    })?;
+    check_key_projects(&config, path, projects)?;
     let key = crate::keys::mint();
+    if !write {
+        print_new_key(name, &key, projects);
+        return Ok(());
+    }
+    let bytes = crate::config::read_file(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("cannot read {}: not UTF-8 text", path.display()))?;
+    let updated = crate::keys::add_to_config(&text, name, &key, projects)
+        .with_context(|| format!("cannot edit {}", path.display()))?;
+    // What is written must load as the file did: checked before the file is touched.
+    if let Err(err) = Config::from_toml_for_projects(&updated, path.parent()) {
+        anyhow::bail!(
+            "the edited {} would not load ({err}); nothing was written",
+            path.display()
+        );
+    }
+    crate::projects::write_in_place(path, &updated)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let rotation = config.keys.iter().any(|k| k.name == name);
+    println!("# The key (shown once: hand it to the app, keep it in a secret store):");
+    println!("{key}");
+    println!();
+    println!(
+        "# Added to {} (only the SHA-256 is stored; a running proxy takes it at its next reload):",
+        path.display()
+    );
+    print!("{}", crate::keys::config_block(name, &key, projects));
+    if rotation {
+        println!(
+            "# `{name}` now has two entries: a rotation. Remove the old one once the app uses the new key (its last use in `mantlegate keys list` stops moving)."
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a project `config` does not define, suggesting the nearest name.
+fn check_key_projects(config: &Config, path: &Path, projects: &[String]) -> anyhow::Result<()> {
+    let names: Vec<&str> = config.projects.iter().map(|p| p.name.as_str()).collect();
+    for wanted in projects {
+        if names.contains(&wanted.as_str()) {
+            continue;
+        }
+        // An id where a name belongs: name the project it is.
+        let hint = match config
+            .projects
+            .iter()
+            .find(|p| p.id.as_deref() == Some(wanted))
+        {
+            Some(p) => format!(
+                "; `{wanted}` is the id of `{}`: keys name projects by name",
+                p.name
+            ),
+            None => crate::config::did_you_mean(wanted, names.iter().copied()),
+        };
+        let defined = if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        };
+        anyhow::bail!(
+            "project `{wanted}` is not defined in {}{hint} (its [[projects]]: {defined}); no key was minted",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn print_new_key(name: &str, key: &str, projects: &[String]) {
     println!("# The key (shown once: hand it to the app, keep it in a secret store):");
     println!("{key}");
     println!();
     println!("# Paste into the config (only the SHA-256 is stored):");
-    print!("{}", crate::keys::config_block(name, &key, projects));
+    print!("{}", crate::keys::config_block(name, key, projects));
 }
 
 /// The demo's configuration; its upstream is replaced by the simulator's address.

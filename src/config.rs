@@ -677,9 +677,20 @@ impl Config {
     /// Returns every other problem found; see [`ConfigError`].
     pub fn load_for_projects(path: &Path) -> Result<Self, ConfigError> {
         let text = read_text(path)?;
-        let mut config: Self = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
-        config.source_dir = path.parent().map(Path::to_path_buf);
+        Self::from_toml_for_projects(&text, path.parent()).map_err(|e| match e {
+            ConfigError::Parse(msg) => ConfigError::Parse(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// [`Config::load_for_projects`] on text, with relative paths resolved in `dir`.
+    ///
+    /// # Errors
+    /// Returns every problem found but missing project ids; see [`ConfigError`].
+    pub fn from_toml_for_projects(text: &str, dir: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config: Self =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.source_dir = dir.map(Path::to_path_buf);
         // The only problem reported at `projects[i].id` of an entry without an id is that it
         // has none.
         let no_id: HashSet<String> = config
@@ -1246,6 +1257,52 @@ fn check_ref(v: &mut Validator, path: &str, name: &str, names: &HashSet<&str>) {
             format!("project `{name}` is not declared in [[projects]]"),
         );
     }
+}
+
+/// The candidate nearest to `wanted` when it is near enough to be what was meant (a typo):
+/// the same but for case, or at most a third of its characters (at least one) added, removed
+/// or changed. Ties go to the first candidate.
+#[must_use]
+pub fn closest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let wanted_lower = wanted.to_lowercase();
+    let bound = (wanted.chars().count() / 3).max(1);
+    let mut best: Option<(usize, &str)> = None;
+    for candidate in candidates {
+        if candidate == wanted {
+            continue;
+        }
+        let d = edit_distance(&wanted_lower, &candidate.to_lowercase());
+        if d <= bound && best.is_none_or(|(b, _)| d < b) {
+            best = Some((d, candidate));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+/// `; did you mean `X`?` for [`closest`], or nothing.
+#[must_use]
+pub fn did_you_mean<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    closest(wanted, candidates).map_or_else(String::new, |c| format!("; did you mean `{c}`?"))
+}
+
+/// Levenshtein distance in characters (insertions, deletions and substitutions cost 1).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                diagonal
+            } else {
+                1 + diagonal.min(above).min(row[j])
+            };
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn check_prefix(v: &mut Validator, path: &str, prefix: &str) {

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::budget::Exceeded;
+use crate::budget::{Exceeded, OutputFrom, Reckoning};
 use crate::framing::Ambiguity;
 use crate::ratelimit::Limited;
 
@@ -15,18 +15,37 @@ fn rate_message(l: &Limited) -> String {
     l.to_string()
 }
 
-fn budget_message(e: &Exceeded, output_tokens: u64) -> String {
+fn budget_message(e: &Exceeded, r: &Reckoning) -> String {
     if e.spend_usd >= e.limit_usd {
-        format!(
+        return format!(
             "budget `{}` is spent for this month: ${} of ${}. Ask your platform team to raise it, or wait for the next month",
             e.name, e.spend_usd, e.limit_usd
-        )
-    } else {
-        format!(
-            "budget `{}` cannot cover this call: it reserves up to ${} for {output_tokens} output tokens (its output cap; without one, the model's output ceiling), more than is left of ${} after ${} spent this month and what calls in flight hold. Lower the output cap, ask your platform team to raise the budget, or wait for the next month",
-            e.name, e.reserve_usd, e.limit_usd, e.spend_usd
-        )
+        );
     }
+    let output_from = match r.output_from {
+        OutputFrom::Cap(member) => format!("the call's {member}"),
+        OutputFrom::Ceiling => {
+            "the call sets no output cap: the model's max_output_tokens in its price row".to_owned()
+        }
+        OutputFrom::Default => {
+            "the call sets no output cap: [limits] default_max_output_tokens".to_owned()
+        }
+    };
+    let derivation = match r.prices {
+        Some((input, output)) => format!(
+            "{} output tokens ({output_from}) × ${} per million output tokens + about {} input tokens (the {}-byte body at ~4 bytes a token) × ${} per million input tokens",
+            r.output_tokens,
+            output.normalize(),
+            r.input_tokens,
+            r.body_bytes,
+            input.normalize()
+        ),
+        None => format!("{} output tokens ({output_from})", r.output_tokens),
+    };
+    format!(
+        "budget `{}` cannot hold this call's reservation: the most the call may cost, reserved until it ends, is ${} = {derivation}, and only ${} of the ${} budget is left this month (${} spent, ${} held by calls in flight). Send a lower output cap (chat: max_completion_tokens or max_tokens; Responses: max_output_tokens) so the reservation fits, ask your platform team to raise the budget, or wait for the next month",
+        e.name, e.reserve_usd, e.left_usd, e.limit_usd, e.spend_usd, e.held_usd
+    )
 }
 
 /// Everything mantlegate itself refuses or fails with. Upstream errors are relayed, not wrapped.
@@ -67,13 +86,13 @@ pub enum ProxyError {
     /// A rate limit of the call's project or key is reached.
     #[error("{}", rate_message(.0))]
     RateLimited(Box<Limited>),
-    /// A block budget the call falls under is spent (or the call's reservation would pass it).
-    #[error("{}", budget_message(exceeded, *output_tokens))]
+    /// A block budget the call falls under is spent, or cannot hold the call's reservation.
+    #[error("{}", budget_message(exceeded, reckoning))]
     BudgetExceeded {
         /// The budget that refused.
         exceeded: Box<Exceeded>,
-        /// The output tokens the call's reservation assumed.
-        output_tokens: u64,
+        /// How the call's reservation was reckoned.
+        reckoning: Box<Reckoning>,
     },
     /// The body is not valid JSON.
     #[error("the request body is not valid JSON: {0}")]
@@ -316,5 +335,38 @@ mod tests {
         assert_eq!(v["error"]["code"], "invalid_api_key");
         assert!(v["error"]["param"].is_null());
         assert_eq!(err.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    fn refusal(spend: &str, left: &str) -> Exceeded {
+        Exceeded {
+            name: "tiny".into(),
+            limit_usd: "0.0001".parse().expect("decimal"),
+            spend_usd: spend.parse().expect("decimal"),
+            reserve_usd: "0.0024609".parse().expect("decimal"),
+            held_usd: rust_decimal::Decimal::ZERO,
+            left_usd: left.parse().expect("decimal"),
+        }
+    }
+
+    #[test]
+    fn a_reservation_that_does_not_fit_says_how_it_was_reckoned() {
+        let reckoning = Reckoning {
+            output_tokens: 4096,
+            output_from: OutputFrom::Default,
+            input_tokens: 24,
+            body_bytes: 97,
+            prices: Some(("0.15".parse().expect("in"), "0.60".parse().expect("out"))),
+        };
+        let msg = budget_message(&refusal("0", "0.0001"), &reckoning);
+        assert_eq!(
+            msg,
+            "budget `tiny` cannot hold this call's reservation: the most the call may cost, reserved until it ends, is $0.0024609 = 4096 output tokens (the call sets no output cap: [limits] default_max_output_tokens) × $0.6 per million output tokens + about 24 input tokens (the 97-byte body at ~4 bytes a token) × $0.15 per million input tokens, and only $0.0001 of the $0.0001 budget is left this month ($0 spent, $0 held by calls in flight). Send a lower output cap (chat: max_completion_tokens or max_tokens; Responses: max_output_tokens) so the reservation fits, ask your platform team to raise the budget, or wait for the next month"
+        );
+        // Spent: said so, whatever the call would have reserved.
+        let msg = budget_message(&refusal("0.0001", "0"), &reckoning);
+        assert!(
+            msg.starts_with("budget `tiny` is spent for this month: $0.0001 of $0.0001"),
+            "{msg}"
+        );
     }
 }

@@ -66,13 +66,14 @@ pub fn router(state: AppState) -> Router {
 /// `/metrics` here asks for a token: the main listener is where every caller comes, and
 /// the metrics name every project and its spend. The separate `server.metrics_listen`
 /// ([`metrics_router`]) asks for none.
-fn own_routes() -> [(&'static str, MethodRouter<Arc<AppState>>); 6] {
+fn own_routes() -> [(&'static str, MethodRouter<Arc<AppState>>); 7] {
     [
         ("/healthz", get(healthz)),
         ("/readyz", get(readyz)),
         ("/admin/v1/costs", get(admin::costs)),
         ("/admin/v1/budgets", get(admin::budgets)),
         ("/admin/v1/projects", get(admin::projects)),
+        ("/admin/v1/keys", get(admin::keys)),
         ("/metrics", get(admin::metrics_with_token)),
     ]
 }
@@ -272,6 +273,7 @@ mod tests {
             "/admin/v1/costs",
             "/admin/v1/budgets",
             "/admin/v1/projects",
+            "/admin/v1/keys",
             "/metrics",
         ] {
             assert!(with.contains(&path), "{path}");

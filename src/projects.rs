@@ -1009,7 +1009,7 @@ fn replace_keeping_decor(v: &mut toml_edit::Value, id: &str) {
 /// Replaces the file's content through a temporary file in the same directory and a rename, so
 /// a crash leaves the old file or the new one, never half of one. Symlinks are followed and
 /// the file's permissions kept.
-fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_in_place(path: &Path, text: &str) -> std::io::Result<()> {
     let target = std::fs::canonicalize(path)?;
     let dir = target.parent().unwrap_or_else(|| Path::new("."));
     let file_name = target
@@ -1158,14 +1158,25 @@ pub async fn apply_command(path: &Path, archive_missing: bool) -> anyhow::Result
     Ok(())
 }
 
+/// A project's month-to-date spend from the ledger's roll-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MonthSpend {
+    /// Cost of the priced calls, USD.
+    pub cost_usd: Decimal,
+    /// Calls whose model had no price: their cost is unknown and not in `cost_usd`.
+    pub unpriced_requests: i64,
+}
+
 /// The body of `GET /admin/v1/projects`: each project of the running config with its name, id,
 /// tags, the names of the keys that may use it, the route prefixes that bill it, whether it is
-/// the fallback for calls that name none, and its month-to-date spend in USD (a decimal
-/// string; `spend` is keyed by project id, a missing entry is zero).
+/// the fallback for calls that name none, its month-to-date spend in USD (a decimal string;
+/// `spend` is keyed by project id, a missing entry is zero) and its unpriced calls this month
+/// apart. A project whose calls this month are unpriced and whose priced calls cost nothing
+/// has a `null` spend: unknown, never a silent $0.
 #[must_use]
 pub fn overview<S: std::hash::BuildHasher>(
     snapshot: &Snapshot,
-    spend: &HashMap<String, Decimal, S>,
+    spend: &HashMap<String, MonthSpend, S>,
 ) -> Value {
     let data: Vec<Value> = snapshot
         .projects
@@ -1184,7 +1195,8 @@ pub fn overview<S: std::hash::BuildHasher>(
                 .filter(|r| r.project == idx)
                 .map(|r| &*r.prefix)
                 .collect();
-            let mtd = spend.get(&*p.id).copied().unwrap_or(Decimal::ZERO);
+            let mtd = spend.get(&*p.id).copied().unwrap_or_default();
+            let known = !mtd.cost_usd.is_zero() || mtd.unpriced_requests == 0;
             json!({
                 "object": "mantlegate.project",
                 "name": &*p.name,
@@ -1193,7 +1205,8 @@ pub fn overview<S: std::hash::BuildHasher>(
                 "keys": keys,
                 "routes": routes,
                 "fallback": snapshot.fallback_project == Some(idx),
-                "month_to_date_usd": mtd.normalize().to_string(),
+                "month_to_date_usd": known.then(|| mtd.cost_usd.normalize().to_string()),
+                "month_to_date_unpriced_requests": mtd.unpriced_requests,
             })
         })
         .collect();

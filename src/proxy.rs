@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 
 use crate::attribution;
+use crate::budget::{OutputFrom, Reckoning};
 use crate::call::{Call, Outcome};
 use crate::error::ProxyError;
 use crate::meter::Usage;
@@ -392,18 +393,25 @@ async fn admit(
         return Ok(());
     }
     let price = call.model.as_deref().and_then(|m| snap.prices.lookup(m));
+    let (output, output_from) = match (generates, max_output) {
+        (false, _) => (0, OutputFrom::Default),
+        (true, Some(cap)) => {
+            let member = if endpoint == Endpoint::CreateResponse {
+                "max_output_tokens"
+            } else {
+                "max_completion_tokens or max_tokens"
+            };
+            (cap, OutputFrom::Cap(member))
+        }
+        (true, None) => match price.and_then(|p| p.max_output_tokens) {
+            Some(ceiling) => (ceiling, OutputFrom::Ceiling),
+            None => (snap.default_max_output_tokens, OutputFrom::Default),
+        },
+    };
     let estimate = Usage {
         input: (call.request_bytes / 4) as u64,
         cached_input: 0,
-        output: if generates {
-            max_output.unwrap_or_else(|| {
-                price
-                    .and_then(|p| p.max_output_tokens)
-                    .unwrap_or(snap.default_max_output_tokens)
-            })
-        } else {
-            0
-        },
+        output,
         reasoning: 0,
     };
     if rate_limited {
@@ -440,7 +448,13 @@ async fn admit(
             Err(exceeded) => {
                 return Err(ProxyError::BudgetExceeded {
                     exceeded: Box::new(exceeded),
-                    output_tokens: estimate.output,
+                    reckoning: Box::new(Reckoning {
+                        output_tokens: estimate.output,
+                        output_from,
+                        input_tokens: estimate.input,
+                        body_bytes: call.request_bytes,
+                        prices: price.map(|p| (p.input_per_million, p.output_per_million)),
+                    }),
                 });
             }
         }

@@ -357,9 +357,11 @@ pub struct ReportRow {
     pub reasoning_tokens: i128,
     /// Cost of the priced calls in pico-dollars: the exact sum `cost_usd` is made from.
     pub cost_pico: i128,
-    /// `cost_pico` in USD, exact and normalized (`12.5`, not `12.500000000000`).
-    pub cost_usd: Decimal,
-    /// Calls whose model had no price: not in `cost_usd`.
+    /// `cost_pico` in USD, exact and normalized (`12.5`, not `12.500000000000`): the cost of
+    /// the group's priced calls. `None` (unknown, never a silent $0) when the group has
+    /// unpriced calls and its priced calls cost nothing, e.g. every call of it is unpriced.
+    pub cost_usd: Option<Decimal>,
+    /// Calls whose model had no price: their cost is unknown and not in `cost_usd`.
     pub unpriced_requests: i128,
     /// When grouped by project: the project's Bedrock ID on the latest day seen; else `""`.
     pub project_id: String,
@@ -436,7 +438,7 @@ impl<'a> Group<'a> {
             output_tokens: self.output_tokens,
             reasoning_tokens: self.reasoning_tokens,
             cost_pico: self.cost_pico,
-            cost_usd: pico_to_usd(self.cost_pico),
+            cost_usd: known_cost(self.cost_pico, self.unpriced_requests),
             unpriced_requests: self.unpriced_requests,
             project_id,
             tags,
@@ -444,6 +446,12 @@ impl<'a> Group<'a> {
             last_day: self.last_day.and_then(|d| d.parse().ok()),
         }
     }
+}
+
+/// The cost of a group's priced calls, or `None` when it has unpriced calls and nothing
+/// priced adds to it: $0 there would claim a cost nobody knows.
+fn known_cost(cost_pico: i128, unpriced_requests: i128) -> Option<Decimal> {
+    (cost_pico != 0 || unpriced_requests == 0).then(|| pico_to_usd(cost_pico))
 }
 
 /// Which row describes a group best: the latest day, then the greatest tags and ID.
@@ -564,6 +572,21 @@ pub fn aggregate_within(
     })
 }
 
+/// The tag keys the calls of `rows` carried (their projects' tags at call time).
+#[must_use]
+pub fn tag_keys(rows: &[DailyRow]) -> std::collections::BTreeSet<String> {
+    let mut cache = TagCache::new();
+    let mut keys = std::collections::BTreeSet::new();
+    for row in rows {
+        for key in tags_of(&mut cache, &row.tags).keys() {
+            if !keys.contains(key) {
+                keys.insert(key.clone());
+            }
+        }
+    }
+    keys
+}
+
 /// The non-empty values of the tag dims of a group, by tag key.
 fn tag_dim_values(dims: &[Dim], keys: &[String]) -> BTreeMap<String, String> {
     dims.iter()
@@ -575,22 +598,27 @@ fn tag_dim_values(dims: &[Dim], keys: &[String]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The report as text in `format`:
+/// The report as text in `format`. In every format a row's cost is that of its priced
+/// calls, and its unpriced calls are counted apart; a row with unpriced calls and no priced
+/// cost has an unknown cost (see [`ReportRow::cost_usd`]), never $0:
 ///
 /// - `Table`: a period line, aligned columns (dims, `requests`, `input`, `cached`, `output`,
 ///   `reasoning`, `cost_usd`, `unpriced`), a TOTAL line and, when some calls had no price, a
 ///   note saying how many are missing from `cost_usd`. Costs show every digit, at least two
-///   decimals (`12.50`, `0.000123`); an empty dim value shows as `(none)`.
+///   decimals (`12.50`, `0.000123`), an unknown cost `unknown`; an empty dim value shows as
+///   `(none)`.
 /// - `Csv`: RFC 4180 (CRLF, fields quoted when they hold `,` `"` CR or LF); header: the dim
 ///   names (`tag:Team`) then `requests,input_tokens,cached_input_tokens,output_tokens,
-///   reasoning_tokens,cost_usd,unpriced_requests`; costs as plain decimals; no total row.
+///   reasoning_tokens,cost_usd,unpriced_requests`; costs as plain decimals, an unknown cost
+///   empty; no total row.
 /// - `Json`: `{"from","to","group_by":[..],"rows":[{<dim name>: value, .., "requests": N, ..,
 ///   "cost_usd": "12.5", "unpriced_requests": N}],"total":{..}}`; costs are exact decimal
-///   strings, counts are numbers.
+///   strings (`null` when unknown), counts are numbers.
 /// - `Focus`: CSV with every FOCUS 1.0 column, in the specification's (alphabetical) order,
 ///   then custom `x_` columns, one line per row. Filled columns:
 ///   - `BilledCost`, `EffectiveCost`, `ListCost`, `ContractedCost`: the row's cost (mantlegate
-///     prices at list price; an unpriced call adds 0 here, see `x_UnpricedRequests`);
+///     prices at list price); empty when it is unknown, and never counting unpriced calls
+///     (see `x_UnpricedRequests`);
 ///   - `BillingCurrency` `USD`; `BillingPeriodStart`/`End`: the report's period;
 ///   - `ChargePeriodStart`/`End`: the row's day or month (clipped to the period) when grouped
 ///     by day or month, else the period; all times are ISO 8601 UTC, `2026-11-01T00:00:00Z`;
@@ -623,15 +651,16 @@ pub fn render(report: &Report, format: Format) -> String {
     }
 }
 
-/// The numbers of a row, in column order, with `cost` formatted by `cost`.
-fn metric_cells(row: &ReportRow, cost: fn(Decimal) -> String) -> [String; 7] {
+/// The numbers of a row, in column order, with a known cost formatted by `cost` and an
+/// unknown one shown as `unknown`.
+fn metric_cells(row: &ReportRow, cost: fn(Decimal) -> String, unknown: &str) -> [String; 7] {
     [
         row.requests.to_string(),
         row.input_tokens.to_string(),
         row.cached_input_tokens.to_string(),
         row.output_tokens.to_string(),
         row.reasoning_tokens.to_string(),
-        cost(row.cost_usd),
+        row.cost_usd.map_or_else(|| unknown.to_owned(), cost),
         row.unpriced_requests.to_string(),
     ]
 }
@@ -649,6 +678,9 @@ fn table_cost(cost: Decimal) -> String {
 fn plain_cost(cost: Decimal) -> String {
     cost.normalize().to_string()
 }
+
+/// The table's cost cell of a group whose cost is unknown (see [`ReportRow::cost_usd`]).
+const UNKNOWN_COST: &str = "unknown";
 
 const TABLE_METRICS: [&str; 7] = [
     "requests",
@@ -679,7 +711,7 @@ fn render_table(report: &Report) -> String {
                     }
                 })
                 .collect();
-            cells.extend(metric_cells(row, table_cost));
+            cells.extend(metric_cells(row, table_cost, UNKNOWN_COST));
             lines.push(cells);
         }
     }
@@ -687,7 +719,7 @@ fn render_table(report: &Report) -> String {
     if let Some(first) = total.first_mut() {
         "TOTAL".clone_into(first);
     }
-    total.extend(metric_cells(&report.total, table_cost));
+    total.extend(metric_cells(&report.total, table_cost, UNKNOWN_COST));
 
     let mut widths = vec![0; header.len()];
     for cells in std::iter::once(&header)
@@ -713,15 +745,15 @@ fn render_table(report: &Report) -> String {
     out.push_str(&table_line(&total, &widths, dims));
     let unpriced = report.total.unpriced_requests;
     if unpriced > 0 {
-        let (noun, verb) = if unpriced == 1 {
-            ("request", "is")
+        let (noun, they) = if unpriced == 1 {
+            ("request", "it is")
         } else {
-            ("requests", "are")
+            ("requests", "they are")
         };
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "note: {unpriced} {noun} had no price (no price configured for the model) and {verb} not in cost_usd"
+            "note: {unpriced} {noun} had no price (no [[prices]] entry matches the model): {they} counted under `unpriced`, not in cost_usd, and a cost_usd of `{UNKNOWN_COST}` is a group with such calls and no priced cost. A [[prices]] entry for the model prices its calls from then on"
         );
     }
     out
@@ -800,7 +832,7 @@ fn render_csv(report: &Report) -> String {
             row.keys
                 .iter()
                 .cloned()
-                .chain(metric_cells(row, plain_cost)),
+                .chain(metric_cells(row, plain_cost, "")),
         );
     }
     out
@@ -863,7 +895,7 @@ impl Serialize for JsonRow<'_> {
         map.serialize_entry("cached_input_tokens", &row.cached_input_tokens)?;
         map.serialize_entry("output_tokens", &row.output_tokens)?;
         map.serialize_entry("reasoning_tokens", &row.reasoning_tokens)?;
-        map.serialize_entry("cost_usd", &plain_cost(row.cost_usd))?;
+        map.serialize_entry("cost_usd", &row.cost_usd.map(plain_cost))?;
         map.serialize_entry("unpriced_requests", &row.unpriced_requests)?;
         map.end()
     }
@@ -1014,7 +1046,8 @@ fn render_focus(report: &Report) -> String {
 
 /// The FOCUS columns mantlegate fills for one row (see [`render`]).
 fn focus_values(report: &Report, row: &ReportRow) -> HashMap<&'static str, String> {
-    let cost = plain_cost(row.cost_usd);
+    // An unknown cost leaves the cost columns empty (`x_UnpricedRequests` says why).
+    let cost = row.cost_usd.map(plain_cost).unwrap_or_default();
     let tokens = (row.input_tokens + row.output_tokens).to_string();
     let (charge_start, charge_end) = charge_period(report, row);
     let model = key_of(report, row, &Dim::Model);
@@ -1238,8 +1271,12 @@ mod tests {
         assert_eq!(chatbot.input_tokens, 1300);
         assert_eq!(chatbot.output_tokens, 260);
         assert_eq!(chatbot.cost_pico, 2_222_222_212_110);
-        assert_eq!(chatbot.cost_usd, dec("2.22222221211"));
-        assert_eq!(chatbot.cost_usd.to_string(), "2.22222221211", "normalized");
+        assert_eq!(chatbot.cost_usd, Some(dec("2.22222221211")));
+        assert_eq!(
+            chatbot.cost_usd.expect("priced").to_string(),
+            "2.22222221211",
+            "normalized"
+        );
         assert_eq!(chatbot.project_id, "proj_123");
         assert_eq!(chatbot.tags.get("Team").map(String::as_str), Some("CX"));
         assert_eq!(chatbot.first_day, Some(date("2026-11-01")));
@@ -1248,10 +1285,10 @@ mod tests {
         let docsearch = row(&report, &["DocSearch"]);
         assert_eq!(docsearch.requests, 11);
         assert_eq!(docsearch.unpriced_requests, 4);
-        assert_eq!(docsearch.cost_usd, dec("3.000000000001"));
+        assert_eq!(docsearch.cost_usd, Some(dec("3.000000000001")));
 
         let legacy = row(&report, &["Legacy"]);
-        assert_eq!(legacy.cost_usd, dec("0.123456789013"));
+        assert_eq!(legacy.cost_usd, Some(dec("0.123456789013")));
         assert_eq!(legacy.tags.get("Team"), None);
 
         assert_eq!(report.total.requests, 27);
@@ -1266,10 +1303,15 @@ mod tests {
             let sum = report
                 .rows
                 .iter()
-                .try_fold(Decimal::ZERO, |acc, r| acc.checked_add(r.cost_usd))
+                .try_fold(Decimal::ZERO, |acc, r| {
+                    acc.checked_add(r.cost_usd.unwrap_or_default())
+                })
                 .expect("no overflow");
-            assert_eq!(sum, report.total.cost_usd, "group by {group_by:?}");
-            assert_eq!(report.total.cost_usd.to_string(), "5.345679001124");
+            assert_eq!(Some(sum), report.total.cost_usd, "group by {group_by:?}");
+            assert_eq!(
+                report.total.cost_usd.expect("priced").to_string(),
+                "5.345679001124"
+            );
             assert_eq!(report.total.cost_pico, 5_345_679_001_124);
         }
     }
@@ -1281,7 +1323,7 @@ mod tests {
         let report = aggregate(&[a, b], &[Dim::Project], november());
         assert_eq!(report.total.requests, 2 * i128::from(i64::MAX));
         assert_eq!(report.total.cost_pico, 2 * i128::from(i64::MAX));
-        assert_eq!(report.total.cost_usd, dec("18446744.073709551614"));
+        assert_eq!(report.total.cost_usd, Some(dec("18446744.073709551614")));
     }
 
     #[test]
@@ -1291,7 +1333,7 @@ mod tests {
         assert_eq!(teams, ["Search", "CX", ""]);
         let none = row(&report, &[""]);
         assert_eq!(none.requests, 3);
-        assert_eq!(none.cost_usd, dec("0.123456789013"));
+        assert_eq!(none.cost_usd, Some(dec("0.123456789013")));
         assert!(none.tags.is_empty(), "absent tag left out of tags");
         assert_eq!(
             row(&report, &["CX"]).tags.get("Team").map(String::as_str),
@@ -1344,7 +1386,7 @@ mod tests {
         assert_eq!(row(&by_day, &["2026-11-02"]).requests, 10);
         assert_eq!(
             row(&by_day, &["2026-11-02"]).cost_usd,
-            dec("3.987654321988")
+            Some(dec("3.987654321988"))
         );
 
         let by_month = november_report("month");
@@ -1451,7 +1493,7 @@ mod tests {
         assert!(doc["total"].get("project").is_none());
         let sum = rows
             .iter()
-            .map(|r| dec(r["cost_usd"].as_str().expect("string cost")))
+            .map(|r| dec(r["cost_usd"].as_str().unwrap_or("0")))
             .sum::<Decimal>();
         assert_eq!(sum, dec(doc["total"]["cost_usd"].as_str().expect("string")));
         // Dim columns come first, in order.
@@ -1483,7 +1525,7 @@ mod tests {
             })
             .expect("Chatbot on Nov 2");
         let expected = row(&report, &["Chatbot", GPT, "2026-11-02"]);
-        assert_eq!(dec(&line[col("BilledCost")]), expected.cost_usd);
+        assert_eq!(Some(dec(&line[col("BilledCost")])), expected.cost_usd);
         assert_eq!(line[col("BilledCost")], "0.987654321987");
         assert_eq!(line[col("EffectiveCost")], line[col("BilledCost")]);
         assert_eq!(line[col("ListCost")], line[col("BilledCost")]);
@@ -1514,9 +1556,19 @@ mod tests {
         assert_eq!(tags.get("CostCenter").map(String::as_str), Some("CC-1001"));
         let sum: Decimal = records[1..]
             .iter()
+            .filter(|r| !r[col("BilledCost")].is_empty())
             .map(|r| dec(&r[col("BilledCost")]))
             .sum();
-        assert_eq!(sum, report.total.cost_usd);
+        assert_eq!(Some(sum), report.total.cost_usd);
+        // The unpriced model's rows have no cost, never a $0 one.
+        let unpriced = records
+            .iter()
+            .find(|r| r[col("SkuId")] == UNPRICED)
+            .expect("the unpriced model's row");
+        for column in ["BilledCost", "EffectiveCost", "ListCost", "ContractedCost"] {
+            assert_eq!(unpriced[col(column)], "", "{column}");
+        }
+        assert_eq!(unpriced[col("x_UnpricedRequests")], "4");
     }
 
     #[test]
@@ -1592,7 +1644,7 @@ mod tests {
         assert_eq!(
             lines.last().copied(),
             Some(
-                "note: 4 requests had no price (no price configured for the model) and are not in cost_usd"
+                "note: 4 requests had no price (no [[prices]] entry matches the model): they are counted under `unpriced`, not in cost_usd, and a cost_usd of `unknown` is a group with such calls and no priced cost. A [[prices]] entry for the model prices its calls from then on"
             )
         );
         let priced = aggregate(
@@ -1617,6 +1669,57 @@ mod tests {
         );
         assert!(text.contains(" 12.50 "), "{text}");
         assert!(!text.contains("note:"), "{text}");
+    }
+
+    #[test]
+    fn a_group_of_unpriced_calls_has_an_unknown_cost_in_every_format() {
+        let report = november_report("model");
+        let unpriced = row(&report, &[UNPRICED]);
+        assert_eq!((unpriced.requests, unpriced.unpriced_requests), (4, 4));
+        assert_eq!(unpriced.cost_usd, None, "unknown, not $0");
+        // A group with priced and unpriced calls: the priced cost, the unpriced calls apart.
+        let by_project = november_report("project");
+        let docsearch = row(&by_project, &["DocSearch"]);
+        assert_eq!(docsearch.cost_usd, Some(dec("3.000000000001")));
+        assert_eq!(docsearch.unpriced_requests, 4);
+
+        let csv = parse_csv(&render(&report, Format::Csv));
+        let col = |name: &str| csv[0].iter().position(|h| h == name).expect(name);
+        let line = csv.iter().find(|r| r[0] == UNPRICED).expect("csv row");
+        assert_eq!(line[col("cost_usd")], "");
+        assert_eq!(line[col("unpriced_requests")], "4");
+
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&report, Format::Json)).expect("json");
+        let entry = json["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["model"] == UNPRICED)
+            .expect("json row");
+        assert!(entry["cost_usd"].is_null(), "{entry}");
+        assert_eq!(entry["unpriced_requests"], 4);
+
+        let table = render(&report, Format::Table);
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(UNPRICED))
+            .expect("table row");
+        assert!(line.contains(" unknown "), "{table}");
+
+        // Only unpriced calls in the whole report: the total is unknown too.
+        let only = aggregate(
+            &[daily(("2026-11-15", "k", "P", UNPRICED, 2, 10, 10, 0))],
+            &[Dim::Project],
+            november(),
+        );
+        assert_eq!(only.total.cost_usd, None);
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&only, Format::Json)).expect("json");
+        assert!(json["total"]["cost_usd"].is_null(), "{json}");
+        // No calls at all cost a known nothing.
+        let empty = aggregate(&[], &[Dim::Project], november());
+        assert_eq!(empty.total.cost_usd, Some(Decimal::ZERO));
     }
 
     #[test]

@@ -197,3 +197,55 @@ async fn no_project_is_rejected_or_defaulted_by_policy() {
     assert_eq!(r.headers()["x-mantlegate-project"], "proj_shared");
     assert_eq!(project_sent(&up), "proj_shared");
 }
+
+#[tokio::test]
+async fn a_key_without_projects_is_told_what_the_operator_must_do() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let r = chat(&proxy, "/v1/chat/completions", Some(BARE_KEY), None).await;
+    assert_eq!(r.status(), 400);
+    let e = error_of(r).await;
+    assert_eq!(e["code"], "project_required");
+    let msg = e["message"].as_str().expect("message");
+    for needle in [
+        "key `bare` has no project",
+        "grant the key a project",
+        "[[keys]] entry",
+        "`/searchapp/v1` (Search)",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} missing in: {msg}");
+    }
+    assert!(
+        !msg.contains("Send the `OpenAI-Project` header"),
+        "the header cannot help this key: {msg}"
+    );
+    // Why the header cannot help: naming a project is refused for a key granted none, and
+    // that refusal says what the operator must do too.
+    let r = chat(
+        &proxy,
+        "/v1/chat/completions",
+        Some(BARE_KEY),
+        Some("Search"),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    let e = error_of(r).await;
+    assert_eq!(e["code"], "project_forbidden");
+    assert!(
+        e["message"]
+            .as_str()
+            .expect("message")
+            .contains("[[keys]] entry"),
+        "{e}"
+    );
+    // Through the route it names, the same key works.
+    let r = chat(
+        &proxy,
+        "/searchapp/v1/chat/completions",
+        Some(BARE_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(project_sent(&up), "proj_search");
+}

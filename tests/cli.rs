@@ -682,3 +682,330 @@ async fn health_gives_up_on_closed_silent_dripping_and_non_http_peers_within_its
         assert!(stderr.contains(says), "{url}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn the_admin_api_renders_a_table_as_the_cli_does() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    for (key, body) in [
+        (CHAT_KEY, CHAT_BODY),
+        (SEARCH_KEY, CHAT_BODY),
+        (SEARCH_KEY, r#"{"model":"acme.unpriced-1","messages":[]}"#),
+    ] {
+        let r = proxy.chat_body(key, body).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    proxy.wait_for_records(3).await;
+    // The CLI reads the proxy's ledger file through a config naming it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let ledger = format!("[ledger]\npath = {:?}\n", proxy.db.display().to_string());
+    std::fs::write(&path, config(&up.url, "reject", &ledger)).expect("write");
+    for group_by in ["project", "project,model", "tag:Team,key"] {
+        let r = client()
+            .get(format!(
+                "{}/admin/v1/costs?group_by={group_by}&format=table",
+                proxy.url
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/plain; charset=utf-8",
+            "{group_by}"
+        );
+        let api = r.text().await.expect("body");
+        let out = std::process::Command::new(BIN)
+            .args([
+                "report",
+                "--format",
+                "table",
+                "--group-by",
+                group_by,
+                "--config",
+            ])
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cli = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(api, cli, "group by {group_by}");
+        assert!(api.contains("TOTAL"), "{api}");
+        assert!(api.contains("note: 1 request had no price"), "{api}");
+    }
+    // An unknown format is still refused, naming the ones there are.
+    let r = client()
+        .get(format!("{}/admin/v1/costs?format=xml", proxy.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    let e = error_of(r).await;
+    assert_eq!(e["code"], "invalid_format");
+    assert!(
+        e["message"].as_str().expect("message").contains("table"),
+        "{e}"
+    );
+}
+
+/// Runs the binary with `args` (the upstream key variable removed); `(success, stdout, stderr)`.
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("BEDROCK_API_KEY")
+        .output()
+        .expect("run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_report_by_a_tag_no_project_has_warns_naming_the_tags_there_are() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    let r = proxy.chat(CHAT_KEY).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.expect("body");
+    proxy.wait_for_records(1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let ledger = format!("[ledger]\npath = {:?}\n", proxy.db.display().to_string());
+    std::fs::write(&path, config(&up.url, "reject", &ledger)).expect("write");
+    let config = path.to_str().expect("utf-8 path");
+
+    let (ok, stdout, stderr) = run(&["report", "--config", config, "--group-by", "tag:Teams"]);
+    assert!(ok, "still a report: {stderr}");
+    assert!(stdout.contains("(none)"), "{stdout}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.starts_with("warning:"))
+        .unwrap_or_else(|| panic!("no warning in: {stderr}"));
+    for needle in [
+        "`Teams`",
+        "the tags there are: Team",
+        "did you mean --group-by tag:Team?",
+    ] {
+        assert!(warning.contains(needle), "{needle:?} missing in: {warning}");
+    }
+    assert!(
+        !stdout.contains("warning"),
+        "the report itself stays clean: {stdout}"
+    );
+
+    // A tag that exists: no warning.
+    let (ok, stdout, stderr) = run(&["report", "--config", config, "--group-by", "tag:Team"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("CX"), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
+fn budgets_and_report_before_the_ledger_exists_say_so_in_a_sentence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let db = dir.path().join("not-yet.db");
+    let extra = format!(
+        "[ledger]\npath = {:?}\n[[budgets]]\nname = \"b\"\nproject = \"Chatbot\"\nmonthly_usd = \"5\"\n",
+        db.display().to_string()
+    );
+    std::fs::write(&path, config("http://127.0.0.1:9", "reject", &extra)).expect("write");
+    let config = path.to_str().expect("utf-8 path");
+    for args in [
+        vec!["budgets", "--config", config],
+        vec!["report", "--config", config],
+        vec!["report", "--config", config, "--format", "json"],
+    ] {
+        let (ok, _, stderr) = run(&args);
+        assert!(!ok, "{args:?}");
+        assert!(
+            stderr.contains(&format!("no ledger at {} yet", db.display()))
+                && stderr.contains("start `mantlegate serve`")
+                && stderr.contains("--ledger"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("code 14"), "{stderr}");
+        assert!(
+            !stderr.to_lowercase().contains("unable to open"),
+            "{stderr}"
+        );
+    }
+    assert!(!db.exists(), "reading never creates the ledger");
+    // --ledger names another file: missing, it is named; present, it is read.
+    let other = dir.path().join("other.db");
+    let (ok, _, stderr) = run(&[
+        "report",
+        "--config",
+        config,
+        "--ledger",
+        other.to_str().expect("path"),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("no ledger at {} yet", other.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_on_the_demo_config_does_not_ask_for_a_bedrock_key() {
+    let (ok, stdout, stderr) = run(&["check", "--config", "config/demo.toml"]);
+    assert!(ok, "{stdout}{stderr}");
+    let all = format!("{stdout}{stderr}");
+    assert!(!all.contains("BEDROCK_API_KEY is not set"), "{all}");
+    assert!(all.contains("the demo's config"), "{all}");
+    assert!(all.contains("needs no Bedrock API key"), "{all}");
+    // Any other config without the key still gets the note.
+    let (ok, stdout, _) = run(&["check", "--config", "config/mantlegate.example.toml"]);
+    assert!(ok);
+    assert!(stdout.contains("BEDROCK_API_KEY is not set"), "{stdout}");
+}
+
+/// A config with a `payments` project, comments and a route after its one key; its ledger
+/// in `dir`.
+fn payments_config(upstream: &str, dir: &std::path::Path) -> String {
+    format!(
+        r#"# Payments team's mantlegate
+[upstream]
+base_url = "{upstream}"   # bedrock-mantle
+
+[ledger]
+path = {:?}
+
+[[projects]]
+name = "payments"
+id = "proj_pay"
+
+# the checkout service
+[[keys]]
+name = "checkout"
+sha256 = "{}"
+projects = ["payments"]
+
+# apps calling /pay/v1 bill payments
+[[routes]]
+prefix = "/pay"
+project = "payments"
+"#,
+        dir.join("ledger.db").display().to_string(),
+        sha(CHAT_KEY)
+    )
+}
+
+#[test]
+fn keys_new_refuses_a_project_the_config_does_not_define_and_suggests_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let text = payments_config("http://127.0.0.1:9", dir.path());
+    std::fs::write(&path, &text).expect("write");
+    let config = path.to_str().expect("utf-8 path");
+    for write in [false, true] {
+        let mut args = vec![
+            "keys",
+            "new",
+            "--config",
+            config,
+            "--name",
+            "svc",
+            "--project",
+            "paymnts",
+        ];
+        if write {
+            args.push("--write");
+        }
+        let (ok, stdout, stderr) = run(&args);
+        assert!(!ok, "{args:?}");
+        assert!(
+            stderr.contains("project `paymnts` is not defined")
+                && stderr.contains("did you mean `payments`?"),
+            "{stderr}"
+        );
+        assert!(!stdout.contains("mg-"), "no key is minted: {stdout}");
+    }
+    // An id where a name belongs is named for what it is.
+    let (ok, _, stderr) = run(&["keys", "new", "--config", config, "--project", "proj_pay"]);
+    assert!(!ok);
+    assert!(stderr.contains("the id of `payments`"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("read"),
+        text,
+        "untouched"
+    );
+    // --write needs the file to write to.
+    let (ok, _, stderr) = run(&["keys", "new", "--write", "--project", "payments"]);
+    assert!(!ok);
+    assert!(stderr.contains("--config"), "{stderr}");
+    // Known projects: the key and its block, the file untouched without --write.
+    let (ok, stdout, stderr) = run(&["keys", "new", "--config", config, "--project", "payments"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("projects = [\"payments\"]"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), text);
+}
+
+#[tokio::test]
+async fn keys_new_write_adds_the_entry_keeping_the_file_and_the_key_works() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let text = payments_config(&up.url, dir.path());
+    std::fs::write(&path, &text).expect("write");
+    let config = path.to_str().expect("utf-8 path");
+    let (ok, stdout, stderr) = run(&[
+        "keys",
+        "new",
+        "--config",
+        config,
+        "--name",
+        "refunds \"v2\"",
+        "--project",
+        "payments",
+        "--write",
+    ]);
+    assert!(ok, "{stderr}");
+    let key = stdout
+        .lines()
+        .find(|l| l.starts_with("mg-"))
+        .expect("the key, printed")
+        .to_owned();
+    assert_eq!(stdout.matches(&key).count(), 1, "printed once: {stdout}");
+    let written = std::fs::read_to_string(&path).expect("read");
+    assert!(!written.contains(&key), "the key itself is never written");
+    let block = format!(
+        "\n[[keys]]\nname = 'refunds \"v2\"'\nsha256 = \"{}\"\nprojects = [\"payments\"]\n",
+        sha(&key)
+    );
+    // Right after the last [[keys]] entry; every other byte as it was.
+    let expected = text.replace(
+        "projects = [\"payments\"]\n\n# apps calling",
+        &format!("projects = [\"payments\"]\n{block}\n# apps calling"),
+    );
+    assert_eq!(written, expected);
+    let (ok, stdout, stderr) = run(&["check", "--config", config]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("2 key(s)"), "{stdout}");
+
+    // Served, the new key is attributed to its project.
+    let (child, lines, url) = serve(dir.path(), &written, "info").await;
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-mantlegate-project"], "proj_pay");
+    stop(child, lines).await;
+}

@@ -256,3 +256,72 @@ tokens_per_minute = 1000
     let r = proxy.chat_body(CHAT_KEY, capped(100)).await;
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn a_reservation_that_does_not_fit_is_explained_not_called_spent() {
+    let up = FakeUpstream::start().await;
+    // $0.0001 holds no call's worst case: 4096 output tokens at $0.60 per million alone
+    // are $0.0024576.
+    let extra = r#"
+[limits]
+default_max_output_tokens = 4096
+[[budgets]]
+name = "tiny"
+project = "Chatbot"
+monthly_usd = "0.0001"
+action = "block"
+"#;
+    let proxy = spawn_proxy(&config(&up.url, "reject", extra)).await;
+    let r = proxy.chat_body(CHAT_KEY, CHAT_BODY).await;
+    assert_eq!(r.status(), 429);
+    let e = error_of(r).await;
+    assert_eq!(e["code"], "budget_exceeded", "the code is unchanged");
+    assert_eq!(e["type"], "rate_limit_error");
+    let msg = e["message"].as_str().expect("message");
+    let input_tokens = CHAT_BODY.len() / 4;
+    for needle in [
+        "budget `tiny`".to_owned(),
+        "reservation".to_owned(),
+        "4096 output tokens (the call sets no output cap: [limits] default_max_output_tokens)"
+            .to_owned(),
+        "× $0.6 per million output tokens".to_owned(),
+        format!(
+            "about {input_tokens} input tokens (the {}-byte body",
+            CHAT_BODY.len()
+        ),
+        "× $0.15 per million input tokens".to_owned(),
+        "only $0.0001 of the $0.0001 budget is left".to_owned(),
+        "lower output cap".to_owned(),
+    ] {
+        assert!(msg.contains(&needle), "{needle:?} missing in: {msg}");
+    }
+    // The worst case: 4096 × 0.60 + input × 0.15, per million.
+    let worst = (rust_decimal::Decimal::from(4096) * rust_decimal::Decimal::new(60, 2)
+        + rust_decimal::Decimal::from(input_tokens) * rust_decimal::Decimal::new(15, 2))
+        / rust_decimal::Decimal::from(1_000_000);
+    assert!(
+        msg.contains(&format!(
+            "reserved until it ends, is ${} = ",
+            worst.normalize()
+        )),
+        "{msg}"
+    );
+    assert!(!msg.contains("is spent"), "nothing was spent: {msg}");
+
+    // The call's own cap is named when it sets one, and a cap that fits is admitted.
+    let r = proxy.chat_body(CHAT_KEY, capped(1000)).await;
+    let e = error_of(r).await;
+    let msg = e["message"].as_str().expect("message");
+    assert!(
+        msg.contains("1000 output tokens (the call's max_completion_tokens or max_tokens)"),
+        "{msg}"
+    );
+    let r = proxy.chat_body(CHAT_KEY, capped(10)).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.expect("body");
+    assert_eq!(
+        up.requests().len(),
+        1,
+        "refused calls never reach the upstream"
+    );
+}

@@ -106,7 +106,7 @@ async fn budget_admits_two(path: &str, body: &str, output_tokens: u64, cost_pico
         let msg = e["message"].as_str().expect("message");
         assert!(
             msg.contains("chatbot-block")
-                && msg.contains(&format!("for {output_tokens} output tokens"))
+                && msg.contains(&format!("{output_tokens} output tokens ("))
                 && msg.contains("$2.5"),
             "{msg}"
         );
@@ -241,10 +241,10 @@ async fn an_absurd_cap_is_refused_by_a_block_budget_without_a_panic() {
         let e = error_of(r).await;
         assert_eq!(e["code"], "budget_exceeded");
         assert!(
-            e["message"]
-                .as_str()
-                .expect("message")
-                .contains(&format!("for {} output tokens", u64::MAX)),
+            e["message"].as_str().expect("message").contains(&format!(
+                "{} output tokens (the call's max_completion_tokens or max_tokens)",
+                u64::MAX
+            )),
             "{e}"
         );
     }

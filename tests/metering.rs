@@ -315,13 +315,8 @@ async fn the_cost_report_sums_the_records_exactly() {
         .as_array()
         .expect("rows")
         .iter()
-        .map(|r| {
-            r["cost_usd"]
-                .as_str()
-                .expect("cost")
-                .parse::<rust_decimal::Decimal>()
-                .expect("decimal")
-        })
+        .filter_map(|r| r["cost_usd"].as_str())
+        .map(|c| c.parse::<rust_decimal::Decimal>().expect("decimal"))
         .sum();
     assert_eq!(rows_sum, total);
     assert_eq!(report["total"]["requests"], 4);
@@ -333,6 +328,230 @@ async fn the_cost_report_sums_the_records_exactly() {
         .await
         .expect("send");
     assert_eq!(r.status(), 401);
+}
+
+/// GET an admin endpoint with the admin token; the body as text.
+async fn admin_get(proxy: &Proxy, path_and_query: &str) -> String {
+    let r = client()
+        .get(format!("{}{path_and_query}", proxy.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200, "{path_and_query}");
+    r.text().await.expect("body")
+}
+
+/// A chat call of a model no price row matches.
+const UNPRICED: &str = r#"{"model":"acme.unpriced-1","messages":[]}"#;
+
+#[tokio::test]
+async fn unpriced_calls_are_an_unknown_cost_in_reports_never_zero() {
+    let up = FakeUpstream::start().await;
+    let proxy = spawn_proxy(&config(&up.url, "reject", "")).await;
+    // Chatbot: one priced call and two unpriced ones. Search: only an unpriced one.
+    for (key, body) in [
+        (CHAT_KEY, CHAT_BODY),
+        (CHAT_KEY, UNPRICED),
+        (CHAT_KEY, UNPRICED),
+        (SEARCH_KEY, UNPRICED),
+    ] {
+        let r = post(&proxy, key, "/v1/chat/completions", body).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    proxy.wait_for_records(4).await;
+    let priced_pico: i64 = proxy
+        .records()
+        .iter()
+        .filter_map(|r| r["cost_pico"].as_i64())
+        .sum();
+    assert!(priced_pico > 0);
+    let priced = rust_decimal::Decimal::from_i128_with_scale(i128::from(priced_pico), 12)
+        .normalize()
+        .to_string();
+
+    let json: serde_json::Value = serde_json::from_str(
+        &admin_get(&proxy, "/admin/v1/costs?group_by=project&format=json").await,
+    )
+    .expect("json");
+    let row = |name: &str| {
+        json["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["project"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} row in {json}"))
+    };
+    let search = row("Search");
+    assert!(
+        search["cost_usd"].is_null(),
+        "all unpriced: unknown, not $0: {search}"
+    );
+    assert_eq!(search["unpriced_requests"], 1);
+    let chatbot = row("Chatbot");
+    assert_eq!(
+        chatbot["cost_usd"],
+        priced.as_str(),
+        "the priced part: {chatbot}"
+    );
+    assert_eq!(chatbot["unpriced_requests"], 2);
+    assert_eq!(json["total"]["cost_usd"], priced.as_str());
+    assert_eq!(json["total"]["unpriced_requests"], 3);
+
+    let csv = admin_get(&proxy, "/admin/v1/costs?group_by=project&format=csv").await;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "project,requests,input_tokens,cached_input_tokens,output_tokens,reasoning_tokens,cost_usd,unpriced_requests"
+    );
+    let search_line = lines
+        .iter()
+        .find(|l| l.starts_with("Search,"))
+        .expect("Search");
+    assert!(
+        search_line.ends_with(",,1"),
+        "empty cost, 1 unpriced: {search_line}"
+    );
+    let chat_line = lines
+        .iter()
+        .find(|l| l.starts_with("Chatbot,"))
+        .expect("Chatbot");
+    assert!(chat_line.ends_with(&format!(",{priced},2")), "{chat_line}");
+
+    assert_unknown_in_focus_table_and_projects(&proxy, &priced).await;
+}
+
+/// The rest of [`unpriced_calls_are_an_unknown_cost_in_reports_never_zero`]: Search has only
+/// an unpriced call, Chatbot a priced one costing `priced` and two unpriced ones.
+async fn assert_unknown_in_focus_table_and_projects(proxy: &Proxy, priced: &str) {
+    let focus = admin_get(proxy, "/admin/v1/costs?group_by=project&format=focus").await;
+    let lines: Vec<Vec<&str>> = focus.lines().map(|l| l.split(',').collect()).collect();
+    let col = |name: &str| lines[0].iter().position(|h| *h == name).expect(name);
+    let search_line = lines
+        .iter()
+        .find(|l| l[col("ResourceName")] == "Search")
+        .expect("Search");
+    for column in ["BilledCost", "EffectiveCost", "ListCost", "ContractedCost"] {
+        assert_eq!(search_line[col(column)], "", "{column}: never a silent $0");
+    }
+    assert_eq!(search_line[col("x_UnpricedRequests")], "1");
+    let chat_line = lines
+        .iter()
+        .find(|l| l[col("ResourceName")] == "Chatbot")
+        .expect("Chatbot");
+    assert_eq!(chat_line[col("BilledCost")], priced);
+    assert_eq!(chat_line[col("x_UnpricedRequests")], "2");
+
+    let table = admin_get(proxy, "/admin/v1/costs?group_by=project&format=table").await;
+    let search_line = table
+        .lines()
+        .find(|l| l.starts_with("Search"))
+        .expect("Search");
+    assert!(search_line.contains(" unknown "), "{table}");
+    assert!(table.contains("note: 3 requests had no price"), "{table}");
+
+    let projects: serde_json::Value =
+        serde_json::from_str(&admin_get(proxy, "/admin/v1/projects").await).expect("json");
+    let search = projects["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|p| p["name"] == "Search")
+        .expect("Search");
+    assert!(search["month_to_date_usd"].is_null(), "{search}");
+    assert_eq!(search["month_to_date_unpriced_requests"], 1);
+}
+
+#[tokio::test]
+async fn admin_keys_lists_every_key_with_its_last_use_and_never_its_hash() {
+    let up = FakeUpstream::start().await;
+    let extra = format!(
+        r#"
+[[keys]]
+name = "old-laptop"
+sha256 = "{}"
+projects = ["Search"]
+expires_at = "2020-01-01T00:00:00Z"
+[[keys]]
+name = "intern"
+sha256 = "{}"
+disabled = true
+"#,
+        sha("mg-test-old"),
+        sha("mg-test-intern")
+    );
+    let proxy = spawn_proxy(&config(&up.url, "reject", &extra)).await;
+    let r = post(&proxy, CHAT_KEY, "/v1/chat/completions", CHAT_BODY).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.expect("body");
+    proxy.wait_for_records(1).await;
+    let call_ms = proxy.records()[0]["ts_ms"].as_i64().expect("ts");
+
+    let text = admin_get(&proxy, "/admin/v1/keys").await;
+    for secret in [
+        CHAT_KEY,
+        SEARCH_KEY,
+        BARE_KEY,
+        "mg-test-old",
+        "mg-test-intern",
+    ] {
+        assert!(!text.contains(secret), "a secret in {text}");
+        assert!(!text.contains(&sha(secret)), "a SHA-256 in {text}");
+    }
+    let body: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let keys = body["data"].as_array().expect("data");
+    let names: Vec<&str> = keys
+        .iter()
+        .map(|k| k["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "bare",
+            "chatbot-backend",
+            "intern",
+            "old-laptop",
+            "search-team"
+        ],
+        "every entry, by name"
+    );
+    let key = |name: &str| keys.iter().find(|k| k["name"] == name).expect(name);
+    let chat = key("chatbot-backend");
+    assert_eq!(chat["projects"], serde_json::json!(["Chatbot"]));
+    assert_eq!(chat["state"], "active");
+    assert_eq!(chat["disabled"], false);
+    assert!(chat["expires_at"].is_null());
+    assert_eq!(chat["fingerprint"], &sha(CHAT_KEY)[..12]);
+    let last: jiff::Timestamp = chat["last_used"]
+        .as_str()
+        .expect("last use from the ledger")
+        .parse()
+        .expect("RFC 3339");
+    assert_eq!(last.as_millisecond(), call_ms);
+    let search = key("search-team");
+    assert_eq!(search["projects"], serde_json::json!(["Search", "Chatbot"]));
+    assert!(search["last_used"].is_null(), "never used: {search}");
+    let old = key("old-laptop");
+    assert_eq!(old["state"], "expired");
+    assert_eq!(old["expires_at"], "2020-01-01T00:00:00Z");
+    let intern = key("intern");
+    assert_eq!(
+        (&intern["state"], &intern["disabled"]),
+        (&"disabled".into(), &true.into())
+    );
+    assert_eq!(intern["projects"], serde_json::json!([]));
+
+    // The admin token is required.
+    let r = client()
+        .get(format!("{}/admin/v1/keys", proxy.url))
+        .bearer_auth(CHAT_KEY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+    assert_eq!(error_of(r).await["code"], "invalid_admin_token");
 }
 
 #[tokio::test]

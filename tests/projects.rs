@@ -866,17 +866,32 @@ project = "Chatbot"
     ))
     .expect("config");
     let snapshot = Snapshot::build(&config, None).expect("snapshot");
-    let spend = HashMap::from([("proj_chat".to_owned(), Decimal::new(123_450, 4))]);
+    let spend = HashMap::from([
+        (
+            "proj_chat".to_owned(),
+            projects::MonthSpend {
+                cost_usd: Decimal::new(123_450, 4),
+                unpriced_requests: 2,
+            },
+        ),
+        (
+            "proj_search".to_owned(),
+            projects::MonthSpend {
+                cost_usd: Decimal::ZERO,
+                unpriced_requests: 3,
+            },
+        ),
+    ]);
     let body = projects::overview(&snapshot, &spend);
     assert_eq!(
         body,
         json!({"object": "list", "data": [
             {"object": "mantlegate.project", "name": "Chatbot", "id": "proj_chat", "tags": {"Team": "CX"},
              "keys": ["chatbot-backend"], "routes": ["/bot2", "/chatbot"], "fallback": true,
-             "month_to_date_usd": "12.345"},
+             "month_to_date_usd": "12.345", "month_to_date_unpriced_requests": 2},
             {"object": "mantlegate.project", "name": "Search", "id": "proj_search", "tags": {},
              "keys": ["chatbot-backend", "search-team"], "routes": [], "fallback": false,
-             "month_to_date_usd": "0"},
+             "month_to_date_usd": null, "month_to_date_unpriced_requests": 3},
         ]})
     );
 }
