@@ -94,7 +94,7 @@ static ACCESS_SINK: OnceLock<AccessSink> = OnceLock::new();
 ///
 /// Access lines are not `tracing` events: one is written for every call, and the generic
 /// JSON formatter (a visitor per field, a `serde_json::Value` per value, the timestamp through
-/// `fmt`) cost about 5 % of a non-streamed call's CPU. [`AccessLine`] writes the same JSON
+/// `fmt`) cost a measurable share of a non-streamed call's CPU (see bench/HISTORY.md). [`AccessLine`] writes the same JSON
 /// (same keys, same order, absent values left out) straight into a reused buffer. They still
 /// obey the log filter: `MANTLEGATE_LOG=warn` turns them off.
 pub fn set_access_sink(sink: AccessSink) -> bool {

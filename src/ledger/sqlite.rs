@@ -170,7 +170,7 @@ enum Bound {
 /// and most of a call row repeats from one row to the next: the key, project, tags, model,
 /// outcome, status. Binding text is the expensive part: rusqlite always binds it as
 /// `SQLITE_TRANSIENT`, so SQLite allocates and copies each value. Binding every value of a row was
-/// about 40 % of the writer's instructions per row; skipping the unchanged ones leaves the
+/// a large share of the writer's instructions per row; skipping the unchanged ones leaves the
 /// ones that vary (time, call and request ids, durations, counts).
 ///
 /// A `Binder` belongs to one statement for one batch: a new batch (or a retried one) starts a
