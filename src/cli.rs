@@ -955,6 +955,9 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
+/// Where the figures of the bundled price list should be checked.
+const AWS_PRICING_PAGE: &str = "https://aws.amazon.com/bedrock/pricing/";
+
 /// `check`'s report on a valid config: the counts, each entry, then notes and warnings.
 fn summarize(path: &Path, config: &Config) {
     // Valid, so its prices build.
@@ -1025,6 +1028,13 @@ fn summarize(path: &Path, config: &Config) {
     }
     notes(config);
     warn_budget_tags(config);
+    if !bundled.is_empty() {
+        println!(
+            "  warning: {} model(s) are priced only by the bundled table (config/prices.toml), whose figures are not checked against AWS's: {}. Verify each against {AWS_PRICING_PAGE} (prices differ by region and change) and set it in your own [[prices]] (or a [pricing] include file)",
+            bundled.len(),
+            bundled.join(", ")
+        );
+    }
 }
 
 /// What serving `config` means for a fleet, and what it needs from the environment.

@@ -955,6 +955,57 @@ fn check_counts_budgets_prices_and_rate_limits() {
 }
 
 #[test]
+fn check_warns_of_models_priced_only_by_the_bundled_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let config = path.to_str().expect("path");
+    let bundled = |stdout: &str| {
+        stdout
+            .lines()
+            .find(|l| l.contains("priced only by the bundled table"))
+            .map(str::to_owned)
+    };
+    // The operator prices one bundled model: it leaves the warning's list, the rest stay.
+    let own = "[[prices]]\nmodel = \"openai.gpt-oss-120b\"\ninput_per_million = \"0.15\"\noutput_per_million = \"0.60\"\n";
+    let with_builtin = config_with_prices(&format!("[pricing]\nbuiltin = true\n{own}"));
+    std::fs::write(&path, &with_builtin).expect("write");
+    let (ok, stdout, stderr) = run(&["check", "--config", config]);
+    assert!(ok, "{stderr}");
+    let warning = bundled(&stdout).unwrap_or_else(|| panic!("no warning in:\n{stdout}"));
+    assert!(warning.contains("warning:"), "{warning}");
+    assert!(warning.contains("openai.gpt-oss-20b"), "{warning}");
+    assert!(
+        !warning.contains("openai.gpt-oss-120b,") && !warning.contains("openai.gpt-oss-120b."),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("https://aws.amazon.com/bedrock/pricing/"),
+        "{warning}"
+    );
+    // Every price the operator's own: no warning.
+    std::fs::write(
+        &path,
+        config_with_prices(&format!("[pricing]\nbuiltin = false\n{own}")),
+    )
+    .expect("write");
+    let (ok, stdout, stderr) = run(&["check", "--config", config]);
+    assert!(ok, "{stderr}");
+    assert_eq!(bundled(&stdout), None, "{stdout}");
+    assert!(
+        stdout.contains("1 price(s) (0 from the bundled table)"),
+        "{stdout}"
+    );
+}
+
+/// The standard test config with its `[pricing]` and `[[prices]]` replaced by `prices`.
+fn config_with_prices(prices: &str) -> String {
+    let base = config("http://127.0.0.1:9", "reject", "");
+    let start = base.find("[pricing]").expect("pricing");
+    let end = base.find("[metrics]").expect("metrics");
+    format!("{}{prices}\n{}", &base[..start], &base[end..])
+}
+
+#[test]
 fn check_warns_of_a_tag_budget_no_project_falls_under() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("mantlegate.toml");
