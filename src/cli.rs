@@ -977,90 +977,7 @@ async fn shutdown_signal() {
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            println!(
-                "{}: OK: {} project(s), {} key(s), {} route(s)",
-                path.display(),
-                config.projects.len(),
-                config.keys.len(),
-                config.routes.len()
-            );
-            for p in &config.projects {
-                let tags = p
-                    .tags
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                println!(
-                    "  project {} ({}) {tags}",
-                    p.name,
-                    p.id.as_deref().unwrap_or("no id")
-                );
-            }
-            for k in &config.keys {
-                println!("  key {} -> [{}]", k.name, k.projects.join(", "));
-            }
-            for r in &config.routes {
-                println!("  route {}/v1 -> {}", r.prefix, r.project);
-            }
-            if !config.rate_limits.is_empty() {
-                match &config.limits.store {
-                    Some(url) => println!(
-                        "  rate limits: shared by every replica in {} (script {})",
-                        crate::ratelimit::redis::describe_url(url).unwrap_or_default(),
-                        crate::ratelimit::redis::SCRIPT_NAME
-                    ),
-                    None => println!(
-                        "  note: rate limits are per replica (no [limits] store): with N replicas each limit admits up to N times its rate"
-                    ),
-                }
-            }
-            if !config.budgets.is_empty() {
-                if config.ledger.url.is_some() {
-                    println!(
-                        "  budgets: shared by every replica through the postgresql ledger (refreshed every {})",
-                        humantime_serde::re::humantime::format_duration(
-                            config.ledger.budget_refresh
-                        )
-                    );
-                } else {
-                    println!(
-                        "  note: budgets are per process (sqlite ledger): several replicas need [ledger] url = \"postgres://...\" to hold them together"
-                    );
-                }
-                match config
-                    .alerts
-                    .webhook_url
-                    .as_ref()
-                    .and_then(|url| crate::webhook::Webhook::parse(url.expose()))
-                {
-                    // The host only: the URL may carry a token.
-                    Some(hook) => println!(
-                        "  alerts: webhook to {} (an attempt may take {}; retried until a 2xx, for 24 h)",
-                        hook.host(),
-                        humantime_serde::re::humantime::format_duration(
-                            config.alerts.webhook_timeout
-                        )
-                    ),
-                    None => println!(
-                        "  note: no [alerts] webhook_url: budget alerts only reach the log"
-                    ),
-                }
-            }
-            if is_demo_config(&config) {
-                println!(
-                    "  note: this is the demo's config: `mantlegate demo` runs it against its embedded simulated bedrock-mantle, which needs no Bedrock API key; `serve` would reach nothing at {} (set upstream.base_url and {} to serve it)",
-                    config.upstream.base_url, config.upstream.api_key_env
-                );
-            } else if config.upstream.auth == crate::config::UpstreamAuth::ApiKey
-                && config.upstream.api_key_file.is_none()
-                && std::env::var_os(&config.upstream.api_key_env).is_none()
-            {
-                println!(
-                    "  note: {} is not set in this environment; serve needs it",
-                    config.upstream.api_key_env
-                );
-            }
+            summarize(path, &config);
             ExitCode::SUCCESS
         }
         Err(ConfigError::Invalid(problems)) => {
@@ -1074,6 +991,192 @@ fn check(path: &Path) -> ExitCode {
             eprintln!("{err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Where the figures of the bundled price list should be checked.
+const AWS_PRICING_PAGE: &str = "https://aws.amazon.com/bedrock/pricing/";
+
+/// `check`'s report on a valid config: the counts, each entry, then notes and warnings.
+fn summarize(path: &Path, config: &Config) {
+    // Valid, so its prices build.
+    let prices = config.price_table().unwrap_or_default();
+    let entries = prices.entries();
+    let bundled: Vec<&str> = entries
+        .iter()
+        .filter(|(_, p)| p.source == crate::pricing::SOURCE_BUILTIN)
+        .map(|(m, _)| m.as_str())
+        .collect();
+    println!(
+        "{}: OK: {} project(s), {} key(s), {} route(s), {} budget(s), {} price(s) ({} from the bundled table), {} rate limit(s)",
+        path.display(),
+        config.projects.len(),
+        config.keys.len(),
+        config.routes.len(),
+        config.budgets.len(),
+        entries.len(),
+        bundled.len(),
+        config.rate_limits.len()
+    );
+    for p in &config.projects {
+        let tags = p
+            .tags
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "  project {} ({}) {tags}",
+            p.name,
+            p.id.as_deref().unwrap_or("no id")
+        );
+    }
+    for k in &config.keys {
+        println!("  key {} -> [{}]", k.name, k.projects.join(", "));
+    }
+    for r in &config.routes {
+        println!("  route {}/v1 -> {}", r.prefix, r.project);
+    }
+    for b in &config.budgets {
+        println!(
+            "  budget {}: ${} a month ({}), {}",
+            b.name,
+            b.monthly_usd,
+            b.timezone,
+            match b.action {
+                crate::config::BudgetAction::Block => "block",
+                crate::config::BudgetAction::Alert => "alert",
+            }
+        );
+    }
+    for r in &config.rate_limits {
+        let who = match (&r.project, &r.key) {
+            (Some(p), _) => format!("project {p}"),
+            (_, Some(k)) => format!("key {k}"),
+            _ => String::new(),
+        };
+        let per_minute = [
+            r.requests_per_minute.map(|n| format!("{n} requests")),
+            r.tokens_per_minute.map(|n| format!("{n} tokens")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+        println!("  rate limit {who}: {per_minute} a minute");
+    }
+    notes(config);
+    warn_budget_tags(config);
+    if !bundled.is_empty() {
+        println!(
+            "  warning: {} model(s) are priced only by the bundled table (config/prices.toml), whose figures are not checked against AWS's: {}. Verify each against {AWS_PRICING_PAGE} (prices differ by region and change) and set it in your own [[prices]] (or a [pricing] include file)",
+            bundled.len(),
+            bundled.join(", ")
+        );
+    }
+}
+
+/// What serving `config` means for a fleet, and what it needs from the environment.
+fn notes(config: &Config) {
+    if !config.rate_limits.is_empty() {
+        match &config.limits.store {
+            Some(url) => println!(
+                "  rate limits: shared by every replica in {} (script {})",
+                crate::ratelimit::redis::describe_url(url).unwrap_or_default(),
+                crate::ratelimit::redis::SCRIPT_NAME
+            ),
+            None => println!(
+                "  note: rate limits are per replica (no [limits] store): with N replicas each limit admits up to N times its rate"
+            ),
+        }
+    }
+    if !config.budgets.is_empty() {
+        if config.ledger.url.is_some() {
+            println!(
+                "  budgets: shared by every replica through the postgresql ledger (refreshed every {})",
+                humantime_serde::re::humantime::format_duration(config.ledger.budget_refresh)
+            );
+        } else {
+            println!(
+                "  note: budgets are per process (sqlite ledger): several replicas need [ledger] url = \"postgres://...\" to hold them together"
+            );
+        }
+        match config
+            .alerts
+            .webhook_url
+            .as_ref()
+            .and_then(|url| crate::webhook::Webhook::parse(url.expose()))
+        {
+            // The host only: the URL may carry a token.
+            Some(hook) => println!(
+                "  alerts: webhook to {} (an attempt may take {}; retried until a 2xx, for 24 h)",
+                hook.host(),
+                humantime_serde::re::humantime::format_duration(config.alerts.webhook_timeout)
+            ),
+            None => println!("  note: no [alerts] webhook_url: budget alerts only reach the log"),
+        }
+    }
+    if is_demo_config(config) {
+        println!(
+            "  note: this is the demo's config: `mantlegate demo` runs it against its embedded simulated bedrock-mantle, which needs no Bedrock API key; `serve` would reach nothing at {} (set upstream.base_url and {} to serve it)",
+            config.upstream.base_url, config.upstream.api_key_env
+        );
+    } else if config.upstream.auth == crate::config::UpstreamAuth::ApiKey
+        && config.upstream.api_key_file.is_none()
+        && std::env::var_os(&config.upstream.api_key_env).is_none()
+    {
+        println!(
+            "  note: {} is not set in this environment; serve needs it",
+            config.upstream.api_key_env
+        );
+    }
+}
+
+/// Warns of a tag budget that no project falls under: it would count nothing, most likely
+/// for a typo in a tag key or value.
+fn warn_budget_tags(config: &Config) {
+    for b in &config.budgets {
+        let Some(tags) = &b.tag else {
+            continue;
+        };
+        let covers = config
+            .projects
+            .iter()
+            .any(|p| tags.iter().all(|(k, v)| p.tags.get(k) == Some(v)));
+        if covers {
+            continue;
+        }
+        let scope = tags
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let hints: String = tags
+            .iter()
+            .filter_map(|(k, v)| {
+                let values: std::collections::BTreeSet<&str> = config
+                    .projects
+                    .iter()
+                    .filter_map(|p| p.tags.get(k).map(String::as_str))
+                    .collect();
+                if values.is_empty() {
+                    let keys: std::collections::BTreeSet<&str> = config
+                        .projects
+                        .iter()
+                        .flat_map(|p| p.tags.keys().map(String::as_str))
+                        .collect();
+                    crate::config::closest(k, keys).map(|c| format!("; did you mean tag `{c}`?"))
+                } else if values.contains(v.as_str()) {
+                    None
+                } else {
+                    crate::config::closest(v, values).map(|c| format!("; did you mean {k}={c}?"))
+                }
+            })
+            .collect();
+        println!(
+            "  warning: budget `{}` counts the projects tagged {scope}, and no project is{hints}",
+            b.name
+        );
     }
 }
 

@@ -501,12 +501,100 @@ pub struct Problem {
     pub path: String,
     /// What is wrong, in words a person can act on.
     pub message: String,
+    /// The line of the config file the path leads to (1-based), when the problem was found
+    /// in a file's text and the path is in it: the field's line, else that of the nearest
+    /// table or entry holding it.
+    pub line: Option<usize>,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
+        match self.line {
+            Some(line) => write!(f, "{} (line {line}): {}", self.path, self.message),
+            None => write!(f, "{}: {}", self.path, self.message),
+        }
     }
+}
+
+/// Gives each problem the line of `text` its path leads to (see [`Problem::line`]).
+fn locate(problems: &mut [Problem], text: &str) {
+    let Ok(doc) = toml_edit::Document::parse(text) else {
+        return;
+    };
+    for p in problems {
+        p.line = offset_of(doc.as_item(), &p.path).map(|at| line_at(text, at));
+    }
+}
+
+/// 1-based line of byte `offset` in `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.get(..offset).unwrap_or(text).matches('\n').count() + 1
+}
+
+/// One step of a problem path: a key, or an index into an array.
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// `keys[2].projects[0]` as steps; `None` for a path that is not into the file (a price
+/// file's problem, `builtin: prices[0].model`).
+fn steps(path: &str) -> Option<Vec<Step<'_>>> {
+    if path.contains(": ") {
+        return None;
+    }
+    let mut out = Vec::new();
+    for part in path.split('.') {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        out.push(Step::Key(key));
+        while let Some((index, after)) = rest.split_once(']') {
+            out.push(Step::Index(index.parse().ok()?));
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    Some(out)
+}
+
+/// Where in the file `path` leads: the start of the deepest key, value or table header on
+/// it that the document has.
+fn offset_of(root: &toml_edit::Item, path: &str) -> Option<usize> {
+    use toml_edit::{Item, Table, Value};
+    #[derive(Clone, Copy)]
+    enum Node<'a> {
+        Item(&'a Item),
+        Table(&'a Table),
+        Value(&'a Value),
+    }
+    let mut node = Node::Item(root);
+    let mut found = None;
+    for step in steps(path)? {
+        let next = match (step, node) {
+            (Step::Key(k), Node::Item(item)) => item
+                .as_table_like()
+                .and_then(|t| t.get_key_value(k))
+                .map(|(key, item)| (key.span(), Node::Item(item))),
+            (Step::Key(k), Node::Table(t)) => t
+                .get_key_value(k)
+                .map(|(key, item)| (key.span(), Node::Item(item))),
+            (Step::Key(k), Node::Value(Value::InlineTable(t))) => t
+                .get_key_value(k)
+                .map(|(key, item)| (key.span(), Node::Item(item))),
+            (Step::Index(i), Node::Item(Item::ArrayOfTables(a))) => {
+                a.get(i).map(|t| (t.span(), Node::Table(t)))
+            }
+            (
+                Step::Index(i),
+                Node::Item(Item::Value(Value::Array(a))) | Node::Value(Value::Array(a)),
+            ) => a.get(i).map(|v| (v.span(), Node::Value(v))),
+            _ => None,
+        };
+        let Some((span, next)) = next else {
+            break;
+        };
+        found = span.map(|s| s.start).or(found);
+        node = next;
+    }
+    found
 }
 
 /// A configuration that could not be loaded: unreadable, unparsable, or invalid.
@@ -700,7 +788,7 @@ impl Config {
             .filter(|(_, p)| p.id.is_none())
             .map(|(i, _)| format!("projects[{i}].id"))
             .collect();
-        let problems: Vec<Problem> = config
+        let mut problems: Vec<Problem> = config
             .validate()
             .into_iter()
             .filter(|p| !no_id.contains(&p.path))
@@ -708,6 +796,7 @@ impl Config {
         if problems.is_empty() {
             Ok(config)
         } else {
+            locate(&mut problems, text);
             Err(ConfigError::Invalid(problems))
         }
     }
@@ -728,10 +817,11 @@ impl Config {
         let mut config: Self =
             toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         config.source_dir = dir.map(Path::to_path_buf);
-        let problems = config.validate();
+        let mut problems = config.validate();
         if problems.is_empty() {
             Ok(config)
         } else {
+            locate(&mut problems, text);
             Err(ConfigError::Invalid(problems))
         }
     }
@@ -862,7 +952,10 @@ impl Config {
                     if !self.keys.iter().any(|key| &key.name == k) {
                         v.add(
                             format!("{path}.key"),
-                            format!("no [[keys]] entry is named `{k}`"),
+                            format!(
+                                "no [[keys]] entry is named `{k}`{}",
+                                did_you_mean(k, self.keys.iter().map(|key| key.name.as_str()))
+                            ),
                         );
                     }
                 }
@@ -929,7 +1022,11 @@ impl Config {
             |errors| {
                 errors
                     .into_iter()
-                    .map(|(path, message)| Problem { path, message })
+                    .map(|(path, message)| Problem {
+                        path,
+                        message,
+                        line: None,
+                    })
                     .collect()
             },
         )
@@ -1246,22 +1343,29 @@ impl Validator {
         self.problems.push(Problem {
             path: path.into(),
             message: message.into(),
+            line: None,
         });
     }
 }
 
 fn check_ref(v: &mut Validator, path: &str, name: &str, names: &HashSet<&str>) {
     if !names.contains(name) {
+        // Sorted, so that of two equally near names the suggestion is always the same one.
+        let mut sorted: Vec<&str> = names.iter().copied().collect();
+        sorted.sort_unstable();
         v.add(
             path,
-            format!("project `{name}` is not declared in [[projects]]"),
+            format!(
+                "project `{name}` is not declared in [[projects]]{}",
+                did_you_mean(name, sorted)
+            ),
         );
     }
 }
 
 /// The candidate nearest to `wanted` when it is near enough to be what was meant (a typo):
 /// the same but for case, or at most a third of its characters (at least one) added, removed
-/// or changed. Ties go to the first candidate.
+/// or changed, and never all of them. Ties go to the first candidate.
 #[must_use]
 pub fn closest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let wanted_lower = wanted.to_lowercase();
@@ -1272,7 +1376,9 @@ pub fn closest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) 
             continue;
         }
         let d = edit_distance(&wanted_lower, &candidate.to_lowercase());
-        if d <= bound && best.is_none_or(|(b, _)| d < b) {
+        // A name changed whole is another name, not a typo of it.
+        let whole = d >= wanted.chars().count().min(candidate.chars().count());
+        if d <= bound && !whole && best.is_none_or(|(b, _)| d < b) {
             best = Some((d, candidate));
         }
     }
@@ -1626,7 +1732,10 @@ mod tests {
             tags = {{ CostCenter = "1001", Environment = "prod", "aws:owner" = "x", Note = "a;b" }}
             "#
         );
-        let found: Vec<String> = problems(&text).into_iter().map(|p| p.to_string()).collect();
+        let found: Vec<String> = problems(&text)
+            .into_iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect();
         let expect = [
             "projects[1].tags: project `Bad` lacks the required tag `Team`",
             "projects[1].tags.Environment: project `Bad`: `prod` is not an allowed Environment",
@@ -1744,6 +1853,86 @@ mod tests {
             p[0].message
                 .contains("\"proj_b\" is already used by projects[0]"),
             "{p:?}"
+        );
+    }
+
+    #[test]
+    fn closest_suggests_typos_never_other_names() {
+        let names = ["payments", "search", "Team"];
+        assert_eq!(closest("paymnts", names), Some("payments"));
+        assert_eq!(closest("Payments", names), Some("payments"));
+        assert_eq!(closest("paymentss", names), Some("payments"));
+        assert_eq!(closest("Teams", names), Some("Team"));
+        assert_eq!(closest("search", names), None, "itself is no suggestion");
+        assert_eq!(closest("billing", names), None);
+        assert_eq!(
+            closest("c", ["a"]),
+            None,
+            "a name changed whole is another name"
+        );
+        assert_eq!(closest("", names), None);
+        assert_eq!(did_you_mean("serch", names), "; did you mean `search`?");
+        assert_eq!(did_you_mean("zzz", names), "");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("é", "e"), 1, "characters, not bytes");
+    }
+
+    #[test]
+    fn problems_carry_the_line_their_path_leads_to() {
+        let text = r#"[upstream]
+base_url = "https://x"
+
+[[projects]]
+name = "payments"
+id = "proj_1"
+tags = { Team = "A", "bad!" = "x" }
+
+[[keys]]
+name = "a"
+sha256 = "zz"
+projects = ["payments"]
+
+[[keys]]
+name = "b"
+sha256 = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+projects = [
+  "payments",
+  "paymnts",
+]
+
+[attribution]
+on_missing = "default"
+
+[[budgets]]
+name = "x"
+project = "Payments"
+monthly_usd = "5"
+"#;
+        let Err(ConfigError::Invalid(problems)) = Config::from_toml(text) else {
+            panic!("invalid");
+        };
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        for expected in [
+            "keys[0].sha256 (line 11): must be 64 hex digits",
+            "keys[1].projects[1] (line 19): project `paymnts` is not declared in [[projects]]; did you mean `payments`?",
+            "projects[0].tags.bad! (line 7): project `payments`: tag key `bad!`",
+            // A field that is missing: the line of the table that should hold it.
+            "attribution.default_project (line 22): required",
+            "budgets[0].project (line 27): project `Payments` is not declared in [[projects]]; did you mean `payments`?",
+        ] {
+            assert!(
+                shown.iter().any(|s| s.starts_with(expected)),
+                "{expected:?} not in {shown:#?}"
+            );
+        }
+        // A path the file does not have (a price file's) has no line.
+        assert!(steps("builtin: prices[0].model").is_none());
+        let doc = toml_edit::Document::parse("a = 1\n").expect("toml");
+        assert_eq!(offset_of(doc.as_item(), "nothing.here[3]"), None);
+        assert_eq!(
+            offset_of(doc.as_item(), "a[0]").map(|o| line_at("a = 1\n", o)),
+            Some(1)
         );
     }
 

@@ -1009,3 +1009,170 @@ async fn keys_new_write_adds_the_entry_keeping_the_file_and_the_key_works() {
     assert_eq!(r.headers()["x-mantlegate-project"], "proj_pay");
     stop(child, lines).await;
 }
+
+#[test]
+fn check_suggests_project_names_and_locates_problems_by_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let text = format!(
+        r#"[upstream]
+base_url = "https://bedrock-mantle.us-east-1.api.aws"
+
+[[projects]]
+name = "payments"
+id = "proj_pay"
+
+[[keys]]
+name = "checkout"
+sha256 = "{}"
+projects = ["payments"]
+
+[[keys]]
+name = "refunds"
+sha256 = "{}"
+projects = ["paymnts"]
+
+[[budgets]]
+name = "pay-monthly"
+project = "Payment"
+monthly_usd = "100"
+
+[[rate_limits]]
+key = "chekout"
+requests_per_minute = 10
+"#,
+        sha("mg-a"),
+        sha("mg-b")
+    );
+    std::fs::write(&path, &text).expect("write");
+    let (ok, _, stderr) = run(&["check", "--config", path.to_str().expect("path")]);
+    assert!(!ok);
+    let line_of = |needle: &str| {
+        text.lines()
+            .position(|l| l.contains(needle))
+            .expect("in the fixture")
+            + 1
+    };
+    for expected in [
+        format!(
+            "keys[1].projects[0] (line {}): project `paymnts` is not declared in [[projects]]; did you mean `payments`?",
+            line_of("\"paymnts\"")
+        ),
+        format!(
+            "budgets[0].project (line {}): project `Payment` is not declared in [[projects]]; did you mean `payments`?",
+            line_of("\"Payment\"")
+        ),
+        format!(
+            "rate_limits[0].key (line {}): no [[keys]] entry is named `chekout`; did you mean `checkout`?",
+            line_of("\"chekout\"")
+        ),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "{expected:?} missing in:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+}
+
+#[test]
+fn check_counts_budgets_prices_and_rate_limits() {
+    let (ok, stdout, stderr) = run(&["check", "--config", "config/mantlegate.example.toml"]);
+    assert!(ok, "{stderr}");
+    let first = stdout.lines().next().expect("summary");
+    let config = std::fs::read_to_string("config/mantlegate.example.toml").expect("read");
+    let count = |table: &str| config.lines().filter(|l| l.trim() == table).count();
+    for expected in [
+        format!("{} budget(s)", count("[[budgets]]")),
+        format!("{} rate limit(s)", count("[[rate_limits]]")),
+        "3 project(s), 3 key(s), 1 route(s)".to_owned(),
+    ] {
+        assert!(first.contains(&expected), "{expected:?} missing in {first}");
+    }
+    assert!(count("[[budgets]]") > 0 && count("[[rate_limits]]") > 0);
+    assert!(first.contains(" price(s) ("), "{first}");
+    assert!(
+        stdout.contains("  budget chatbot-monthly: $500 a month"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  rate limit key batch-jobs: 60 requests a minute"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_warns_of_models_priced_only_by_the_bundled_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let config = path.to_str().expect("path");
+    let bundled = |stdout: &str| {
+        stdout
+            .lines()
+            .find(|l| l.contains("priced only by the bundled table"))
+            .map(str::to_owned)
+    };
+    // The operator prices one bundled model: it leaves the warning's list, the rest stay.
+    let own = "[[prices]]\nmodel = \"openai.gpt-oss-120b\"\ninput_per_million = \"0.15\"\noutput_per_million = \"0.60\"\n";
+    let with_builtin = config_with_prices(&format!("[pricing]\nbuiltin = true\n{own}"));
+    std::fs::write(&path, &with_builtin).expect("write");
+    let (ok, stdout, stderr) = run(&["check", "--config", config]);
+    assert!(ok, "{stderr}");
+    let warning = bundled(&stdout).unwrap_or_else(|| panic!("no warning in:\n{stdout}"));
+    assert!(warning.contains("warning:"), "{warning}");
+    assert!(warning.contains("openai.gpt-oss-20b"), "{warning}");
+    assert!(
+        !warning.contains("openai.gpt-oss-120b,") && !warning.contains("openai.gpt-oss-120b."),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("https://aws.amazon.com/bedrock/pricing/"),
+        "{warning}"
+    );
+    // Every price the operator's own: no warning.
+    std::fs::write(
+        &path,
+        config_with_prices(&format!("[pricing]\nbuiltin = false\n{own}")),
+    )
+    .expect("write");
+    let (ok, stdout, stderr) = run(&["check", "--config", config]);
+    assert!(ok, "{stderr}");
+    assert_eq!(bundled(&stdout), None, "{stdout}");
+    assert!(
+        stdout.contains("1 price(s) (0 from the bundled table)"),
+        "{stdout}"
+    );
+}
+
+/// The standard test config with its `[pricing]` and `[[prices]]` replaced by `prices`.
+fn config_with_prices(prices: &str) -> String {
+    let base = config("http://127.0.0.1:9", "reject", "");
+    let start = base.find("[pricing]").expect("pricing");
+    let end = base.find("[metrics]").expect("metrics");
+    format!("{}{prices}\n{}", &base[..start], &base[end..])
+}
+
+#[test]
+fn check_warns_of_a_tag_budget_no_project_falls_under() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let extra = "[[budgets]]\nname = \"cx\"\ntag = { Team = \"cx\" }\nmonthly_usd = \"10\"\n\
+                 [[budgets]]\nname = \"by-key\"\ntag = { Teams = \"CX\" }\nmonthly_usd = \"10\"\n\
+                 [[budgets]]\nname = \"fine\"\ntag = { Team = \"CX\" }\nmonthly_usd = \"10\"\n";
+    std::fs::write(&path, config("http://127.0.0.1:9", "reject", extra)).expect("write");
+    let (ok, stdout, stderr) = run(&["check", "--config", path.to_str().expect("path")]);
+    assert!(ok, "{stderr}");
+    let warnings: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("warning: budget"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{stdout}");
+    assert!(
+        warnings[0].contains("budget `cx` counts the projects tagged Team=cx, and no project is; did you mean Team=CX?"),
+        "{stdout}"
+    );
+    assert!(
+        warnings[1].contains("budget `by-key`") && warnings[1].contains("did you mean tag `Team`?"),
+        "{stdout}"
+    );
+}
