@@ -440,8 +440,13 @@ where
                     this.draining = true;
                     continue;
                 }
-                // Over HTTP/1, hyper holds that much the client's socket has not taken: it
-                // polls again once the socket takes some. The upstream waits meanwhile.
+                // Over HTTP/1, hyper holds that much the client's socket has not taken; the
+                // upstream waits. hyper writes it right after this poll: when the socket is
+                // full, its room wakes the connection; when it has room, nothing would, so the
+                // relay asks to be polled again, once hyper has written.
+                if !this.link.as_ref().is_some_and(ClientLink::blocked) {
+                    cx.waker().wake_by_ref();
+                }
                 return Poll::Pending;
             }
             let Some(inner) = this.inner.as_mut() else {
