@@ -16,7 +16,7 @@
 //! bytes for it is given up on: the call is committed `client_stalled` with the usage seen so
 //! far, the upstream connection is closed, and the client's answer breaks off. That watch runs
 //! on a timer of its own, because hyper does not poll a body whose client takes nothing: its
-//! wake-up ([`Shared`] as a waker) looks at the relay under its lock.
+//! wake-up (the shared relay as a waker) looks at the relay under its lock.
 
 use std::future::Future;
 use std::pin::Pin;
