@@ -32,6 +32,9 @@ pub enum Outcome {
     UpstreamError,
     /// The client went away before the answer was complete.
     ClientDisconnect,
+    /// The client stopped reading the answer: nothing of it taken for `server.idle_timeout`
+    /// while mantlegate had more to send, so mantlegate gave up on it.
+    ClientStalled,
 }
 
 impl Outcome {
@@ -43,6 +46,7 @@ impl Outcome {
             Self::Rejected => "rejected",
             Self::UpstreamError => "upstream_error",
             Self::ClientDisconnect => "client_disconnect",
+            Self::ClientStalled => "client_stalled",
         }
     }
 }
@@ -61,7 +65,7 @@ pub struct Call {
     in_flight: Option<InFlightSlot>,
     /// HTTP method.
     pub method: Method,
-    /// Request URI (cheap to clone: shares the request's bytes).
+    /// Request path and query (a copy, see [`own_path`]).
     pub uri: Uri,
     /// mantlegate's own id for the call: its identity in the ledger, whatever ids the client
     /// or the upstream send.
@@ -134,7 +138,7 @@ impl Call {
             snap,
             in_flight: None,
             method,
-            uri,
+            uri: own_path(uri),
             request_id: None,
             route: None,
             key: None,
@@ -504,6 +508,17 @@ impl Drop for Call {
         // before the end: the client hung up.
         self.commit(Outcome::ClientDisconnect);
     }
+}
+
+/// `uri`'s path and query in an allocation of their own. A parsed request URI shares the buffer
+/// its head was read into (hyper's 8 KiB read buffer), which a call kept for the whole length
+/// of a stream would otherwise keep too.
+fn own_path(uri: Uri) -> Uri {
+    uri.path_and_query()
+        .and_then(|pq| {
+            Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(pq.as_str().as_bytes())).ok()
+        })
+        .unwrap_or(uri)
 }
 
 /// One call counted in flight (`server.max_in_flight`) until it is dropped.

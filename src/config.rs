@@ -275,7 +275,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long a connection may sit with no request in progress (an idle HTTP/1 keep-alive
     /// connection, an HTTP/2 connection with no open stream) before it is closed. Also the
-    /// HTTP/2 keep-alive ping interval; a ping unanswered within it closes the connection.
+    /// HTTP/2 keep-alive ping interval; a ping unanswered within it closes the connection. Also
+    /// how long a client may take nothing of an answer mantlegate has more of (over HTTP/2: a
+    /// stream without flow-control window): the call is then given up, outcome
+    /// `client_stalled`, its upstream connection closed and the answer broken off.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// How long a request body may take to arrive whole, from its head; past it 408

@@ -46,7 +46,7 @@ pub struct Record {
     pub stream: bool,
     /// Status sent to the client.
     pub status: u16,
-    /// `forwarded`, `rejected`, `upstream_error`, `client_disconnect`.
+    /// `forwarded`, `rejected`, `upstream_error`, `client_disconnect`, `client_stalled`.
     pub outcome: &'static str,
     /// mantlegate's error code, when it refused or failed the call.
     pub error_code: Option<&'static str>,

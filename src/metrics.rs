@@ -31,7 +31,7 @@ pub struct CallLabels {
     pub api: &'static str,
     /// `2xx`, `4xx`, `5xx`...
     pub status_class: &'static str,
-    /// `forwarded`, `rejected`, `upstream_error`, `client_disconnect`.
+    /// `forwarded`, `rejected`, `upstream_error`, `client_disconnect`, `client_stalled`.
     pub outcome: &'static str,
 }
 
@@ -116,7 +116,7 @@ pub struct Observation<'a> {
     pub api: &'static str,
     /// `2xx`, `4xx`, `5xx`...
     pub status_class: &'static str,
-    /// `forwarded`, `rejected`, `upstream_error`, `client_disconnect`.
+    /// `forwarded`, `rejected`, `upstream_error`, `client_disconnect`, `client_stalled`.
     pub outcome: &'static str,
     /// The project's tag labels.
     pub tags: &'a TagLabels,
@@ -248,7 +248,7 @@ impl Metrics {
         let connections_closed = Family::default();
         registry.register(
             "client_connections_closed",
-            "Client connections mantlegate closed, by reason: header_read_timeout, idle_timeout, evicted (the longest idle, for a new one past max_connections), refused (past max_connections, none idle), shutdown",
+            "Client connections mantlegate closed, by reason: header_read_timeout, idle_timeout, evicted (the longest idle, for a new one past max_connections), refused (past max_connections, none idle), client_stalled (every answer in progress given up on: the client read none of it for idle_timeout), shutdown",
             connections_closed.clone(),
         );
         let reloads = Counter::default();

@@ -21,6 +21,7 @@ use crate::call::{Call, Outcome};
 use crate::error::ProxyError;
 use crate::meter::Usage;
 use crate::meter::stream::{BodyMeter, Kind};
+use crate::server::ClientLink;
 use crate::state::{AppState, Key, Project, ProjectIdx, Snapshot};
 use crate::upstream::UpstreamClient;
 use endpoint::Endpoint;
@@ -35,7 +36,8 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
 
 /// Handles every call that is not one of mantlegate's own endpoints.
-pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+pub async fn handle(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
+    let link = req.extensions_mut().remove::<ClientLink>();
     // The snapshot at arrival; a reload acknowledged before the call is forwarded is taken up
     // then (see `forward`), and the call keeps the one it was admitted under to the end.
     let snap = state.snapshot.load_full();
@@ -57,7 +59,9 @@ pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Respons
             let head = Instant::now();
             call.status = parts.status.as_u16();
             if let Some(id) = parts.headers.get(&X_REQUEST_ID) {
-                call.request_id = Some(id.clone());
+                // A copy: the value is a slice of the upstream's read buffer, which the call
+                // would otherwise keep whole for as long as it lasts.
+                call.request_id = HeaderValue::from_bytes(id.as_bytes()).ok();
             } else {
                 let id = call.request_id().clone();
                 parts.headers.insert(X_REQUEST_ID.clone(), id);
@@ -81,6 +85,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Respons
                 success,
                 snap.upstream.idle_timeout,
                 deadline,
+                link,
             );
             Response::from_parts(parts, Body::new(relay))
         }

@@ -27,7 +27,7 @@ pub enum Dim {
     Day,
     /// The UTC month, `YYYY-MM`.
     Month,
-    /// How the call ended (`forwarded`, `rejected`, `upstream_error`, `client_disconnect`).
+    /// How the call ended (`forwarded`, `rejected`, `upstream_error`, `client_disconnect`, `client_stalled`).
     Outcome,
     /// The value of one cost allocation tag of the call's project at call time; `""` when the
     /// project had no such tag (as Cost Explorer's "No tag key" group).

@@ -11,7 +11,15 @@
 //!   `header_read_timeout`, so at most twice that), whichever comes first;
 //! - past `max_connections`, a new connection closes the longest-idle one;
 //! - on shutdown, idle connections close at once (HTTP/2 with GOAWAY) and busy ones as soon as
-//!   their last request ends.
+//!   their last request ends;
+//! - once every request in progress on it is an answer the relay gave up on because the client
+//!   stopped reading it ([`ClientLink::stalled`]), it is closed at once.
+//!
+//! Each request carries a [`ClientLink`] to its connection: over HTTP/1 the relay reads there
+//! how much of its answer the client's socket has taken, so that it stops reading the upstream
+//! while the client does not read, and notices a client that reads nothing at all. The socket
+//! takes at most [`NOTSENT_LOWAT`] bytes it cannot send yet, so what it takes is what goes
+//! towards the client.
 //!
 //! Closing is hyper's graceful shutdown (GOAWAY, or the end of keep-alive), then, after
 //! [`CLOSE_GRACE`], the socket is dropped: a client that never answers the GOAWAY's ping
@@ -64,6 +72,16 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// HTTP/2 keep-alive pings: how long a ping may go unanswered before the connection closes.
 const PING_TIMEOUT_MAX: Duration = Duration::from_secs(20);
+
+/// Bytes a client's socket may hold that it has not sent yet (`TCP_NOTSENT_LOWAT`): past it,
+/// writes wait. Without it the kernel grows a socket's send buffer to megabytes, takes that
+/// much of an answer from a client that reads nothing, and only wakes a writer again once a
+/// third of it has drained, so a slow reader would look like one that reads nothing.
+pub const NOTSENT_LOWAT: u32 = 16 * 1024;
+
+/// The most an HTTP/2 stream's answer waits in the connection's send buffer (hyper's default
+/// is 400 KiB): a stream whose client grants no flow-control window holds no more than this.
+const H2_MAX_SEND_BUF: usize = 16 * 1024;
 
 /// The connection limits of `[server]`: read from the live config at each accept, so a reload
 /// applies to new connections.
@@ -139,6 +157,12 @@ struct Conn {
     signal: AtomicU8,
     /// Set by the task once it is closing: then the end of the last request wakes it.
     closing: AtomicBool,
+    /// Answers in progress the relay gave up on because their client stopped reading.
+    stalled: AtomicU32,
+    /// Bytes the socket has taken (see [`Watched`]).
+    taken: AtomicU64,
+    /// The socket's last write found it full, and it has taken nothing since.
+    blocked: AtomicBool,
     wake: Notify,
 }
 
@@ -152,6 +176,9 @@ impl Conn {
             ended_ms: AtomicU64::new(0),
             signal: AtomicU8::new(0),
             closing: AtomicBool::new(false),
+            stalled: AtomicU32::new(0),
+            taken: AtomicU64::new(0),
+            blocked: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -164,6 +191,155 @@ impl Conn {
     fn signal(&self, bit: u8) {
         self.signal.fetch_or(bit, Ordering::AcqRel);
         self.wake.notify_one();
+    }
+
+    /// Whether every request in progress is an answer given up on (and at least one is).
+    fn all_stalled(&self) -> bool {
+        let stalled = self.stalled.load(Ordering::Acquire);
+        stalled > 0 && stalled >= self.active.load(Ordering::Acquire)
+    }
+}
+
+/// What the relay of an answer knows of the client connection it goes out on. Every request
+/// carries one in its extensions.
+#[derive(Clone)]
+pub struct ClientLink {
+    conn: Arc<Conn>,
+    http1: bool,
+}
+
+impl ClientLink {
+    /// Whether the connection speaks HTTP/1 (one answer at a time, alone on its socket).
+    #[must_use]
+    pub fn is_http1(&self) -> bool {
+        self.http1
+    }
+
+    /// Bytes the connection's socket has taken since it was accepted (heads and framing
+    /// included).
+    #[must_use]
+    pub fn accepted(&self) -> u64 {
+        self.conn.taken.load(Ordering::Relaxed)
+    }
+
+    /// Whether the socket's last write found it full, and it has taken nothing since: the
+    /// connection has bytes to send that the client does not take.
+    #[must_use]
+    pub fn blocked(&self) -> bool {
+        self.conn.blocked.load(Ordering::Relaxed)
+    }
+
+    /// The relay gave up on this request's answer because the client stopped reading it (its
+    /// call is committed, its upstream let go). Once every request in progress on the
+    /// connection is in that state, the connection closes; the mark lasts until dropped, with
+    /// the answer.
+    #[must_use]
+    pub fn stalled(&self) -> StalledMark {
+        self.conn.stalled.fetch_add(1, Ordering::AcqRel);
+        self.conn.wake.notify_one();
+        StalledMark(self.conn.clone())
+    }
+}
+
+/// An answer given up on ([`ClientLink::stalled`]), until dropped.
+pub struct StalledMark(Arc<Conn>);
+
+impl Drop for StalledMark {
+    fn drop(&mut self) {
+        self.0.stalled.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client's socket, counting what it takes into [`Conn`]: one store per write, and one
+    /// more when it turns full or takes bytes again.
+    struct Watched<IO> {
+        #[pin]
+        io: IO,
+        conn: Arc<Conn>,
+        accepted: u64,
+        blocked: bool,
+    }
+}
+
+impl<IO> Watched<IO> {
+    fn new(io: IO, conn: Arc<Conn>) -> Self {
+        Self {
+            io,
+            conn,
+            accepted: 0,
+            blocked: false,
+        }
+    }
+}
+
+/// Counts a write's result into the connection's figures.
+fn note_write(
+    result: &Poll<std::io::Result<usize>>,
+    conn: &Conn,
+    accepted: &mut u64,
+    blocked: &mut bool,
+) {
+    match result {
+        Poll::Ready(Ok(n)) if *n > 0 => {
+            *accepted += *n as u64;
+            conn.taken.store(*accepted, Ordering::Relaxed);
+            if *blocked {
+                *blocked = false;
+                conn.blocked.store(false, Ordering::Relaxed);
+            }
+        }
+        Poll::Pending if !*blocked => {
+            *blocked = true;
+            conn.blocked.store(true, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+impl<IO: tokio::io::AsyncRead> tokio::io::AsyncRead for Watched<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Watched<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let result = this.io.poll_write(cx, buf);
+        note_write(&result, this.conn, this.accepted, this.blocked);
+        result
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let result = this.io.poll_write_vectored(cx, bufs);
+        note_write(&result, this.conn, this.accepted, this.blocked);
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }
 
@@ -348,6 +524,7 @@ fn builder(limits: &Limits) -> ConnBuilder<TokioExecutor> {
         // A client that stops answering pings (gone, or hostile) is dropped even while a
         // stream is open.
         .keep_alive_interval(limits.idle_timeout)
+        .max_send_buf_size(H2_MAX_SEND_BUF)
         .keep_alive_timeout(limits.idle_timeout.min(PING_TIMEOUT_MAX))
         // h2's defaults, stated: streams a client resets before they are served (the rapid
         // reset attack) and streams refused for protocol errors end the connection with
@@ -431,14 +608,13 @@ pub async fn run(
                 continue;
             }
         }
-        // Small writes (stream events) leave at once: without TCP_NODELAY, Nagle's algorithm
-        // and delayed ACKs hold them back by up to 40 ms.
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(%err, "cannot set TCP_NODELAY");
-        }
+        tune(&stream);
         let heads = Arc::new(framing::Heads::new(Instant::now()));
         let conn = Arc::new(Conn::new(heads.clone()));
-        let io = TokioIo::new(framing::Inspected::new(stream, heads.clone(), peer));
+        let io = TokioIo::new(Watched::new(
+            framing::Inspected::new(stream, heads.clone(), peer),
+            conn.clone(),
+        ));
         let service = TowerToHyperService::new(Tracked {
             inner: framing::Guarded::new(app.clone(), heads, peer),
             conn: conn.clone(),
@@ -473,6 +649,19 @@ pub async fn run(
     }
 }
 
+/// Socket options of an accepted connection.
+fn tune(stream: &tokio::net::TcpStream) {
+    // Small writes (stream events) leave at once: without TCP_NODELAY, Nagle's algorithm and
+    // delayed ACKs hold them back by up to 40 ms.
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::debug!(%err, "cannot set TCP_NODELAY");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(err) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!(%err, "cannot set TCP_NOTSENT_LOWAT");
+    }
+}
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -497,6 +686,30 @@ async fn drive(
     loop {
         tokio::select! {
             biased;
+            // First: a request given up on breaks its answer off when next polled, and the
+            // connection would end on that error before its closing is counted.
+            () = conn.wake.notified() => {
+                let now = Instant::now();
+                let signal = conn.signal.load(Ordering::Acquire);
+                if signal & EVICT != 0 {
+                    return;
+                }
+                if conn.all_stalled() {
+                    // Nothing in progress but answers whose clients read nothing: a graceful
+                    // close would wait on them, and the socket may take nothing more.
+                    tracing::debug!("closing a connection whose client reads nothing");
+                    metrics.connection_closed("client_stalled");
+                    return;
+                }
+                phase = match phase {
+                    Phase::Open if signal & DRAIN != 0 => {
+                        begin_closing(connection.as_mut(), conn, now)
+                    }
+                    Phase::Busy => closing(conn, now),
+                    // A wake-up with nothing new: the timer stands.
+                    _ => continue,
+                };
+            }
             // Errors here are the client's (reset, bad framing): nothing to do but end.
             _ = connection.as_mut() => return,
             () = &mut timer => {
@@ -515,21 +728,6 @@ async fn drive(
                             begin_closing(connection.as_mut(), conn, now)
                         }
                     },
-                };
-            }
-            () = conn.wake.notified() => {
-                let now = Instant::now();
-                let signal = conn.signal.load(Ordering::Acquire);
-                if signal & EVICT != 0 {
-                    return;
-                }
-                phase = match phase {
-                    Phase::Open if signal & DRAIN != 0 => {
-                        begin_closing(connection.as_mut(), conn, now)
-                    }
-                    Phase::Busy => closing(conn, now),
-                    // A wake-up with nothing new: the timer stands.
-                    _ => continue,
                 };
             }
         }
@@ -621,7 +819,12 @@ impl Drop for Active {
         // last one ended.
         let ms = u64::try_from(conn.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
         conn.ended_ms.store(ms, Ordering::Release);
-        if conn.active.fetch_sub(1, Ordering::AcqRel) == 1 && conn.closing.load(Ordering::Acquire) {
+        let last = conn.active.fetch_sub(1, Ordering::AcqRel) == 1;
+        // With answers given up on still in progress, the end of another request may leave
+        // only those: the task looks again.
+        if (last && conn.closing.load(Ordering::Acquire))
+            || conn.stalled.load(Ordering::Acquire) > 0
+        {
             conn.wake.notify_one();
         }
     }
@@ -639,8 +842,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
         let active = Active::begin(&self.conn);
+        let http1 = req.version() < axum::http::Version::HTTP_2;
+        req.extensions_mut().insert(ClientLink {
+            conn: self.conn.clone(),
+            http1,
+        });
         TrackedFuture {
             inner: self.inner.call(req),
             active: Some(active),

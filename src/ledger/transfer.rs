@@ -257,6 +257,7 @@ const KNOWN_NAMES: &[&str] = &[
     "rejected",
     "upstream_error",
     "client_disconnect",
+    "client_stalled",
 ];
 
 impl Names {

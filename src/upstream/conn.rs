@@ -18,8 +18,14 @@ use tokio_rustls::client::TlsStream;
 use super::Error;
 use super::wire::{Decoder, Framing, Step};
 
-/// Room made in a read buffer before each read.
-pub(super) const READ_SIZE: usize = 16 * 1024;
+/// Room made in a read buffer when it has less than [`MIN_READ`] left: the size of a fresh
+/// buffer. Frames are slices of it, so one that the client has not taken keeps its buffer
+/// whole; a fresh one is made only when the last is (nearly) full, so that the small reads of
+/// a stream share one.
+pub(super) const READ_SIZE: usize = 8 * 1024;
+
+/// The least room a read is given in the buffer it shares with earlier reads.
+const MIN_READ: usize = 1024;
 
 /// Most idle connections kept; more are closed as they come back.
 const MAX_IDLE: usize = 512;
@@ -315,7 +321,9 @@ impl Body for UpstreamBody {
                     return Poll::Ready(None);
                 }
                 Ok(Step::NeedMore) => {
-                    conn.buf.reserve(READ_SIZE);
+                    if conn.buf.capacity() - conn.buf.len() < MIN_READ {
+                        conn.buf.reserve(READ_SIZE);
+                    }
                     match tokio_util::io::poll_read_buf(
                         Pin::new(&mut conn.stream),
                         cx,
