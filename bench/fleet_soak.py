@@ -604,6 +604,17 @@ async def sample(replicas, stats, started, db_url, pg, events):
 # The run
 
 
+def parse_faults(text):
+    """`--faults`: `WHAT@AT+FOR,...` (seconds), WHAT one of redis_kill, pg_cut, pg_stall."""
+    out = []
+    for item in filter(None, text.split(",")):
+        m = re.fullmatch(r"(redis_kill|pg_cut|pg_stall)@([\d.]+)\+([\d.]+)", item.strip())
+        if not m:
+            raise argparse.ArgumentTypeError(f"--faults: cannot read {item!r}")
+        out.append((float(m.group(2)), m.group(1), float(m.group(3))))
+    return sorted(out)
+
+
 def schedule(seconds):
     """(time, what, duration) of the faults: Redis killed twice, PostgreSQL cut off twice and
     stalled once, spread over the run (durations shrink for short runs)."""
@@ -694,7 +705,7 @@ async def run(args, work):
 
         async def faults():
             nonlocal redis
-            for at, what, dur in schedule(args.seconds):
+            for at, what, dur in args.faults or schedule(args.seconds):
                 await asyncio.sleep(max(0.0, started + at - time.monotonic()))
                 t = time.monotonic() - started
                 if what == "redis_kill":
@@ -760,9 +771,9 @@ async def run(args, work):
         samples.append({**await sample(replicas, stats, started, db_url, pg, events),
                         "after": True})
         final_metrics = [await metrics(r.addr) for r in replicas]
-        budgets_cli = subprocess.run(
-            [args.mantlegate, "budgets", "--config", cfg_paths[0]], capture_output=True,
-            text=True).stdout
+        cli = subprocess.run([args.mantlegate, "budgets", "--config", cfg_paths[0]],
+                             capture_output=True, text=True, env=env)
+        budgets_cli = cli.stdout + cli.stderr
         with open("/proc/loadavg") as f:
             load_end = " ".join(f.read().split()[:3])
         result = dict(stats=stats, samples=samples, checks=checks, elapsed=elapsed,
@@ -1062,6 +1073,9 @@ async def main():
     p.add_argument("--app-usd", default=None, help="alert budget of soak-app's project")
     p.add_argument("--limited-rpm", type=int, default=600)
     p.add_argument("--limited-tpm", type=int, default=400000)
+    p.add_argument("--faults", type=parse_faults, default=None,
+                   help="WHAT@AT+FOR,... in place of the default schedule, e.g. "
+                        "pg_cut@120+30,redis_kill@300+20,pg_stall@400+35")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--note", default="", help="a line for the report")
     p.add_argument("--out", help="write the report here (else stdout)")
