@@ -771,8 +771,10 @@ async def run(args, work):
         samples.append({**await sample(replicas, stats, started, db_url, pg, events),
                         "after": True})
         final_metrics = [await metrics(r.addr) for r in replicas]
-        cli = subprocess.run([args.mantlegate, "budgets", "--config", cfg_paths[0]],
-                             capture_output=True, text=True, env=env)
+        # In a thread: its connection goes through the proxy, which runs on this event loop.
+        cli = await asyncio.to_thread(
+            subprocess.run, [args.mantlegate, "budgets", "--config", cfg_paths[0]],
+            capture_output=True, text=True, env=env)
         budgets_cli = cli.stdout + cli.stderr
         with open("/proc/loadavg") as f:
             load_end = " ".join(f.read().split()[:3])
