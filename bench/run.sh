@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# mantlegate's benchmark: bench/run.sh [all|throughput|memory|ledger|profile|soak]
+# mantlegate's benchmark: bench/run.sh [all|throughput|memory|ledger|profile|soak|fleet-soak]
 #
 #   throughput  wrk against the fake upstream: direct, through mantlegate, through nginx
 #   memory      1,000 slow streams held open through mantlegate: peak RSS, every stream checked
@@ -8,6 +8,11 @@
 #               BENCH_PROFILE_BODY=chat_stream|responses|responses_stream profiles another)
 #   soak        10 minutes of mixed traffic (bench/soak.py): is memory flat, does the ledger
 #               hold one record per call sent? Not part of `all`.
+#   fleet-soak  30 minutes of mixed traffic over two replicas sharing a PostgreSQL ledger and a
+#               Redis, with reloads, Redis killed, PostgreSQL cut off and stalled
+#               (bench/fleet_soak.py): every call in the ledger once, budgets exact on both
+#               replicas, memory flat? Needs psql, a PostgreSQL server and redis-server. Not
+#               part of `all`.
 #   all         throughput, memory, ledger (default)
 #
 # Settings (environment): BENCH_SECONDS (10) per measured run, BENCH_WARMUP (2) seconds,
@@ -27,14 +32,17 @@
 # on the request path reports its CPU per call side by side with the build before it). Soak: SOAK_SECONDS (600) of load, SOAK_SAMPLE_SECONDS
 # (10) between memory samples, SOAK_CONCURRENCY (64) clients, SOAK_EVENT_DELAY_MS (5) between
 # the upstream's stream events, SOAK_MIX (KIND=SHARE,... overriding bench/soak.py's default
-# mix); the report goes to bench/results/soak-<UTC date>.md.
+# mix); the report goes to bench/results/soak-<UTC date>.md. Fleet soak: SOAK_SECONDS (1800),
+# SOAK_SAMPLE_SECONDS (10), SOAK_CONCURRENCY (16), SOAK_EVENT_DELAY_MS (5), BENCH_PG_URL
+# (postgres://postgres@127.0.0.1:5432/: a scratch database is made there and dropped),
+# BENCH_NOTE (a line for the report); the report goes to bench/results/<UTC date>-fleet-soak.md.
 # See bench/README.md for what each figure means.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 MODE=${1:-all}
-case "$MODE" in all | throughput | memory | ledger | profile | soak) ;; *)
-  echo "usage: bench/run.sh [all|throughput|memory|ledger|profile|soak]" >&2
+case "$MODE" in all | throughput | memory | ledger | profile | soak | fleet-soak) ;; *)
+  echo "usage: bench/run.sh [all|throughput|memory|ledger|profile|soak|fleet-soak]" >&2
   exit 2
   ;;
 esac
@@ -55,6 +63,10 @@ MEM_HOLD=${BENCH_MEM_HOLD_SECONDS:-60}
 SOAK_SECS=${SOAK_SECONDS:-600}
 SOAK_SAMPLE=${SOAK_SAMPLE_SECONDS:-10}
 SOAK_CONC=${SOAK_CONCURRENCY:-64}
+if [ "$MODE" = fleet-soak ]; then
+  SOAK_SECS=${SOAK_SECONDS:-1800}
+  SOAK_CONC=${SOAK_CONCURRENCY:-16}
+fi
 SOAK_EVENT_DELAY=${SOAK_EVENT_DELAY_MS:-5}
 SOAK_MIX=${SOAK_MIX:-}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -78,15 +90,22 @@ EVENTS=20
 
 need_tools() {
   local missing=()
-  [ "$MODE" = soak ] || command -v wrk >/dev/null || missing+=(wrk)
-  [ "$MODE" = memory ] || [ "$MODE" = ledger ] || [ "$MODE" = soak ] || command -v nginx >/dev/null || missing+=(nginx)
+  local soaks=0
+  case "$MODE" in soak | fleet-soak) soaks=1 ;; esac
+  [ "$soaks" = 1 ] || command -v wrk >/dev/null || missing+=(wrk)
+  [ "$MODE" = memory ] || [ "$MODE" = ledger ] || [ "$soaks" = 1 ] || command -v nginx >/dev/null || missing+=(nginx)
+  if [ "$MODE" = fleet-soak ]; then
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v psql >/dev/null || missing+=(postgresql-client)
+  fi
   if [ "$MODE" = profile ] && ! command -v perf >/dev/null; then missing+=(linux-perf); fi
   if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
   local tools=(python3 taskset curl)
-  [ "$MODE" = soak ] || tools+=(wrk)
+  [ "$soaks" = 1 ] || tools+=(wrk)
+  [ "$MODE" = fleet-soak ] && tools+=(redis-server psql)
   for t in "${tools[@]}"; do
     command -v "$t" >/dev/null || {
       echo "bench/run.sh needs $t (Debian: apt-get install wrk python3 util-linux curl)" >&2
@@ -96,7 +115,11 @@ need_tools() {
 }
 
 build() {
-  if [ "${BENCH_BUILD:-1}" = 1 ]; then
+  if [ "${BENCH_BUILD:-1}" = 1 ] && [ "$MODE" = fleet-soak ]; then
+    # The fleet soak needs the binary alone (its upstream is `mantlegate simulate`).
+    echo "building (release): mantlegate"
+    cargo build --release --locked --bin mantlegate
+  elif [ "${BENCH_BUILD:-1}" = 1 ]; then
     echo "building (release): mantlegate, bench-upstream, ledger-bench, bench-floor"
     cargo build --release --locked --bin mantlegate --example bench-upstream --example ledger-bench --example bench-floor
   fi
@@ -104,7 +127,9 @@ build() {
   MG_BIN=${BENCH_MANTLEGATE:-$TARGET_DIR/release/mantlegate}
   UP_BIN=$TARGET_DIR/release/examples/bench-upstream
   LB_BIN=$TARGET_DIR/release/examples/ledger-bench
-  for b in "$MG_BIN" "$UP_BIN" "$LB_BIN"; do
+  local bins=("$MG_BIN" "$UP_BIN" "$LB_BIN")
+  [ "$MODE" = fleet-soak ] && bins=("$MG_BIN")
+  for b in "${bins[@]}"; do
     [ -x "$b" ] || {
       echo "missing $b: run with BENCH_BUILD=1" >&2
       exit 1
@@ -617,6 +642,20 @@ soak() {
   return "$rc"
 }
 
+fleet_soak() {
+  echo "fleet soak: ${SOAK_SECS} s of mixed traffic from $SOAK_CONC clients over two replicas"
+  local rc=0
+  python3 "$ROOT/bench/fleet_soak.py" --mantlegate "$MG_BIN" --seconds "$SOAK_SECS" \
+    --sample "$SOAK_SAMPLE" --concurrency "$SOAK_CONC" --event-delay-ms "$SOAK_EVENT_DELAY" \
+    --pg "${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/}" --note "${BENCH_NOTE:-}" \
+    --out "$RESULTS" --log "$RAW" 2> >(tee -a "$RAW" >&2) >/dev/null || rc=$?
+  cat "$RESULTS"
+  echo
+  echo "results: $RESULTS (progress and the replicas' log lines other than access lines: $RAW)"
+  [ "$rc" = 0 ] || echo "fleet soak: a check failed (see the report's verdict)" >&2
+  return "$rc"
+}
+
 profile() {
   command -v perf >/dev/null || {
     echo "profile needs perf (Debian: apt-get install linux-perf)" >&2
@@ -678,6 +717,10 @@ case "$MODE" in
     ;;
   soak)
     soak
+    exit 0
+    ;;
+  fleet-soak)
+    fleet_soak
     exit 0
     ;;
   throughput) throughput ;;

@@ -916,9 +916,15 @@ fn ledger_import(path: &Path, input: Option<&Path>) -> anyhow::Result<()> {
     let config = load(path)?;
     let budgets =
         crate::budget::Budgets::from_config(&config, jiff::Timestamp::now().as_millisecond())?;
+    // Rolled up as the writer of `serve` rolls up: the same cap on a key's models in a day.
+    let max_models = config.ledger.max_models_per_day;
     let mut store: Box<dyn Store> = match &config.ledger.url {
-        Some(url) => Box::new(PostgresStore::connect(url.expose())?),
-        None => Box::new(SqliteStore::open(Path::new(&config.ledger.path))?),
+        Some(url) => {
+            Box::new(PostgresStore::connect(url.expose())?.with_max_models_per_day(max_models))
+        }
+        None => Box::new(
+            SqliteStore::open(Path::new(&config.ledger.path))?.with_max_models_per_day(max_models),
+        ),
     };
     let mut reader: Box<dyn std::io::BufRead> = match input {
         Some(p) => Box::new(std::io::BufReader::new(

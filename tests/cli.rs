@@ -493,6 +493,57 @@ async fn a_config_path_that_is_not_a_regular_file_is_refused_at_start() {
     }
 }
 
+/// `ledger import` rolls up as the writer does, under the config's `[ledger]
+/// max_models_per_day`: a key's models past it that day go under `(other)`, not the default cap.
+#[test]
+fn ledger_import_rolls_up_under_the_configured_max_models_per_day() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mantlegate.toml");
+    let config = config_in(dir.path(), "http://127.0.0.1:9")
+        .replace("[ledger]\n", "[ledger]\nmax_models_per_day = 2\n");
+    assert!(config.contains("max_models_per_day = 2"), "{config}");
+    std::fs::write(&path, config).expect("write");
+    let lines: String = (1..=5)
+        .map(|n| {
+            format!(
+                r#"{{"call_id":"mg_models{n}","ts_ms":{ts},"request_id":"r{n}","key_name":"scraper","key_fp":null,"route":null,"project_name":"Search","project_id":"proj_search","tags":"{{}}","api":"chat.completions","model":"m{n}","stream":false,"status":200,"outcome":"forwarded","error_code":null,"input_tokens":10,"cached_input_tokens":0,"output_tokens":5,"reasoning_tokens":0,"usage_source":"reported","cost_pico":5,"duration_ms":1.0,"ttfb_ms":null,"upstream_response_id":null}}"#,
+                ts = 1_780_000_000_000_i64 + i64::from(n)
+            ) + "\n"
+        })
+        .collect();
+    let input = dir.path().join("calls.jsonl");
+    std::fs::write(&input, lines).expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["ledger", "import", "--config"])
+        .arg(&path)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).expect("open ledger");
+    let mut stmt = conn
+        .prepare("SELECT model, requests FROM daily ORDER BY model")
+        .expect("prepare");
+    let rows: Vec<(String, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(
+        rows,
+        vec![
+            ("(other)".to_owned(), 3),
+            ("m1".to_owned(), 1),
+            ("m2".to_owned(), 1),
+        ]
+    );
+}
+
 #[test]
 fn ledger_import_refuses_a_bad_line_by_number_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
