@@ -733,8 +733,17 @@ async fn policy_violations_stop_the_plan() {
         .await
         .expect_err("policy violation");
     let msg = format!("{err:#}");
+    // The entry's line in the file: its `tags` key.
+    let line = std::fs::read_to_string(&path)
+        .expect("read")
+        .lines()
+        .position(|l| l.starts_with("tags = { Env"))
+        .expect("the tags line")
+        + 1;
     assert!(
-        msg.contains("projects[0].tags: project `NoTeam` lacks the required tag `Team`"),
+        msg.contains(&format!(
+            "projects[0].tags (line {line}): project `NoTeam` lacks the required tag `Team`"
+        )),
         "{msg}"
     );
     assert!(msg.contains("nothing was planned"), "{msg}");
