@@ -388,7 +388,7 @@ async fn run(
         state.signer = Some(signer);
     }
     let (store, reader, pg) = open_ledger(config)?;
-    state.seed_pending(&*reader)?;
+    state.responses.seed_from_ledger(&*reader)?;
     match &pg {
         // The fleet's shared month-to-date figures, seeded from the calls where missing.
         Some(pg) => state.snapshot.load().budgets.seed_from_fleet(None, pg)?,

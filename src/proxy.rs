@@ -574,7 +574,7 @@ async fn settle_before_use(
     signer: Option<&crate::sigv4::Signer>,
 ) {
     note_fleet_pending(state, id).await;
-    if !state.pending_background.contains_key(id) {
+    if !state.responses.is_pending(id) {
         return;
     }
     let (Some(project), up) = (call.project.map(|p| &snap.projects[p]), &snap.upstream) else {
@@ -704,7 +704,7 @@ fn meter_kind(
         // Only an answer about a pending background response can carry usage to meter: the
         // response itself (a GET, a GET replaying or resuming its events) or a cancel's answer.
         Endpoint::GetResponse | Endpoint::CancelResponse
-            if target_response.is_some_and(|id| state.pending_background.contains_key(id)) =>
+            if target_response.is_some_and(|id| state.responses.is_pending(id)) =>
         {
             if sse {
                 Kind::ResponsesStream
@@ -728,8 +728,8 @@ async fn owner_of_response(
     snap: &Snapshot,
     id: &str,
 ) -> anyhow::Result<Option<ProjectIdx>> {
-    if let Some(p) = state.responses.get(id) {
-        return Ok(snap.project_by_handle(&p.value().0));
+    if let Some(project_id) = state.responses.owner(id) {
+        return Ok(snap.project_by_handle(&project_id));
     }
     let Some(reader) = state.reader.as_ref() else {
         return Ok(None);
@@ -764,7 +764,7 @@ async fn note_fleet_pending(state: &AppState, id: &str) {
     let Some(pg) = &state.fleet else {
         return;
     };
-    if state.pending_background.contains_key(id) {
+    if state.responses.is_pending(id) {
         return;
     }
     let pg = pg.clone();
@@ -775,7 +775,7 @@ async fn note_fleet_pending(state: &AppState, id: &str) {
         .and_then(Result::ok)
         .flatten();
     if let Some((project_id, model)) = found {
-        state.pending_background.insert(
+        state.responses.add_pending(
             id.to_owned(),
             crate::state::PendingBackground {
                 project_id: project_id.into(),
