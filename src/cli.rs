@@ -868,7 +868,7 @@ fn check(path: &Path) -> ExitCode {
                 match &config.limits.store {
                     Some(url) => println!(
                         "  rate limits: shared by every replica in {} (script {})",
-                        crate::ratelimit::redis::describe_url(url).unwrap_or_default(),
+                        crate::config::describe_store_url(url).unwrap_or_default(),
                         crate::ratelimit::redis::SCRIPT_NAME
                     ),
                     None => println!(

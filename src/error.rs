@@ -1,5 +1,6 @@
 //! One error type for the request path, rendered as OpenAI's `{"error":{...}}` body.
 
+use std::fmt;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -8,7 +9,6 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::budget::Exceeded;
-use crate::framing::Ambiguity;
 use crate::ratelimit::Limited;
 
 fn rate_message(l: &Limited) -> String {
@@ -26,6 +26,27 @@ fn budget_message(e: &Exceeded, output_tokens: u64) -> String {
             "budget `{}` cannot cover this call: it reserves up to ${} for {output_tokens} output tokens (its output cap; without one, the model's output ceiling), more than is left of ${} after ${} spent this month and what calls in flight hold. Lower the output cap, ask your platform team to raise the budget, or wait for the next month",
             e.name, e.reserve_usd, e.limit_usd, e.spend_usd
         )
+    }
+}
+
+/// Why a request's length is ambiguous (found by [`crate::framing`], which refuses it with
+/// [`ProxyError::AmbiguousLength`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ambiguity {
+    /// Both `Content-Length` and `Transfer-Encoding: chunked`.
+    LengthAndChunked,
+    /// `Content-Length` more than once (hyper refuses differing values itself).
+    TwoLengths,
+}
+
+impl fmt::Display for Ambiguity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::LengthAndChunked => {
+                "the request carries both Content-Length and Transfer-Encoding: chunked"
+            }
+            Self::TwoLengths => "the request carries Content-Length more than once",
+        })
     }
 }
 

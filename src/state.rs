@@ -290,7 +290,7 @@ impl Snapshot {
         let now_ms = jiff::Timestamp::now().as_millisecond();
         let budgets = Budgets::from_config(config, now_ms)?;
         for project in &mut projects {
-            project.budgets = budgets.applicable(project);
+            project.budgets = budgets.applicable(&project.name, &project.tags);
         }
         let up = &config.upstream;
         Ok(Self {
