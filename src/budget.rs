@@ -27,7 +27,6 @@ use serde::Serialize;
 
 use crate::config::{BudgetAction, Config};
 use crate::pricing;
-use crate::state::Project;
 
 /// Spend of one project and tag set: `(project name, tags, pico-dollars)`.
 type SpendRow = (String, std::collections::BTreeMap<String, String>, i64);
@@ -406,13 +405,17 @@ impl Budgets {
         })
     }
 
-    /// Indices of the budgets a project's calls fall under.
+    /// Indices of the budgets the calls of a project with `name` and `tags` fall under.
     #[must_use]
-    pub fn applicable(&self, project: &Project) -> Vec<usize> {
+    pub fn applicable(
+        &self,
+        name: &str,
+        tags: &std::collections::BTreeMap<String, String>,
+    ) -> Vec<usize> {
         self.list
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.scope.covers(&project.name, &project.tags))
+            .filter(|(_, b)| b.scope.covers(name, tags))
             .map(|(i, _)| i)
             .collect()
     }

@@ -321,9 +321,9 @@ impl Call {
         let project = &self.snap.projects[p];
         self.state
             .responses
-            .insert(id.clone(), (project.id.clone(), Instant::now()));
+            .record_owner(id.clone(), project.id.clone());
         if background == Some(&Background::Pending) {
-            self.state.pending_background.insert(
+            self.state.responses.add_pending(
                 id.clone(),
                 PendingBackground {
                     project_id: project.id.clone(),
@@ -475,11 +475,11 @@ impl Call {
                 // replay resumed past its terminal event) leaves it pending for one that has.
                 let settled = match (&self.target_response, finished, source) {
                     (Some(id), true, UsageSource::Reported) => {
-                        self.state.pending_background.remove(id)
+                        self.state.responses.take_pending(id)
                     }
                     _ => None,
                 };
-                let Some((_, pending)) = settled else {
+                let Some(pending) = settled else {
                     return none;
                 };
                 if self.model.is_none() {

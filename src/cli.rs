@@ -426,7 +426,7 @@ async fn run(
         state.signer = Some(signer);
     }
     let (store, reader, pg) = open_ledger(config)?;
-    state.seed_pending(&*reader)?;
+    state.responses.seed_from_ledger(&*reader)?;
     match &pg {
         // The fleet's shared month-to-date figures, seeded from the calls where missing.
         Some(pg) => state.snapshot.load().budgets.seed_from_fleet(None, pg)?,
@@ -1088,7 +1088,7 @@ fn notes(config: &Config) {
         match &config.limits.store {
             Some(url) => println!(
                 "  rate limits: shared by every replica in {} (script {})",
-                crate::ratelimit::redis::describe_url(url).unwrap_or_default(),
+                crate::config::describe_store_url(url).unwrap_or_default(),
                 crate::ratelimit::redis::SCRIPT_NAME
             ),
             None => println!(

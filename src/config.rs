@@ -981,7 +981,7 @@ impl Config {
             v.add("limits.default_max_output_tokens", "must be greater than 0");
         }
         if let Some(url) = &self.limits.store
-            && let Err(problem) = crate::ratelimit::redis::describe_url(url)
+            && let Err(problem) = describe_store_url(url)
         {
             v.add("limits.store", problem);
         }
@@ -1493,6 +1493,20 @@ pub fn glob_matches(pattern: &str, model: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => model.starts_with(prefix),
         None => pattern == model,
+    }
+}
+
+/// Checks a `[limits] store` URL (`redis://`, `rediss://`, `redis+unix://`, `unix://`) and
+/// returns it with any password hidden, for `check` and the logs.
+pub fn describe_store_url(url: &str) -> Result<String, String> {
+    redis::Client::open(url).map_err(|e| format!("not a usable Redis URL: {e}"))?;
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Hiding a password cannot fail on a URL that has one.
+            let _ = parsed.set_password(Some("***"));
+            Ok(parsed.to_string())
+        }
+        _ => Ok(url.to_owned()),
     }
 }
 
@@ -2042,5 +2056,20 @@ monthly_usd = "5"
             Err(ConfigError::Read { .. }) => {}
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn urls_are_checked_and_passwords_hidden() {
+        assert_eq!(
+            describe_store_url("redis://127.0.0.1:6379/2").as_deref(),
+            Ok("redis://127.0.0.1:6379/2")
+        );
+        assert_eq!(
+            describe_store_url("redis://default:s3cret@redis.internal:6379").as_deref(),
+            Ok("redis://default:***@redis.internal:6379")
+        );
+        assert!(describe_store_url("rediss://redis.internal:6380").is_ok());
+        assert!(describe_store_url("http://redis.internal").is_err());
+        assert!(describe_store_url("not a url").is_err());
     }
 }

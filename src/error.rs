@@ -1,5 +1,6 @@
 //! One error type for the request path, rendered as OpenAI's `{"error":{...}}` body.
 
+use std::fmt;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -8,7 +9,6 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::budget::{Exceeded, OutputFrom, Reckoning};
-use crate::framing::Ambiguity;
 use crate::ratelimit::Limited;
 
 fn rate_message(l: &Limited) -> String {
@@ -46,6 +46,27 @@ fn budget_message(e: &Exceeded, r: &Reckoning) -> String {
         "budget `{}` cannot hold this call's reservation: the most the call may cost, reserved until it ends, is ${} = {derivation}, and only ${} of the ${} budget is left this month (${} spent, ${} held by calls in flight). Send a lower output cap (chat: max_completion_tokens or max_tokens; Responses: max_output_tokens) so the reservation fits, ask your platform team to raise the budget, or wait for the next month",
         e.name, e.reserve_usd, e.left_usd, e.limit_usd, e.spend_usd, e.held_usd
     )
+}
+
+/// Why a request's length is ambiguous (found by [`crate::framing`], which refuses it with
+/// [`ProxyError::AmbiguousLength`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ambiguity {
+    /// Both `Content-Length` and `Transfer-Encoding: chunked`.
+    LengthAndChunked,
+    /// `Content-Length` more than once (hyper refuses differing values itself).
+    TwoLengths,
+}
+
+impl fmt::Display for Ambiguity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::LengthAndChunked => {
+                "the request carries both Content-Length and Transfer-Encoding: chunked"
+            }
+            Self::TwoLengths => "the request carries Content-Length more than once",
+        })
+    }
 }
 
 /// Everything mantlegate itself refuses or fails with. Upstream errors are relayed, not wrapped.

@@ -27,7 +27,6 @@
 //! a copy when it arrives in one read) and a subtraction per read of a sized body.
 
 use std::convert::Infallible;
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -43,7 +42,7 @@ use futures_util::future::{Either, Ready, ready as ready_future};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::Service;
 
-use crate::error::ProxyError;
+use crate::error::{Ambiguity, ProxyError};
 
 /// The longest answer taken for hyper's bare refusal (status line, `connection`,
 /// `content-length: 0`, `date`: about 120 bytes).
@@ -55,26 +54,6 @@ pub const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 
 /// Most header lines in a head: hyper's default; a head with more is refused by hyper (431).
 const MAX_HEADERS: usize = 100;
-
-/// Why a request's length is ambiguous.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ambiguity {
-    /// Both `Content-Length` and `Transfer-Encoding: chunked`.
-    LengthAndChunked,
-    /// `Content-Length` more than once (hyper refuses differing values itself).
-    TwoLengths,
-}
-
-impl fmt::Display for Ambiguity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::LengthAndChunked => {
-                "the request carries both Content-Length and Transfer-Encoding: chunked"
-            }
-            Self::TwoLengths => "the request carries Content-Length more than once",
-        })
-    }
-}
 
 /// What the inspection of one connection found, shared by [`Inspected`] and [`Guarded`] (and
 /// read by the connection's timers).

@@ -45,11 +45,6 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::error::ProxyError;
 use crate::state::AppState;
 
-/// How long the in-process response-id index keeps an entry: long past the ledger's commit
-/// (after it, lookups go to the ledger's index), short enough that the index stays small
-/// (at 1,000 responses a second, about 20 MiB).
-const RESPONSE_INDEX_TTL: Duration = Duration::from_mins(2);
-
 /// The whole app. Layers, outermost first:
 /// 1. `CatchPanicLayer`: a bug answers 500 `internal_error` (OpenAI-shaped, no panic text,
 ///    which could hold anything) instead of dropping the connection.
@@ -184,16 +179,7 @@ pub async fn serve(
     // The in-process index of response ids only bridges the moment until the ledger has the
     // record: older entries are dropped (lookups then go to the ledger).
     let responses = state.responses.clone();
-    let pruner = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(15));
-        loop {
-            tick.tick().await;
-            let cutoff = std::time::Instant::now().checked_sub(RESPONSE_INDEX_TTL);
-            if let Some(cutoff) = cutoff {
-                responses.retain(|_, (_, at)| *at >= cutoff);
-            }
-        }
-    });
+    let pruner = tokio::spawn(async move { responses.prune_periodically().await });
     let _stop_pruner = AbortOnDrop(pruner);
     // Our own accept loop rather than `axum::serve`: it bounds how long a connection may stay
     // silent or idle and how many may be open (`server`), and wraps each connection to refuse

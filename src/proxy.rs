@@ -5,12 +5,13 @@ pub mod facts;
 pub mod headers;
 pub mod relay;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header, request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header, request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -124,8 +125,9 @@ struct Caller<'s, 'p> {
     key: &'s Key,
     endpoint: Endpoint,
     project: ProjectIdx,
-    /// The stored response the call deletes (to be billed first if pending).
-    deletes: Option<String>,
+    /// The stored response the call deletes or builds on (`previous_response_id`), to be
+    /// billed first if pending.
+    uses: Option<String>,
 }
 
 /// Route, key, endpoint and project of a call under `snap`, and the ownership of the stored
@@ -175,42 +177,83 @@ async fn identify<'s, 'p>(
         key,
         endpoint,
         project,
-        deletes,
+        uses: deletes,
     })
 }
 
-/// Everything between arrival and the upstream's response head.
+/// Everything between arrival and the upstream's response head, one phase after another.
 ///
 /// The call is identified under `arrival`, the snapshot current when its head came; once its
 /// body is in, a reload acknowledged meanwhile is in force for it: it is authenticated,
 /// attributed and admitted again under the new snapshot (a key disabled, expired or removed,
 /// a grant removed, refuses it), which it then carries to its settlement.
-#[expect(
-    clippy::too_many_lines,
-    reason = "the request path read top to bottom, one step after another"
-)]
 async fn forward(
     state: &AppState,
     arrival: &Arc<Snapshot>,
     req: Request,
     call: &mut Call,
 ) -> Result<Upstream, ProxyError> {
-    // Declared first: the caller found under it borrows from it to the end.
-    let reloaded: Arc<Snapshot>;
+    // Declared first: the caller found under a reloaded snapshot borrows from it to the end.
+    let mut reloaded = None;
     let (parts, body) = req.into_parts();
+    let canonical = screen(&parts, parts.uri.path(), call)?;
+    let path = &*canonical;
+    let who = identify(state, arrival, &parts, path, call, false).await?;
+    if who.endpoint == Endpoint::GetResponse && asks_stream(parts.uri.query()) {
+        call.stream = true;
+    }
+    let mut body = receive_body(arrival, body, &parts, who.endpoint, call).await?;
+    let (snap, mut who) =
+        take_up_reload(state, arrival, &mut reloaded, &parts, path, who, call).await?;
+    let credentials = credentials(state, snap, who.key, &parts.headers)?;
+    let asked = read_facts(state, snap, &mut who, &mut body, call).await?;
+    let project = &snap.projects[who.project];
+    admit(snap, who.key, project, who.endpoint, asked.max_output, call).await?;
+    if let Some(id) = &who.uses {
+        let authorization = credentials.authorization.as_ref();
+        settle_before_use(state, snap, call, id, authorization, credentials.signer).await;
+    }
+    let uri = upstream_uri(&snap.upstream, call.model.as_deref(), who.rest, &parts)?;
+    let outgoing = upstream_request(
+        parts.method,
+        uri,
+        &parts.headers,
+        credentials,
+        project,
+        body,
+    );
+    let sent = Instant::now();
+    let response = send_with_retries(&snap.upstream, &state.upstream, &outgoing, call).await?;
+    Ok(answer(
+        state,
+        response,
+        who.endpoint,
+        project,
+        asked.inject_usage,
+        sent,
+        call,
+    ))
+}
+
+/// The checks made before anything is looked up, on `sent`, the path as sent (that of
+/// `parts`), and on its canonical form, which is returned: every decision after (route,
+/// endpoint, response id) and the upstream's path use that form, so that nothing can read the
+/// path differently from the upstream.
+fn screen<'p>(
+    parts: &request::Parts,
+    sent: &'p str,
+    call: &mut Call,
+) -> Result<Cow<'p, str>, ProxyError> {
     // mantlegate's own API: a path there that is none of its endpoints is no API call either,
     // and leaves no ledger record (probes of the admin API are not anyone's spend).
-    if endpoint::is_admin(parts.uri.path()) {
+    if endpoint::is_admin(sent) {
         call.unrecorded = true;
-        return Err(endpoint::unknown(&parts.method, parts.uri.path()));
+        return Err(endpoint::unknown(&parts.method, sent));
     }
-    // Every decision below (route, endpoint, response id) and the upstream's path use the
-    // canonical form, so that nothing can read the path differently from the upstream.
-    let canonical = endpoint::canonical_path(parts.uri.path())?;
-    let path = &*canonical;
-    if endpoint::is_admin(path) {
+    let canonical = endpoint::canonical_path(sent)?;
+    if endpoint::is_admin(&canonical) {
         call.unrecorded = true;
-        return Err(endpoint::unknown(&parts.method, parts.uri.path()));
+        return Err(endpoint::unknown(&parts.method, sent));
     }
     if let Some((name, _)) = parts
         .headers
@@ -219,52 +262,89 @@ async fn forward(
     {
         return Err(ProxyError::HeaderTooLarge(name.as_str().to_owned()));
     }
-    let mut who = identify(state, arrival, &parts, path, call, false).await?;
-    if who.endpoint == Endpoint::GetResponse && asks_stream(parts.uri.query()) {
-        call.stream = true;
-    }
+    Ok(canonical)
+}
 
-    let mut body = if who.endpoint.forwards_body() {
-        let within = (call.started(), arrival.connections.request_body_timeout);
-        read_body(body, arrival.max_body_bytes, &parts, within).await?
+/// The request body, read whole (within `max_body_bytes` and `request_body_timeout` of
+/// `snap`) when the endpoint forwards one; empty, nothing read and nothing sent upstream, when
+/// it does not.
+async fn receive_body(
+    snap: &Snapshot,
+    body: Body,
+    parts: &request::Parts,
+    endpoint: Endpoint,
+    call: &mut Call,
+) -> Result<Bytes, ProxyError> {
+    let body = if endpoint.forwards_body() {
+        let within = (call.started(), snap.connections.request_body_timeout);
+        read_body(body, snap.max_body_bytes, parts, within).await?
     } else {
         Bytes::new()
     };
     call.request_bytes = body.len();
+    Ok(body)
+}
+
+/// The snapshot the call runs under from here on, and who the call is under it: `arrival`
+/// and `who` as they are when no reload came while the body arrived (one load and a pointer
+/// comparison), else the new snapshot, kept in `reloaded`, and the call identified again
+/// under it ([`Call::rebase`], [`identify`]).
+///
+/// # Errors
+/// Those of [`identify`], and 404 when the reload moved a route so that the path means
+/// another endpoint now.
+async fn take_up_reload<'s, 'p>(
+    state: &AppState,
+    arrival: &'s Arc<Snapshot>,
+    reloaded: &'s mut Option<Arc<Snapshot>>,
+    parts: &request::Parts,
+    path: &'p str,
+    who: Caller<'s, 'p>,
+    call: &mut Call,
+) -> Result<(&'s Snapshot, Caller<'s, 'p>), ProxyError> {
     // The fast path: one load and a pointer comparison.
-    let snap: &Snapshot = {
-        let current = state.snapshot.load();
-        if Arc::ptr_eq(&*current, arrival) {
-            arrival
-        } else {
-            reloaded = arc_swap::Guard::into_inner(current);
-            call.rebase(reloaded.clone());
-            let again = identify(state, &reloaded, &parts, path, call, true).await?;
-            if again.endpoint != who.endpoint {
-                // The reload moved a route so that the path means another endpoint now.
-                return Err(endpoint::unknown(&parts.method, path));
-            }
-            who = again;
-            &reloaded
-        }
-    };
-    let Caller {
-        route,
-        rest,
-        key,
-        endpoint,
-        project: mut project_idx,
-        deletes: mut used_response,
-    } = who;
-    // A pass-through key is the caller's own Bedrock API key: it goes upstream as sent, never
-    // signed. Otherwise SigV4 (when configured) or mantlegate's own API key.
+    let current = state.snapshot.load();
+    if Arc::ptr_eq(&*current, arrival) {
+        return Ok((&**arrival, who));
+    }
+    let current = arc_swap::Guard::into_inner(current);
+    call.rebase(current.clone());
+    let snap: &'s Snapshot = reloaded.insert(current);
+    let again = identify(state, snap, parts, path, call, true).await?;
+    if again.endpoint != who.endpoint {
+        // The reload moved a route so that the path means another endpoint now.
+        return Err(endpoint::unknown(&parts.method, path));
+    }
+    Ok((snap, again))
+}
+
+/// How a call is authorized upstream.
+struct Credentials<'a> {
+    /// The `Authorization` header sent (None: SigV4 signs each attempt instead).
+    authorization: Option<HeaderValue>,
+    signer: Option<&'a crate::sigv4::Signer>,
+}
+
+/// How a call made with `key` is authorized upstream. A pass-through key is the caller's own
+/// Bedrock API key: it goes upstream as sent, never signed. Otherwise SigV4 (when configured)
+/// or mantlegate's own API key.
+///
+/// # Errors
+/// 401 `invalid_api_key` for a pass-through key that is not valid header text, and
+/// `upstream_key_missing` when no upstream key is configured.
+fn credentials<'a>(
+    state: &'a AppState,
+    snap: &Snapshot,
+    key: &Key,
+    headers: &HeaderMap,
+) -> Result<Credentials<'a>, ProxyError> {
     let signer = if key.passthrough {
         None
     } else {
         state.signer.as_ref()
     };
     let authorization = if key.passthrough {
-        let credential = attribution::credential(&parts.headers)?;
+        let credential = attribution::credential(headers)?;
         let mut v = HeaderValue::from_str(&format!("Bearer {credential}")).map_err(|_| {
             ProxyError::InvalidApiKey("the API key is not valid header text".into())
         })?;
@@ -282,41 +362,75 @@ async fn forward(
                 .clone(),
         )
     };
-    let mut inject_usage = false;
+    Ok(Credentials {
+        authorization,
+        signer,
+    })
+}
+
+/// What a call's body asks for beyond what is set on the call.
+struct Asked {
+    /// `include_usage` was spliced in: the usage chunk is cut from the relayed stream.
+    inject_usage: bool,
+    /// The output cap the upstream honours ([`RequestFacts::output_cap`]).
+    max_output: Option<u64>,
+}
+
+/// Reads a JSON body's facts ([`RequestFacts::parse`]) onto the call: model, stream,
+/// background and output cap. A `previous_response_id` is under the same ownership rule as
+/// a path's response id, and becomes the stored response the call uses; a streamed chat call
+/// that did not ask for usage gets `include_usage` spliced into `body`. Bodies of other
+/// endpoints are not read.
+async fn read_facts(
+    state: &AppState,
+    snap: &Snapshot,
+    who: &mut Caller<'_, '_>,
+    body: &mut Bytes,
+    call: &mut Call,
+) -> Result<Asked, ProxyError> {
+    let mut asked = Asked {
+        inject_usage: false,
+        max_output: None,
+    };
     let mut model = None;
-    let mut max_output = None;
-    if endpoint.has_json_body() {
-        let facts = RequestFacts::parse(&body).map_err(ProxyError::InvalidJson)?;
+    if who.endpoint.has_json_body() {
+        let facts = RequestFacts::parse(body).map_err(ProxyError::InvalidJson)?;
         if let Some(previous) = &facts.previous_response_id {
             // Building on a stored response is using it: the same ownership rule as a GET.
             let id = endpoint::response_id(previous)?;
-            project_idx = project_of_response(state, snap, key, route, id, project_idx).await?;
-            call.project = Some(project_idx);
-            used_response = Some(id.to_owned());
+            who.project =
+                project_of_response(state, snap, who.key, who.route, id, who.project).await?;
+            call.project = Some(who.project);
+            who.uses = Some(id.to_owned());
         }
         call.stream = facts.stream;
         call.background = facts.background;
-        max_output = facts.output_cap(endpoint);
-        inject_usage =
-            endpoint == Endpoint::ChatCompletions && facts.stream && !facts.include_usage;
-        if inject_usage {
+        asked.max_output = facts.output_cap(who.endpoint);
+        asked.inject_usage =
+            who.endpoint == Endpoint::ChatCompletions && facts.stream && !facts.include_usage;
+        if asked.inject_usage {
             let rewritten =
-                facts::with_include_usage(&body, &facts).map_err(ProxyError::InvalidJson)?;
+                facts::with_include_usage(body, &facts).map_err(ProxyError::InvalidJson)?;
             model = facts.model.map(std::borrow::Cow::into_owned);
-            body = rewritten;
+            *body = rewritten;
         } else {
             model = facts.model.map(std::borrow::Cow::into_owned);
         }
     }
-    let project = &snap.projects[project_idx];
-    let prefix = snap.upstream.prefix_for(model.as_deref());
     call.model = model;
-    admit(snap, key, project, endpoint, max_output, call).await?;
-    if let Some(id) = used_response {
-        settle_before_use(state, snap, call, &id, authorization.as_ref(), signer).await;
-    }
+    Ok(asked)
+}
 
-    let up = &snap.upstream;
+/// The upstream URI of a call: the upstream's base path, the prefix of `model`
+/// ([`Upstream::prefix_for`](crate::state::Upstream::prefix_for)) and `rest`, with the
+/// client's query.
+fn upstream_uri(
+    up: &crate::state::Upstream,
+    model: Option<&str>,
+    rest: &str,
+    parts: &request::Parts,
+) -> Result<Uri, ProxyError> {
+    let prefix = up.prefix_for(model);
     let base_path = &up.origin.base_path;
     let mut path = String::with_capacity(base_path.len() + prefix.len() + rest.len());
     path.push_str(base_path);
@@ -324,28 +438,50 @@ async fn forward(
     path.push_str(rest);
     // The client's path and query passed hyper's parser already; a prefix from config is
     // checked at load. This cannot fail on what reaches here, but is not unwrapped.
-    let uri = up
-        .origin
+    up.origin
         .uri(&path, parts.uri.query())
-        .map_err(|_| endpoint::unknown(&parts.method, parts.uri.path()))?;
-    let mut upstream_headers = HeaderMap::with_capacity(parts.headers.len() + 2);
-    headers::copy_upstream(&parts.headers, &mut upstream_headers);
-    if let Some(authorization) = authorization {
+        .map_err(|_| endpoint::unknown(&parts.method, parts.uri.path()))
+}
+
+/// What goes upstream: the client's method, the client headers [`headers::copy_upstream`]
+/// lets through, mantlegate's `Authorization` (or the signer that signs each attempt) and the
+/// project's `OpenAI-Project`, and the body as it is (moved, not copied).
+fn upstream_request<'a>(
+    method: Method,
+    uri: Uri,
+    client_headers: &HeaderMap,
+    credentials: Credentials<'a>,
+    project: &Project,
+    body: Bytes,
+) -> Outgoing<'a> {
+    let mut upstream_headers = HeaderMap::with_capacity(client_headers.len() + 2);
+    headers::copy_upstream(client_headers, &mut upstream_headers);
+    if let Some(authorization) = credentials.authorization {
         upstream_headers.insert(header::AUTHORIZATION, authorization);
     }
     upstream_headers.insert(OPENAI_PROJECT.clone(), project.id_header.clone());
-
-    let mut request = axum::http::Request::new(if endpoint.forwards_body() {
-        body
-    } else {
-        Bytes::new()
-    });
-    *request.method_mut() = parts.method;
+    let mut request = axum::http::Request::new(body);
+    *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.headers_mut() = upstream_headers;
-    let outgoing = Outgoing { request, signer };
-    let sent = Instant::now();
-    let response = send_with_retries(&snap.upstream, &state.upstream, &outgoing, call).await?;
+    Outgoing {
+        request,
+        signer: credentials.signer,
+    }
+}
+
+/// The upstream's answer made ready to relay: its status noted on the call, the headers that
+/// must not cross back stripped, `x-mantlegate-project` set, and how its body is metered
+/// chosen ([`meter_kind`]).
+fn answer(
+    state: &AppState,
+    response: axum::http::Response<crate::upstream::UpstreamBody>,
+    endpoint: Endpoint,
+    project: &Project,
+    inject_usage: bool,
+    sent: Instant,
+    call: &mut Call,
+) -> Upstream {
     call.upstream_status = Some(response.status().as_u16());
     let (mut parts, body) = response.into_parts();
     headers::strip_response(&mut parts.headers);
@@ -360,12 +496,12 @@ async fn forward(
         call.stream,
         call.target_response.as_deref(),
     );
-    Ok(Upstream {
+    Upstream {
         parts,
         body,
         meter: BodyMeter::new(kind, call.request_bytes),
         sent,
-    })
+    }
 }
 
 /// Admission control: the calls in flight (counted only now that the body is in, so that
@@ -593,7 +729,7 @@ async fn settle_before_use(
     signer: Option<&crate::sigv4::Signer>,
 ) {
     note_fleet_pending(state, id).await;
-    if !state.pending_background.contains_key(id) {
+    if !state.responses.is_pending(id) {
         return;
     }
     let (Some(project), up) = (call.project.map(|p| &snap.projects[p]), &snap.upstream) else {
@@ -723,7 +859,7 @@ fn meter_kind(
         // Only an answer about a pending background response can carry usage to meter: the
         // response itself (a GET, a GET replaying or resuming its events) or a cancel's answer.
         Endpoint::GetResponse | Endpoint::CancelResponse
-            if target_response.is_some_and(|id| state.pending_background.contains_key(id)) =>
+            if target_response.is_some_and(|id| state.responses.is_pending(id)) =>
         {
             if sse {
                 Kind::ResponsesStream
@@ -747,8 +883,8 @@ async fn owner_of_response(
     snap: &Snapshot,
     id: &str,
 ) -> anyhow::Result<Option<ProjectIdx>> {
-    if let Some(p) = state.responses.get(id) {
-        return Ok(snap.project_by_handle(&p.value().0));
+    if let Some(project_id) = state.responses.owner(id) {
+        return Ok(snap.project_by_handle(&project_id));
     }
     let Some(reader) = state.reader.as_ref() else {
         return Ok(None);
@@ -783,7 +919,7 @@ async fn note_fleet_pending(state: &AppState, id: &str) {
     let Some(pg) = &state.fleet else {
         return;
     };
-    if state.pending_background.contains_key(id) {
+    if state.responses.is_pending(id) {
         return;
     }
     let pg = pg.clone();
@@ -794,7 +930,7 @@ async fn note_fleet_pending(state: &AppState, id: &str) {
         .and_then(Result::ok)
         .flatten();
     if let Some((project_id, model)) = found {
-        state.pending_background.insert(
+        state.responses.add_pending(
             id.to_owned(),
             crate::state::PendingBackground {
                 project_id: project_id.into(),

@@ -121,8 +121,7 @@ impl Reloader {
                     next.share_rate_limits(store);
                 }
                 let running = old.rate_store.as_ref().map(|s| s.url().to_owned());
-                let wanted =
-                    store_url.map(|u| crate::ratelimit::redis::describe_url(&u).unwrap_or(u));
+                let wanted = store_url.map(|u| crate::config::describe_store_url(&u).unwrap_or(u));
                 if running != wanted {
                     tracing::warn!(
                         running = running.as_deref().unwrap_or("per replica"),

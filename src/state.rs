@@ -1,12 +1,13 @@
 //! Shared state: the compiled config snapshot (swapped whole), the upstream HTTP client.
 
+mod responses;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::http::HeaderValue;
-use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
 use crate::budget::Budgets;
@@ -17,6 +18,7 @@ use crate::metrics::{Metrics, TagLabels};
 use crate::pricing::PriceTable;
 use crate::ratelimit::{RateLimiter, RateRule};
 use crate::secret::Secret;
+pub use responses::{OWNER_TTL, PendingBackground, ResponseIndex};
 
 /// Index of a project in [`Snapshot::projects`].
 pub type ProjectIdx = usize;
@@ -290,7 +292,7 @@ impl Snapshot {
         let now_ms = jiff::Timestamp::now().as_millisecond();
         let budgets = Budgets::from_config(config, now_ms)?;
         for project in &mut projects {
-            project.budgets = budgets.applicable(project);
+            project.budgets = budgets.applicable(&project.name, &project.tags);
         }
         let up = &config.upstream;
         Ok(Self {
@@ -391,15 +393,6 @@ impl Snapshot {
     }
 }
 
-/// A background response waiting to be seen finished.
-#[derive(Debug, Clone)]
-pub struct PendingBackground {
-    /// Project id it was created under.
-    pub project_id: Arc<str>,
-    /// Model it was created with (its GET has no body to name it).
-    pub model: Option<String>,
-}
-
 /// Cheap-clone handles shared by every request.
 #[derive(Clone)]
 pub struct AppState {
@@ -415,10 +408,9 @@ pub struct AppState {
     pub ledger: Option<Ledger>,
     /// Read access to the ledger, for response-id lookups and reports.
     pub reader: Option<Arc<dyn LedgerRead>>,
-    /// Response id -> project id of Responses objects created through this process.
-    pub responses: Arc<DashMap<String, (Arc<str>, std::time::Instant)>>,
-    /// Background responses not yet metered (response id -> what created them).
-    pub pending_background: Arc<DashMap<String, PendingBackground>>,
+    /// The owners of Responses objects created through this process, and the background
+    /// responses not yet metered.
+    pub responses: Arc<ResponseIndex>,
     /// The admin API bearer token (None: the admin API is off).
     pub admin_token: Option<Arc<Secret<String>>>,
     /// Calls in flight now (admission against `max_in_flight`).
@@ -454,8 +446,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             ledger: None,
             reader: None,
-            responses: Arc::new(DashMap::new()),
-            pending_background: Arc::new(DashMap::new()),
+            responses: Arc::new(ResponseIndex::default()),
             admin_token: None,
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             signer: None,
@@ -463,25 +454,5 @@ impl AppState {
             alerts: crate::webhook::Alerts::default(),
             outbox: Arc::new(crate::ledger::outbox::MemoryOutbox::default()),
         })
-    }
-
-    /// Takes in the background responses the ledger still holds as pending (created, never
-    /// seen finished): after a restart, the first answer that shows one finished bills it.
-    ///
-    /// # Errors
-    /// Storage errors of the read.
-    pub fn seed_pending(&self, reader: &dyn LedgerRead) -> anyhow::Result<usize> {
-        let pending = reader.pending_background()?;
-        let n = pending.len();
-        for (id, project, model) in pending {
-            self.pending_background.insert(
-                id,
-                PendingBackground {
-                    project_id: project.into(),
-                    model,
-                },
-            );
-        }
-        Ok(n)
     }
 }

@@ -183,20 +183,6 @@ fn encode_name(name: &str) -> String {
     out
 }
 
-/// Checks a `[limits] store` URL (`redis://`, `rediss://`, `redis+unix://`, `unix://`) and
-/// returns it with any password hidden, for `check` and the logs.
-pub fn describe_url(url: &str) -> Result<String, String> {
-    Client::open(url).map_err(|e| format!("not a usable Redis URL: {e}"))?;
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            // Hiding a password cannot fail on a URL that has one.
-            let _ = parsed.set_password(Some("***"));
-            Ok(parsed.to_string())
-        }
-        _ => Ok(url.to_owned()),
-    }
-}
-
 /// Timeouts of a [`RedisBackend`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RedisOptions {
@@ -273,7 +259,7 @@ impl RedisBackend {
     pub fn connect(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
         let runtime = Handle::try_current()
             .map_err(|_| StoreError::Failed("the Redis store needs a Tokio runtime".into()))?;
-        let described = describe_url(url).map_err(StoreError::Failed)?;
+        let described = crate::config::describe_store_url(url).map_err(StoreError::Failed)?;
         let client = Client::open(url).map_err(|e| StoreError::Failed(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.timeout.max(Duration::from_secs(2))))
@@ -760,21 +746,6 @@ mod tests {
                 Some("mantlegate:rl:{v1}:key:ci-bot:tokens:5000"),
             ]
         );
-    }
-
-    #[test]
-    fn urls_are_checked_and_passwords_hidden() {
-        assert_eq!(
-            describe_url("redis://127.0.0.1:6379/2").as_deref(),
-            Ok("redis://127.0.0.1:6379/2")
-        );
-        assert_eq!(
-            describe_url("redis://default:s3cret@redis.internal:6379").as_deref(),
-            Ok("redis://default:***@redis.internal:6379")
-        );
-        assert!(describe_url("rediss://redis.internal:6380").is_ok());
-        assert!(describe_url("http://redis.internal").is_err());
-        assert!(describe_url("not a url").is_err());
     }
 
     #[test]

@@ -593,7 +593,8 @@ async fn start_with_state(mut state: AppState, dir: tempfile::TempDir) -> (Proxy
     state.ledger = Some(ledger);
     state.outbox = Arc::new(sqlite::SqliteOutbox::open(&db).expect("outbox"));
     state
-        .seed_pending(&reader)
+        .responses
+        .seed_from_ledger(&reader)
         .expect("pending background responses");
     state.reader = Some(Arc::new(reader));
     state.admin_token = Some(Arc::new(Secret::new(ADMIN_TOKEN.to_owned())));
