@@ -499,7 +499,7 @@ impl Budgets {
     pub fn seed_from_fleet(
         &self,
         which: Option<&[bool]>,
-        pg: &crate::ledger::postgres::PgReader,
+        pg: &crate::ledger::postgres::PgFleet,
     ) -> anyhow::Result<()> {
         let all = vec![true; self.list.len()];
         let all_of_them = which.is_none();

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
-use crate::ledger::postgres::{PgReader, PostgresStore};
+use crate::ledger::postgres::{PgFleet, PgReader, PostgresStore};
 use crate::ledger::sqlite::{self, Reader, SqliteStore};
 use crate::ledger::{Ledger, LedgerRead, Store, transfer};
 use crate::secret::Secret;
@@ -603,8 +603,8 @@ fn warn_unknown_tags(
     }
 }
 
-/// The writer's store and a reader of the configured ledger (and the `PostgreSQL` reader for
-/// the fleet-only jobs: retention, shared budget figures).
+/// The writer's store and a reader of the configured ledger (and the `PostgreSQL` fleet
+/// handle for the fleet-only jobs: retention, shared budget figures).
 fn open_ledger(config: &Config) -> anyhow::Result<OpenLedger> {
     if let Some(url) = &config.ledger.url {
         // Applies pending migrations under an advisory lock; refuses a newer schema.
@@ -613,7 +613,8 @@ fn open_ledger(config: &Config) -> anyhow::Result<OpenLedger> {
             .with_max_models_per_day(config.ledger.max_models_per_day);
         let reader =
             Arc::new(PgReader::connect(url.expose()).context("cannot read the postgresql ledger")?);
-        Ok((Box::new(store), reader.clone(), Some(reader)))
+        let fleet = Arc::new(reader.fleet());
+        Ok((Box::new(store), reader, Some(fleet)))
     } else {
         let path = Path::new(&config.ledger.path);
         let store = SqliteStore::open(path)
@@ -627,8 +628,8 @@ fn open_ledger(config: &Config) -> anyhow::Result<OpenLedger> {
     }
 }
 
-/// The writer's store, a reader, and the `PostgreSQL` reader when there is one.
-type OpenLedger = (Box<dyn Store>, Arc<dyn LedgerRead>, Option<Arc<PgReader>>);
+/// The writer's store, a reader, and the `PostgreSQL` fleet handle when there is one.
+type OpenLedger = (Box<dyn Store>, Arc<dyn LedgerRead>, Option<Arc<PgFleet>>);
 
 /// A reader only (report, budgets, keys list): never migrates.
 fn open_reader(config: &Config) -> anyhow::Result<Arc<dyn LedgerRead>> {
@@ -717,7 +718,7 @@ fn replica_id() -> String {
 /// Keeps this replica's budgets in step with the fleet: every `every`, publishes its own
 /// reservations and takes in the fleet's committed spend and the other replicas'
 /// reservations, then announces the thresholds it is first to claim.
-async fn fleet_refresh(state: AppState, pg: Arc<PgReader>, replica: String, every: Duration) {
+async fn fleet_refresh(state: AppState, pg: Arc<PgFleet>, replica: String, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Reservations of a replica that stopped publishing (killed) stop counting after this.
@@ -758,7 +759,7 @@ async fn fleet_refresh(state: AppState, pg: Arc<PgReader>, replica: String, ever
 /// alerts this replica claimed, with the id of their webhook delivery.
 async fn fleet_round(
     snap: &Arc<crate::state::Snapshot>,
-    pg: &Arc<PgReader>,
+    pg: &Arc<PgFleet>,
     replica: &str,
     stale: Duration,
     seeded: &mut std::collections::HashSet<(String, String)>,
@@ -844,7 +845,7 @@ async fn fleet_round(
 }
 
 /// Drops raw call partitions older than `months`, hourly (every replica may; they take turns).
-async fn retention(pg: Arc<PgReader>, months: u32) {
+async fn retention(pg: Arc<PgFleet>, months: u32) {
     let mut tick = tokio::time::interval(Duration::from_hours(1));
     loop {
         tick.tick().await;

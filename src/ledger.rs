@@ -3,6 +3,7 @@
 
 pub mod outbox;
 pub mod postgres;
+pub mod read;
 pub mod sqlite;
 pub mod transfer;
 
@@ -232,8 +233,7 @@ pub trait LedgerRead: Send + Sync {
     ///
     /// # Errors
     /// Storage errors.
-    fn daily(&self, period: &crate::report::Period)
-    -> anyhow::Result<Vec<crate::report::DailyRow>>;
+    fn daily(&self, period: &read::Period) -> anyhow::Result<Vec<read::DailyRow>>;
     /// Number of call records.
     ///
     /// # Errors

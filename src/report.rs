@@ -5,10 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
 use std::str::FromStr;
 
-use anyhow::Context as _;
 use jiff::civil::Date;
 use rust_decimal::Decimal;
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+/// The roll-up rows a report aggregates, and the period it covers: the ledger's read model.
+pub use crate::ledger::read::{DailyRow, Period};
 
 /// A dimension a report can be grouped by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -203,15 +205,6 @@ impl FromStr for Format {
     }
 }
 
-/// The UTC days a report covers: `from` inclusive, `to` exclusive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Period {
-    /// First day covered.
-    pub from: Date,
-    /// First day no longer covered.
-    pub to: Date,
-}
-
 /// The period of `from` and `to` (`YYYY-MM-DD`, UTC days, `to` exclusive). Defaults: `from` is
 /// the first day of `today`'s month, `to` is the day after `today` (so month to date).
 ///
@@ -255,89 +248,6 @@ fn parse_day(which: &str, s: &str) -> Result<Date, String> {
                 "invalid {which} date \"{s}\": expected YYYY-MM-DD (a UTC day, e.g. 2026-11-01)"
             )
         })
-}
-
-/// One row of the `daily` roll-up table; text columns are `""` when the call had no value.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DailyRow {
-    /// UTC day, `YYYY-MM-DD`.
-    pub day: String,
-    /// Name of the caller's key.
-    pub key_name: String,
-    /// Route prefix the calls came through.
-    pub route: String,
-    /// Project name.
-    pub project_name: String,
-    /// Bedrock project ID.
-    pub project_id: String,
-    /// The project's tags at call time, as a JSON object.
-    pub tags: String,
-    /// API family.
-    pub api: String,
-    /// Model named in the calls.
-    pub model: String,
-    /// How the calls ended.
-    pub outcome: String,
-    /// Number of calls.
-    pub requests: i64,
-    /// Input tokens, cached ones included.
-    pub input_tokens: i64,
-    /// Input tokens read from the prompt cache.
-    pub cached_input_tokens: i64,
-    /// Output tokens, reasoning ones included.
-    pub output_tokens: i64,
-    /// Reasoning tokens.
-    pub reasoning_tokens: i64,
-    /// Summed cost of the priced calls, in pico-dollars (1e-12 USD).
-    pub cost_pico: i64,
-    /// Calls whose model had no price: their cost is unknown, not zero.
-    pub unpriced_requests: i64,
-}
-
-/// The one query of this module; the `PostgreSQL` twin needs `$1`/`$2` instead of `?1`/`?2`.
-/// `day` leads the primary key, so the range is an index scan.
-const DAILY_SQL: &str = "SELECT day, key_name, route, project_name, project_id, tags, api, model,
-    outcome, requests, input_tokens, cached_input_tokens, output_tokens, reasoning_tokens,
-    cost_pico, unpriced_requests
-    FROM daily WHERE day >= ?1 AND day < ?2";
-
-/// The roll-up rows of the days in `[period.from, period.to)`.
-///
-/// # Errors
-/// Database errors (no `daily` table, unreadable file, wrong column types).
-pub fn load_daily(conn: &rusqlite::Connection, period: &Period) -> anyhow::Result<Vec<DailyRow>> {
-    let mut stmt = conn
-        .prepare_cached(DAILY_SQL)
-        .context("preparing the daily roll-up query")?;
-    let rows = stmt.query_map(
-        rusqlite::params![period.from.to_string(), period.to.to_string()],
-        |r| {
-            Ok(DailyRow {
-                day: r.get(0)?,
-                key_name: r.get(1)?,
-                route: r.get(2)?,
-                project_name: r.get(3)?,
-                project_id: r.get(4)?,
-                tags: r.get(5)?,
-                api: r.get(6)?,
-                model: r.get(7)?,
-                outcome: r.get(8)?,
-                requests: r.get(9)?,
-                input_tokens: r.get(10)?,
-                cached_input_tokens: r.get(11)?,
-                output_tokens: r.get(12)?,
-                reasoning_tokens: r.get(13)?,
-                cost_pico: r.get(14)?,
-                unpriced_requests: r.get(15)?,
-            })
-        },
-    )?;
-    rows.collect::<Result<Vec<_>, _>>().with_context(|| {
-        format!(
-            "reading the daily roll-up from {} to {}",
-            period.from, period.to
-        )
-    })
 }
 
 /// One group of a report (or its total). Sums are `i128`, so no roll-up can overflow them.
@@ -1095,6 +1005,7 @@ fn focus_values(report: &Report, row: &ReportRow) -> HashMap<&'static str, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::read::load_daily;
     use rusqlite::{Connection, params};
 
     const CX: &str = r#"{"CostCenter":"CC-1001","Team":"CX"}"#;

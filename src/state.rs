@@ -419,7 +419,7 @@ pub struct AppState {
     pub signer: Option<crate::sigv4::Signer>,
     /// The `PostgreSQL` ledger replicas share, for what only a fleet needs: responses created
     /// through another replica, background responses pending there (None: alone).
-    pub fleet: Option<Arc<crate::ledger::postgres::PgReader>>,
+    pub fleet: Option<Arc<crate::ledger::postgres::PgFleet>>,
     /// Budget alerts raised and not yet in the outbox (queued without waiting).
     pub alerts: crate::webhook::Alerts,
     /// Where alerts wait for their webhook: the ledger's outbox (in memory without a ledger).

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::pg::{TestDb, exec, runtime, scalar};
-use mantlegate::ledger::postgres::{self, PgReader, PostgresStore};
+use mantlegate::ledger::postgres::{self, PgFleet, PgReader, PostgresStore};
 use mantlegate::ledger::sqlite::{self, Reader, SqliteStore};
 use mantlegate::ledger::transfer::{self, CallRow};
 use mantlegate::ledger::{Background, Ledger, LedgerRead, LedgerStats, Record, Store};
@@ -359,6 +359,7 @@ fn new_months_get_partitions_and_retention_drops_old_ones_but_not_daily() {
 
     // Keep 2 months on 2030-04-15: February, March and April stay; January and before go.
     let dropped = reader
+        .fleet()
         .apply_retention(2, ms("2030-04-15T00:00:00Z"))
         .expect("retention");
     assert!(dropped.contains(&"calls_2030_01".to_owned()), "{dropped:?}");
@@ -373,11 +374,13 @@ fn new_months_get_partitions_and_retention_drops_old_ones_but_not_daily() {
     assert_eq!(sorted(reader.daily(&span).expect("daily")), daily);
     assert!(
         reader
+            .fleet()
             .apply_retention(0, ms("2030-04-15T00:00:00Z"))
             .is_err()
     );
     assert!(
         reader
+            .fleet()
             .apply_retention(2, ms("2030-04-15T00:00:00Z"))
             .expect("again")
             .is_empty()
@@ -811,6 +814,7 @@ fn a_budget_added_mid_month_is_seeded_from_the_calls_once() {
         .sum();
     assert!(want > 0);
     let seeded = reader
+        .fleet()
         .seed_budget_spend(vec![january("new-budget")])
         .expect("seed");
     assert_eq!(seeded, [want]);
@@ -821,6 +825,7 @@ fn a_budget_added_mid_month_is_seeded_from_the_calls_once() {
     let cost = after.cost_pico.expect("priced");
     store.write_batch(&[after]).expect("write");
     let again = reader
+        .fleet()
         .seed_budget_spend(vec![january("new-budget"), january("other")])
         .expect("seed again");
     // A budget first seen now is seeded with every call so far, the last one included.
@@ -848,6 +853,7 @@ fn a_background_response_settled_by_two_replicas_is_billed_once() {
     let reader = PgReader::connect(&db.url).expect("reader");
     assert!(
         reader
+            .fleet()
             .pending_response("resp_claim")
             .expect("read")
             .is_some()
@@ -864,7 +870,10 @@ fn a_background_response_settled_by_two_replicas_is_billed_once() {
     };
     b.write_batch(&[settled("get-b")]).expect("write");
     a.write_batch(&[settled("get-a")]).expect("write");
-    assert_eq!(reader.pending_response("resp_claim").expect("read"), None);
+    assert_eq!(
+        reader.fleet().pending_response("resp_claim").expect("read"),
+        None
+    );
     assert_eq!(
         scalar(
             &db.url,
@@ -890,8 +899,8 @@ fn replicas_see_each_others_reservations_and_claim_each_alert_once() {
         return;
     };
     drop(PostgresStore::connect(&db.url).expect("migrate"));
-    let a = PgReader::connect(&db.url).expect("replica a");
-    let b = PgReader::connect(&db.url).expect("replica b");
+    let a = PgFleet::connect(&db.url).expect("replica a");
+    let b = PgFleet::connect(&db.url).expect("replica b");
     exec(
         &db.url,
         "INSERT INTO budget_spend (budget, month, spent_pico) VALUES ('b', '2026-11', 500)",
@@ -928,8 +937,8 @@ fn a_claimed_alert_is_queued_once_and_replicas_claiming_the_outbox_at_once_take_
         return;
     };
     drop(PostgresStore::connect(&db.url).expect("migrate"));
-    let a = Arc::new(PgReader::connect(&db.url).expect("replica a"));
-    let b = Arc::new(PgReader::connect(&db.url).expect("replica b"));
+    let a = Arc::new(PgFleet::connect(&db.url).expect("replica a"));
+    let b = Arc::new(PgFleet::connect(&db.url).expect("replica b"));
     // Both replicas claim the same threshold with their own delivery: one row, the winner's.
     let claim = |id: &str| {
         vec![AlertClaim {
@@ -1354,7 +1363,7 @@ url = "{}"
     let snapshot = mantlegate::state::Snapshot::build(&config, None).expect("snapshot");
     let mut state =
         mantlegate::state::AppState::new(snapshot, Duration::from_secs(1)).expect("state");
-    state.fleet = Some(reader.clone());
+    state.fleet = Some(Arc::new(reader.fleet()));
     state.reader = Some(reader.clone());
     let reloader = mantlegate::reload::Reloader::new(&path, state.clone());
     std::fs::write(&path, text(budget)).expect("write");

@@ -4,7 +4,7 @@
 //! A row is claimed for one attempt at a time under a lease: while any row's lease runs, no
 //! other claim succeeds (the endpoint has its one request), and a claimant that dies mid-attempt
 //! only holds the endpoint until its lease ends. The SQLite ([`super::sqlite::SqliteOutbox`]),
-//! `PostgreSQL` ([`super::postgres::PgReader`]) and in-memory ([`MemoryOutbox`]) stores keep the
+//! `PostgreSQL` ([`super::postgres::PgFleet`]) and in-memory ([`MemoryOutbox`]) stores keep the
 //! same rules; the delivery itself is `crate::webhook`'s.
 
 use std::sync::Mutex;

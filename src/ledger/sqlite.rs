@@ -820,11 +820,8 @@ impl LedgerRead for Reader {
         })
     }
 
-    fn daily(
-        &self,
-        period: &crate::report::Period,
-    ) -> anyhow::Result<Vec<crate::report::DailyRow>> {
-        self.with(|c| crate::report::load_daily(c, period))
+    fn daily(&self, period: &super::read::Period) -> anyhow::Result<Vec<super::read::DailyRow>> {
+        self.with(|c| super::read::load_daily(c, period))
     }
 
     fn count(&self) -> anyhow::Result<i64> {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use super::read::Period;
 use super::{Record, Store};
 use crate::meter::{Usage, UsageSource};
-use crate::report::Period;
 
 /// One call as exported: every column of the `calls` table, one JSON object per line. Text
 /// columns a call did not have are `null`; `cost_pico` is `null` for an unpriced call.
